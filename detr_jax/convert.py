@@ -1,0 +1,186 @@
+"""Official DETR and torchvision ResNet checkpoints (PyTorch .pth) -> Flax variables.
+
+Names map one-to-one because the Flax modules keep the official names (see models/*.py); only layouts
+change: Linear weights [out, in] -> kernels [in, out], Conv weights [O, I, kh, kw] -> [kh, kw, I, O], batch
+norm buffers -> the "frozen" collection. torch is needed only to unpickle a .pth.
+"""
+
+import argparse
+import re
+from typing import Any, Dict, Mapping, Optional, Tuple
+
+import flax
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from detr_jax.models.backbone import FROZEN_COLLECTION, RESNET_SPECS
+from detr_jax.models.detr import DETR
+
+_BN_NAMES = {"weight": "scale", "bias": "bias", "running_mean": "mean", "running_var": "var"}
+
+
+def load_torch_state_dict(path: str) -> Dict[str, np.ndarray]:
+    """Read a PyTorch checkpoint and return its (model) state dict as numpy arrays.
+
+    Accepts the official layout `{"model": state_dict, ...}` and a bare state dict (torchvision).
+    """
+    try:
+        import torch  # pylint: disable=import-outside-toplevel
+    except ImportError as e:
+        raise ImportError(f"Reading the PyTorch checkpoint {path} needs torch, only to unpickle it: "
+                                            "`pip install torch==2.13.0` (a CPU build is enough)") from e
+    try:
+        # Official training checkpoints also pickle the argparse Namespace of the run: allow that one class.
+        with torch.serialization.safe_globals([argparse.Namespace]):
+            checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError as e:
+        raise FileNotFoundError(f"checkpoint file not found: {path}") from e
+    except Exception as e:  # a truncated or foreign file: say which one
+        raise ValueError(f"could not read {path} as a PyTorch checkpoint: {e}") from e
+    state_dict = checkpoint.get("model", checkpoint) if isinstance(checkpoint, Mapping) else None
+    if not isinstance(state_dict, Mapping):
+        raise ValueError(f"{path} holds no state dict (expected {{'model': state_dict}} or a state dict)")
+    return {k: v.detach().cpu().numpy() for k, v in state_dict.items() if hasattr(v, "detach")}
+
+
+def _torch_key_to_flax(key: str) -> Optional[Tuple[str, Tuple[str, ...], str]]:
+    """Map an official/torchvision key to (collection, flax path, kind); None for keys we do not use.
+
+    kind is "linear" (transpose), "conv" (OIHW -> HWIO), or "copy".
+    """
+    if key.endswith("num_batches_tracked") or key.startswith("fc."):
+        return None
+    key = re.sub(r"^backbone\.0\.body\.", "backbone.", key)
+    key = re.sub(r"^backbone\.1\.", "position_embedding.", key)
+    if not key.startswith(("backbone.", "position_embedding.", "transformer.", "class_embed.", "bbox_embed.",
+                                                  "query_embed.", "input_proj.")):
+        key = "backbone." + key  # a torchvision ResNet state dict
+    key = re.sub(r"\.(layer\d)\.(\d+)\.", r".\1_\2.", key)
+    key = key.replace("downsample.0.", "downsample_conv.").replace("downsample.1.", "downsample_bn.")
+    key = re.sub(r"\.(encoder|decoder)\.layers\.(\d+)\.", r".\1_layers_\2.", key)
+    key = re.sub(r"\.(linear[12])\.", r".ffn.\1.", key)
+    key = key.replace("transformer.encoder.norm.", "transformer.encoder_norm.")
+    key = key.replace("transformer.decoder.norm.", "transformer.decoder_norm.")
+    key = re.sub(r"\.layers\.(\d+)\.", r".layers_\1.", key)  # bbox_embed MLP
+    parts = key.split(".")
+    *path, leaf = parts
+
+    if path[0] == "backbone" and re.fullmatch(r"bn\d|downsample_bn", path[-1]):
+        return FROZEN_COLLECTION, tuple(path) + (_BN_NAMES[leaf],), "copy"
+    if leaf == "in_proj_weight":
+        return "params", tuple(path) + ("in_proj_kernel",), "linear"
+    if leaf == "in_proj_bias":
+        return "params", tuple(path) + ("in_proj_bias",), "copy"
+    if path[0] in ("query_embed", "position_embedding"):  # nn.Embedding tables, stored as they are
+        return "params", tuple(path), "copy"
+    if leaf == "weight" and re.search(r"conv\d?$|downsample_conv$|input_proj$", path[-1]):
+        return "params", tuple(path) + ("kernel",), "conv"
+    if re.fullmatch(r"norm\d?|encoder_norm|decoder_norm", path[-1]):
+        return "params", tuple(path) + ({"weight": "scale", "bias": "bias"}[leaf],), "copy"
+    if leaf == "weight":
+        return "params", tuple(path) + ("kernel",), "linear"
+    return "params", tuple(path) + (leaf,), "copy"
+
+
+def torch_state_dict_to_variables(state_dict: Mapping[str, np.ndarray]) -> Dict[str, Any]:
+    """Convert an official DETR (or torchvision ResNet) state dict to a nested Flax variables dict."""
+    flat: Dict[Tuple[str, ...], np.ndarray] = {}
+    for key, value in state_dict.items():
+        mapped = _torch_key_to_flax(key)
+        if mapped is None:
+            continue
+        collection, path, kind = mapped
+        value = np.asarray(value, np.float32)
+        if kind == "linear":
+            value = value.T
+        elif kind == "conv":
+            value = value.transpose(2, 3, 1, 0)
+        flat[(collection,) + path] = value
+    return flax.traverse_util.unflatten_dict(flat)
+
+
+def infer_detr_config(state_dict: Mapping[str, np.ndarray]) -> Dict[str, Any]:
+    """Read the architecture of an official DETR from its weights (what the weights can tell)."""
+    def count(pattern):
+        return len({m.group(1) for k in state_dict if (m := re.match(pattern, k))})
+
+    if "query_embed.weight" not in state_dict or "class_embed.weight" not in state_dict:
+        raise ValueError("not an official DETR state dict: missing query_embed.weight / class_embed.weight")
+    stages = tuple(count(rf"backbone\.0\.body\.layer{i}\.(\d+)\.") for i in range(1, 5))
+    kind = "bottleneck" if "backbone.0.body.layer1.0.conv3.weight" in state_dict else "basic"
+    depth = [d for d, spec in RESNET_SPECS.items() if spec == (kind, stages)]
+    if not depth:
+        raise ValueError(f"unknown ResNet layout in checkpoint: {kind} blocks {stages}")
+    num_queries, hidden_dim = state_dict["query_embed.weight"].shape
+    return dict(
+            num_classes=state_dict["class_embed.weight"].shape[0] - 1,
+            num_queries=num_queries,
+            hidden_dim=hidden_dim,
+            num_encoder_layers=count(r"transformer\.encoder\.layers\.(\d+)\."),
+            num_decoder_layers=count(r"transformer\.decoder\.layers\.(\d+)\."),
+            dim_feedforward=state_dict["transformer.encoder.layers.0.linear1.weight"].shape[0]
+            if "transformer.encoder.layers.0.linear1.weight" in state_dict
+            else state_dict["transformer.decoder.layers.0.linear1.weight"].shape[0],
+            pre_norm="transformer.encoder.norm.weight" in state_dict,
+            backbone_depth=depth[0],
+            position_embedding="learned" if "backbone.1.row_embed.weight" in state_dict else "sine",
+    )
+
+
+def check_variables_match(model, variables, source: str, sample_hw=(64, 64)) -> None:
+    """Raise a ValueError naming every missing, unexpected or mis-shaped array against `model`'s own tree."""
+    expected = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), jnp.zeros((1,) + tuple(sample_hw) + (3,))))
+    want = flax.traverse_util.flatten_dict(flax.core.unfreeze(expected), sep="/")
+    have = flax.traverse_util.flatten_dict(flax.core.unfreeze(variables), sep="/")
+    missing = sorted(set(want) - set(have))
+    unexpected = sorted(set(have) - set(want))
+    mis_shaped = sorted(f"{k}: checkpoint {tuple(have[k].shape)} vs model {tuple(want[k].shape)}"
+                                            for k in set(want) & set(have) if tuple(have[k].shape) != tuple(want[k].shape))
+    if missing or unexpected or mis_shaped:
+        def show(items):
+            return ", ".join(items[:8]) + (f" ... ({len(items)} in all)" if len(items) > 8 else "")
+        raise ValueError(f"{source} does not match the model config: missing [{show(missing)}], "
+                                          f"unexpected [{show(unexpected)}], mis-shaped [{show(mis_shaped)}]")
+
+
+def load_official_checkpoint(path: str, dilation: bool = False, num_heads: int = 8, **overrides):
+    """Load a released official DETR checkpoint (e.g. detr-r50-e632da11.pth) as (model, variables).
+
+    Depth, hidden size, FFN size, layer counts, queries, classes, pre-norm and the position encoding are read
+    from the weights; `dilation` (DC5) and `num_heads` cannot be, so they are arguments with the official
+    defaults. `overrides` set any other `DETR` field (e.g. aux_loss=False).
+
+    Returns:
+        model: a `DETR` module; variables: {"params": ..., "frozen": ...} for `model.apply`.
+    """
+    state_dict = load_torch_state_dict(path)
+    config = infer_detr_config(state_dict)
+    config.update(dilation=dilation, num_heads=num_heads, **overrides)
+    model = DETR(**config)
+    variables = jax.tree_util.tree_map(jnp.asarray, torch_state_dict_to_variables(state_dict))
+    check_variables_match(model, variables, path)
+    return model, variables
+
+
+def load_torchvision_backbone(path: str, variables, depth: int):
+    """Put a torchvision ImageNet ResNet (e.g. resnet50-0676ba61.pth) into DETR variables' backbone.
+
+    Args:
+        path: torchvision ResNet .pth (a bare state dict; `fc.*` is ignored).
+        variables: DETR variables {"params", "frozen"} to update (not modified in place).
+        depth: the model's backbone depth, checked against the file.
+    Returns:
+        New variables with backbone params and frozen batch-norm buffers from the file.
+    """
+    converted = torch_state_dict_to_variables(load_torch_state_dict(path))
+    for collection in ("params", FROZEN_COLLECTION):
+        theirs = flax.traverse_util.flatten_dict(converted.get(collection, {}).get("backbone", {}), sep="/")
+        ours = flax.traverse_util.flatten_dict(flax.core.unfreeze(variables[collection]["backbone"]), sep="/")
+        if set(theirs) != set(ours) or any(theirs[k].shape != tuple(ours[k].shape) for k in ours):
+            raise ValueError(f"{path} is not a torchvision ResNet-{depth} state dict matching the model backbone "
+                                              f"(missing {sorted(set(ours) - set(theirs))[:5]}, unexpected {sorted(set(theirs) - set(ours))[:5]})")
+    out = flax.core.unfreeze(jax.tree_util.tree_map(lambda x: x, variables))
+    for collection in ("params", FROZEN_COLLECTION):
+        out[collection]["backbone"] = jax.tree_util.tree_map(jnp.asarray, converted[collection]["backbone"])
+    return out

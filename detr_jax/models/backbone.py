@@ -1,0 +1,161 @@
+"""ResNet backbone with frozen batch norm, as DETR uses it (torchvision v1.5 layout, NHWC).
+
+The layout (stride on the 3x3 conv of a bottleneck, `downsample` on the first block of a stage) and the
+parameter names follow torchvision's ResNet so that official DETR and torchvision checkpoints convert
+one-to-one (see `detr_jax.convert`).
+"""
+
+from typing import Sequence
+
+import flax.linen as nn
+import jax.numpy as jnp
+import numpy as np
+
+# depth -> (block type, blocks per stage)
+RESNET_SPECS = {
+        18: ("basic", (2, 2, 2, 2)),
+        34: ("basic", (3, 4, 6, 3)),
+        50: ("bottleneck", (3, 4, 6, 3)),
+        101: ("bottleneck", (3, 4, 23, 3)),
+        152: ("bottleneck", (3, 8, 36, 3)),
+}
+FROZEN_COLLECTION = "frozen"  # batch-norm statistics and affine: constants, never seen by an optimizer
+
+
+def resnet_out_channels(depth: int) -> int:
+    """Channels of the last stage of a ResNet of this depth (512 basic, 2048 bottleneck)."""
+    return 512 if RESNET_SPECS[depth][0] == "basic" else 2048
+
+
+class FrozenBatchNorm(nn.Module):
+    """BatchNorm with fixed statistics and affine, as DETR's FrozenBatchNorm2d (eps 1e-5).
+
+    All four arrays live in the "frozen" collection, so they are constants for jax.grad and optax.
+    """
+    eps: float = 1e-5
+
+    @nn.compact
+    def __call__(self, x):  # [B, H, W, C] -> [B, H, W, C]
+        c = x.shape[-1]
+        scale = self.variable(FROZEN_COLLECTION, "scale", lambda: jnp.ones((c,), jnp.float32)).value
+        bias = self.variable(FROZEN_COLLECTION, "bias", lambda: jnp.zeros((c,), jnp.float32)).value
+        mean = self.variable(FROZEN_COLLECTION, "mean", lambda: jnp.zeros((c,), jnp.float32)).value
+        var = self.variable(FROZEN_COLLECTION, "var", lambda: jnp.ones((c,), jnp.float32)).value
+        # Same algebra and order as the official code: fold into one scale and shift.
+        s = scale * jnp.reciprocal(jnp.sqrt(var + self.eps))
+        b = bias - mean * s
+        return x * s.astype(x.dtype) + b.astype(x.dtype)
+
+
+def _conv(features, kernel, stride=1, dilation=1, name=None, dtype=jnp.float32):
+    pad = dilation * (kernel // 2)  # torchvision: padding = dilation for 3x3, 3 for the 7x7 stem
+    return nn.Conv(features, (kernel, kernel), strides=(stride, stride), padding=[(pad, pad), (pad, pad)],
+                                  kernel_dilation=(dilation, dilation), use_bias=False, name=name, dtype=dtype,
+                                  kernel_init=nn.initializers.variance_scaling(2.0, "fan_out", "normal"))
+
+
+class BasicBlock(nn.Module):
+    planes: int
+    stride: int = 1
+    dilation: int = 1
+    downsample: bool = False
+    dtype: jnp.dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x):  # [B, H, W, Cin] -> [B, H/s, W/s, planes]
+        identity = x
+        out = nn.relu(FrozenBatchNorm(name="bn1")(_conv(self.planes, 3, self.stride, name="conv1", dtype=self.dtype)(x)))
+        out = FrozenBatchNorm(name="bn2")(_conv(self.planes, 3, name="conv2", dtype=self.dtype)(out))
+        if self.downsample:
+            identity = FrozenBatchNorm(name="downsample_bn")(
+                    _conv(self.planes, 1, self.stride, name="downsample_conv", dtype=self.dtype)(x))
+        return nn.relu(out + identity)
+
+
+class Bottleneck(nn.Module):
+    planes: int
+    stride: int = 1
+    dilation: int = 1
+    downsample: bool = False
+    dtype: jnp.dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x):  # [B, H, W, Cin] -> [B, H/s, W/s, 4 * planes]
+        identity = x
+        out = nn.relu(FrozenBatchNorm(name="bn1")(_conv(self.planes, 1, name="conv1", dtype=self.dtype)(x)))
+        # v1.5: the stride sits on the 3x3 conv, not on the first 1x1.
+        out = nn.relu(FrozenBatchNorm(name="bn2")(
+                _conv(self.planes, 3, self.stride, self.dilation, name="conv2", dtype=self.dtype)(out)))
+        out = FrozenBatchNorm(name="bn3")(_conv(self.planes * 4, 1, name="conv3", dtype=self.dtype)(out))
+        if self.downsample:
+            identity = FrozenBatchNorm(name="downsample_bn")(
+                    _conv(self.planes * 4, 1, self.stride, name="downsample_conv", dtype=self.dtype)(x))
+        return nn.relu(out + identity)
+
+
+class ResNet(nn.Module):
+    """ResNet body returning the last stage's features (output stride 32, or 16 with `dilation`).
+
+    Attributes:
+        depth: 18, 34, 50, 101 (or 152).
+        dilation: DC5, replace the stride of the last stage by a dilation of 2 (bottleneck depths only),
+            as torchvision's `replace_stride_with_dilation=[False, False, True]`.
+    """
+    depth: int = 50
+    dilation: bool = False
+    dtype: jnp.dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x):  # [B, H, W, 3] -> [B, H/32, W/32, C] (H/16 with dilation)
+        if self.depth not in RESNET_SPECS:
+            raise ValueError(f"ResNet depth must be one of {sorted(RESNET_SPECS)}, got depth={self.depth}")
+        kind, stages = RESNET_SPECS[self.depth]
+        if self.dilation and kind == "basic":
+            raise ValueError(f"dilation (DC5) needs a bottleneck ResNet (50/101), got depth={self.depth}; "
+                                              "torchvision's BasicBlock does not support dilation either")
+        block_cls = BasicBlock if kind == "basic" else Bottleneck
+        expansion = 1 if kind == "basic" else 4
+
+        x = _conv(64, 7, 2, name="conv1", dtype=self.dtype)(x)
+        x = nn.relu(FrozenBatchNorm(name="bn1")(x))
+        x = nn.max_pool(x, (3, 3), strides=(2, 2), padding=[(1, 1), (1, 1)])
+
+        in_channels, current_dilation = 64, 1
+        for i, (num_blocks, planes) in enumerate(zip(stages, (64, 128, 256, 512))):
+            stride = 1 if i == 0 else 2
+            previous_dilation = current_dilation
+            if i == 3 and self.dilation:
+                current_dilation, stride = current_dilation * stride, 1
+            for j in range(num_blocks):
+                first = j == 0
+                x = block_cls(
+                        planes,
+                        stride=stride if first else 1,
+                        # torchvision: the first block of a dilated stage keeps the previous dilation.
+                        dilation=previous_dilation if first else current_dilation,
+                        downsample=first and (stride != 1 or in_channels != planes * expansion),
+                        dtype=self.dtype,
+                        name=f"layer{i + 1}_{j}")(x)
+                in_channels = planes * expansion
+        return x
+
+
+def downsample_mask(pixel_mask, out_hw: Sequence[int]):
+    """Downsample a padding mask to a feature map exactly as torch's `F.interpolate(mode="nearest")`.
+
+    Args:
+        pixel_mask: bool [B, H, W], True on real pixels.
+        out_hw: (h, w) of the feature map.
+    Returns:
+        bool [B, h, w], True on real positions.
+    """
+    in_h, in_w = pixel_mask.shape[1:3]
+
+    def source_index(n_in, n_out):
+        # torch: src = min(floor(dst * float32(in / out)), in - 1), computed in float32.
+        scale = np.float32(n_in) / np.float32(n_out)
+        idx = np.floor(np.arange(n_out, dtype=np.float32) * scale).astype(np.int64)
+        return np.minimum(idx, n_in - 1)
+
+    rows, cols = source_index(in_h, out_hw[0]), source_index(in_w, out_hw[1])
+    return pixel_mask[:, rows][:, :, cols]

@@ -1,0 +1,227 @@
+"""Model pieces against the official PyTorch code, transcribed here with torch as the reference.
+
+The full post-norm model with sine encodings is checked against the official outputs in test_convert.py;
+these tests cover what that fixture does not: the mask downsampling on many sizes, the learned
+encoding, the pre-norm layers, DC5, parameter groups and initialisation.
+"""
+
+import math
+
+import flax
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+F = torch.nn.functional
+
+from detr_jax.models.backbone import ResNet, downsample_mask  # noqa: E402
+from detr_jax.models.detr import DETR, parameter_groups  # noqa: E402
+from detr_jax.models.position_encoding import LearnedPositionEncoding, sine_position_encoding  # noqa: E402
+from detr_jax.models.transformer import DecoderLayer, EncoderLayer  # noqa: E402
+
+
+@pytest.mark.parametrize("in_hw, out_hw", [((200, 300), (7, 10)), ((97, 131), (4, 5)), ((800, 1201), (50, 76)),
+                                           ((33, 17), (33, 17)), ((10, 10), (3, 7))])
+def test_mask_downsampling_equals_torch_nearest(in_hw, out_hw):
+    rng = np.random.default_rng(0)
+    mask = rng.random((2,) + in_hw) > 0.3
+    ref = F.interpolate(torch.from_numpy(mask)[None].float(), size=out_hw).to(torch.bool)[0].numpy()
+    np.testing.assert_array_equal(np.asarray(downsample_mask(jnp.asarray(mask), out_hw)), ref)
+
+
+def _official_sine(mask_pad, num_pos_feats, temperature=10000, scale=2 * math.pi):
+    """models/position_encoding.py PositionEmbeddingSine.forward (normalize=True); mask True on padding."""
+    not_mask = ~mask_pad
+    y_embed = not_mask.cumsum(1, dtype=torch.float32)
+    x_embed = not_mask.cumsum(2, dtype=torch.float32)
+    eps = 1e-6
+    y_embed = y_embed / (y_embed[:, -1:, :] + eps) * scale
+    x_embed = x_embed / (x_embed[:, :, -1:] + eps) * scale
+    dim_t = torch.arange(num_pos_feats, dtype=torch.float32)
+    dim_t = temperature ** (2 * (dim_t // 2) / num_pos_feats)
+    pos_x = x_embed[:, :, :, None] / dim_t
+    pos_y = y_embed[:, :, :, None] / dim_t
+    pos_x = torch.stack((pos_x[:, :, :, 0::2].sin(), pos_x[:, :, :, 1::2].cos()), dim=4).flatten(3)
+    pos_y = torch.stack((pos_y[:, :, :, 0::2].sin(), pos_y[:, :, :, 1::2].cos()), dim=4).flatten(3)
+    return torch.cat((pos_y, pos_x), dim=3)  # NHWC (the official permutes to NCHW)
+
+
+def test_sine_encoding_equals_official():
+    mask = np.ones((2, 9, 13), bool)
+    mask[0, 6:] = False
+    mask[1, :, 10:] = False
+    ref = _official_sine(torch.from_numpy(~mask), 32).numpy()
+    np.testing.assert_allclose(np.asarray(sine_position_encoding(jnp.asarray(mask), 32)), ref, atol=1e-5)
+
+
+def test_learned_encoding_equals_official():
+    mod = LearnedPositionEncoding(num_pos_feats=8)
+    mask = jnp.ones((2, 5, 7), bool)
+    params = mod.init(jax.random.PRNGKey(0), mask)["params"]
+    row, col = torch.tensor(np.asarray(params["row_embed"])), torch.tensor(np.asarray(params["col_embed"]))
+    h, w = 5, 7
+    x_emb, y_emb = col[torch.arange(w)], row[torch.arange(h)]
+    ref = torch.cat([x_emb.unsqueeze(0).repeat(h, 1, 1), y_emb.unsqueeze(1).repeat(1, w, 1)], dim=-1)
+    np.testing.assert_allclose(np.asarray(mod.apply({"params": params}, mask))[1], ref.numpy())
+    with pytest.raises(ValueError, match="50x50"):
+        mod.apply({"params": params}, jnp.ones((1, 51, 4), bool))
+
+
+def _torch_mha(p, d, heads):
+    mha = torch.nn.MultiheadAttention(d, heads, dropout=0.0)
+    mha.in_proj_weight.data = torch.from_numpy(np.asarray(p["in_proj_kernel"]).T.copy())
+    mha.in_proj_bias.data = torch.from_numpy(np.asarray(p["in_proj_bias"]).copy())
+    mha.out_proj.weight.data = torch.from_numpy(np.asarray(p["out_proj"]["kernel"]).T.copy())
+    mha.out_proj.bias.data = torch.from_numpy(np.asarray(p["out_proj"]["bias"]).copy())
+    return mha
+
+
+def _torch_linear(p):
+    lin = torch.nn.Linear(*np.asarray(p["kernel"]).shape)
+    lin.weight.data = torch.from_numpy(np.asarray(p["kernel"]).T.copy())
+    lin.bias.data = torch.from_numpy(np.asarray(p["bias"]).copy())
+    return lin
+
+
+def _torch_norm(p):
+    norm = torch.nn.LayerNorm(np.asarray(p["scale"]).shape[0])
+    norm.weight.data = torch.from_numpy(np.asarray(p["scale"]).copy())
+    norm.bias.data = torch.from_numpy(np.asarray(p["bias"]).copy())
+    return norm
+
+
+def _t(x):  # [B, S, D] jax -> [S, B, D] torch, the official layout
+    return torch.from_numpy(np.asarray(x)).transpose(0, 1)
+
+
+def _randomise(params, seed):
+    leaves, tree = jax.tree_util.tree_flatten(params)
+    keys = jax.random.split(jax.random.PRNGKey(seed), len(leaves))
+    return jax.tree_util.tree_unflatten(tree, [x + 0.1 * jax.random.normal(k, x.shape) for x, k in zip(leaves, keys)])
+
+
+@pytest.mark.parametrize("pre_norm", [True, False])
+def test_encoder_layer_equals_official(pre_norm):
+    b, s, d, heads = 2, 11, 16, 4
+    rng = np.random.default_rng(1)
+    src, pos = rng.standard_normal((2, b, s, d)).astype(np.float32)
+    key_mask = np.ones((b, s), bool)
+    key_mask[1, 7:] = False
+    layer = EncoderLayer(heads, 24, 0.0, pre_norm)
+    p = _randomise(layer.init(jax.random.PRNGKey(0), src, pos, key_mask, False)["params"], 1)
+    out = layer.apply({"params": p}, src, pos, key_mask, False)
+
+    attn, lin1, lin2 = _torch_mha(p["self_attn"], d, heads), _torch_linear(p["ffn"]["linear1"]), _torch_linear(p["ffn"]["linear2"])
+    norm1, norm2 = _torch_norm(p["norm1"]), _torch_norm(p["norm2"])
+    x, tpos, pad = _t(src), _t(pos), torch.from_numpy(~key_mask)
+    with torch.no_grad():  # official TransformerEncoderLayer.forward_pre / forward_post
+        if pre_norm:
+            x2 = norm1(x)
+            x = x + attn(x2 + tpos, x2 + tpos, value=x2, key_padding_mask=pad)[0]
+            x = x + lin2(F.relu(lin1(norm2(x))))
+        else:
+            x = norm1(x + attn(x + tpos, x + tpos, value=x, key_padding_mask=pad)[0])
+            x = norm2(x + lin2(F.relu(lin1(x))))
+    np.testing.assert_allclose(np.asarray(out), x.transpose(0, 1).numpy(), atol=2e-5)
+
+
+@pytest.mark.parametrize("pre_norm", [True, False])
+def test_decoder_layer_equals_official(pre_norm):
+    b, n, s, d, heads = 2, 5, 11, 16, 4
+    rng = np.random.default_rng(2)
+    tgt, query_pos = rng.standard_normal((2, b, n, d)).astype(np.float32)
+    memory, pos = rng.standard_normal((2, b, s, d)).astype(np.float32)
+    key_mask = np.ones((b, s), bool)
+    key_mask[0, 9:] = False
+    layer = DecoderLayer(heads, 24, 0.0, pre_norm)
+    p = _randomise(layer.init(jax.random.PRNGKey(0), tgt, memory, pos, query_pos, key_mask, False)["params"], 2)
+    out, _ = layer.apply({"params": p}, tgt, memory, pos, query_pos, key_mask, False)
+
+    sa, ca = _torch_mha(p["self_attn"], d, heads), _torch_mha(p["multihead_attn"], d, heads)
+    lin1, lin2 = _torch_linear(p["ffn"]["linear1"]), _torch_linear(p["ffn"]["linear2"])
+    n1, n2, n3 = (_torch_norm(p[f"norm{i}"]) for i in (1, 2, 3))
+    t, qp, mem, tpos, pad = _t(tgt), _t(query_pos), _t(memory), _t(pos), torch.from_numpy(~key_mask)
+    with torch.no_grad():  # official TransformerDecoderLayer.forward_pre / forward_post
+        if pre_norm:
+            t2 = n1(t)
+            t = t + sa(t2 + qp, t2 + qp, value=t2)[0]
+            t2 = n2(t)
+            t = t + ca(t2 + qp, mem + tpos, value=mem, key_padding_mask=pad)[0]
+            t = t + lin2(F.relu(lin1(n3(t))))
+        else:
+            t = n1(t + sa(t + qp, t + qp, value=t)[0])
+            t = n2(t + ca(t + qp, mem + tpos, value=mem, key_padding_mask=pad)[0])
+            t = n3(t + lin2(F.relu(lin1(t))))
+    np.testing.assert_allclose(np.asarray(out), t.transpose(0, 1).numpy(), atol=2e-5)
+
+
+@pytest.mark.parametrize("depth, dilation, channels, stride", [(18, False, 512, 32), (34, False, 512, 32),
+                                                               (50, False, 2048, 32), (50, True, 2048, 16)])
+def test_backbone_output_stride(depth, dilation, channels, stride):
+    shape = jax.eval_shape(lambda: ResNet(depth, dilation).init_with_output(
+        jax.random.PRNGKey(0), jnp.zeros((1, 128, 96, 3)))[0])
+    assert shape.shape == (1, 128 // stride, 96 // stride, channels)
+
+
+def test_dilation_needs_bottleneck():
+    with pytest.raises(ValueError, match="depth=18"):
+        ResNet(18, dilation=True).init(jax.random.PRNGKey(0), jnp.zeros((1, 32, 32, 3)))
+
+
+def _tiny_detr(**kw):
+    cfg = dict(num_classes=5, num_queries=6, hidden_dim=32, num_heads=4, num_encoder_layers=1,
+               num_decoder_layers=2, dim_feedforward=48, backbone_depth=18)
+    cfg.update(kw)
+    return DETR(**cfg)
+
+
+def test_parameter_groups_freeze_stem_and_stage1():
+    model = _tiny_detr()
+    params = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), jnp.zeros((1, 64, 64, 3))))["params"]
+    labels = flax.traverse_util.flatten_dict(parameter_groups(params), sep="/")
+    assert labels["backbone/conv1/kernel"] == "frozen"
+    assert labels["backbone/layer1_1/conv2/kernel"] == "frozen"
+    assert labels["backbone/layer2_0/downsample_conv/kernel"] == "backbone"
+    assert labels["backbone/layer4_1/conv2/kernel"] == "backbone"
+    assert labels["transformer/decoder_norm/scale"] == "transformer"
+    assert labels["class_embed/kernel"] == "transformer"
+    assert set(labels.values()) == {"frozen", "backbone", "transformer"}
+
+
+def test_initialisation_follows_official():
+    """xavier on the fused in_proj (fan-in d, fan-out 3d), zero in_proj bias, N(0,1) queries."""
+    d = 256
+    model = _tiny_detr(hidden_dim=d, num_heads=8, num_queries=300)
+    params = jax.jit(model.init)(jax.random.PRNGKey(0), jnp.zeros((1, 64, 64, 3)))["params"]
+    w = np.asarray(params["transformer"]["encoder_layers_0"]["self_attn"]["in_proj_kernel"])
+    bound = math.sqrt(6 / (d + 3 * d))
+    assert np.abs(w).max() <= bound and np.abs(w).max() > 0.95 * bound
+    assert not np.asarray(params["transformer"]["encoder_layers_0"]["self_attn"]["in_proj_bias"]).any()
+    q = np.asarray(params["query_embed"])
+    assert abs(q.std() - 1.0) < 0.02 and abs(q.mean()) < 0.02
+
+
+def test_dropout_only_in_training():
+    model = _tiny_detr()
+    x = jax.random.normal(jax.random.PRNGKey(1), (1, 64, 64, 3))
+    variables = jax.jit(model.init)(jax.random.PRNGKey(0), x)
+    apply = jax.jit(model.apply, static_argnames="train")
+    eval1 = apply(variables, x)["pred_logits"]
+    eval2 = apply(variables, x)["pred_logits"]
+    train = apply(variables, x, train=True, rngs={"dropout": jax.random.PRNGKey(2)})["pred_logits"]
+    np.testing.assert_array_equal(eval1, eval2)
+    assert np.abs(np.asarray(train - eval1)).max() > 1e-3
+
+
+def test_padding_mask_excludes_padded_keys():
+    """Changing pixels under the padding changes nothing in the transformer (only the backbone sees them)."""
+    model = _tiny_detr()
+    x = jax.random.normal(jax.random.PRNGKey(1), (1, 64, 96, 3))
+    variables = model.init(jax.random.PRNGKey(0), x)
+    mask = jnp.ones((1, 64, 96), bool).at[:, :, 64:].set(False)
+    out = model.apply(variables, x, pixel_mask=mask, return_attention=True)
+    attn = np.asarray(out["cross_attention"])  # [1, N, 2, 3]
+    assert attn.shape == (1, 6, 2, 3)
+    assert np.all(attn[..., 2] == 0) and np.allclose(attn.sum(axis=(2, 3)), 1, atol=1e-5)
