@@ -1,0 +1,100 @@
+"""Hungarian matching between predictions and padded targets.
+
+The cost matrices are computed on device, inside jit. The assignment itself runs on the
+host with scipy's `linear_sum_assignment`, through one `jax.pure_callback`: this is the
+single host/device boundary of the training step. Why the host:
+  * the official DETR uses scipy, and an exact Hungarian solve is what makes our
+    matching (hence our losses) identical to it; approximate on-device solvers (auction,
+    Sinkhorn) give different assignments on near-ties;
+  * the problem is tiny (about 100 queries x a few dozen targets) and sequential, a poor
+    fit for an accelerator anyway.
+The round trip is paid once per step: every decoder layer and every image of the local
+batch go to the host together, as one [L, B, N, M] array.
+
+No gradient flows through the matching: the costs are wrapped in `stop_gradient`.
+Works inside `jax.shard_map` too: the callback only sees the local shard's arrays.
+"""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from scipy.optimize import linear_sum_assignment
+
+from detr_jax import box_ops
+
+# Stands in for nan / inf costs (e.g. from a diverging model) so scipy never raises
+# "cost matrix is infeasible"; big enough to lose against any real cost.
+_LARGE_COST = 1e8
+
+
+def match_cost_matrix(pred_logits, pred_boxes, tgt_labels, tgt_boxes, *,
+                      cost_class, cost_bbox, cost_giou):
+    """Matching cost of every query against every target slot, per image.
+
+    Args:
+      pred_logits: [B, N, num_classes + 1] class logits (no-object is the last index).
+      pred_boxes: [B, N, 4] cxcywh, normalised.
+      tgt_labels: [B, M] int class ids (padded slots may hold anything).
+      tgt_boxes: [B, M, 4] cxcywh, normalised.
+      cost_class, cost_bbox, cost_giou: weights of the three terms.
+    Returns:
+      [B, N, M] cost; padded target columns hold meaningless (but finite) values.
+    """
+    prob = jax.nn.softmax(pred_logits, axis=-1)  # [B, N, C+1]
+    # Contrary to the loss, the class cost is not the NLL but -prob[target class]
+    # (1 - prob, minus the constant 1 that does not change the assignment), as official.
+    labels = jnp.clip(tgt_labels, 0, pred_logits.shape[-1] - 1)
+    class_cost = -jnp.take_along_axis(prob, labels[:, None, :], axis=-1)  # [B, N, M]
+    bbox_cost = jnp.abs(pred_boxes[:, :, None, :] - tgt_boxes[:, None, :, :]).sum(-1)
+    giou_cost = -box_ops.generalized_box_iou(
+        box_ops.box_cxcywh_to_xyxy(pred_boxes), box_ops.box_cxcywh_to_xyxy(tgt_boxes))
+    return cost_bbox * bbox_cost + cost_class * class_cost + cost_giou * giou_cost
+
+
+def _assign_on_host(costs, tgt_mask):
+    """Host side of the callback: exact Hungarian solve per (layer, image).
+
+    Args:
+      costs: np [L, B, N, M] matching costs.
+      tgt_mask: np bool [B, M], True on real targets.
+    Returns:
+      np int32 [L, B, M]: matched query index per target slot; -1 for padded slots
+      (and for real targets left over when there are more targets than queries).
+    """
+    costs = np.nan_to_num(np.asarray(costs, np.float64),
+                          nan=_LARGE_COST, posinf=_LARGE_COST, neginf=-_LARGE_COST)
+    tgt_mask = np.asarray(tgt_mask, bool)
+    num_layers, batch_size, _, num_slots = costs.shape
+    indices = np.full((num_layers, batch_size, num_slots), -1, np.int32)
+    for b in range(batch_size):
+        valid_slots = np.flatnonzero(tgt_mask[b])
+        if valid_slots.size == 0:
+            continue
+        for layer in range(num_layers):
+            # Only real targets take part: a padded slot must never steal a query.
+            queries, cols = linear_sum_assignment(costs[layer, b][:, valid_slots])
+            indices[layer, b, valid_slots[cols]] = queries
+    return indices
+
+
+def hungarian_match(pred_logits, pred_boxes, targets, *,
+                    cost_class=1.0, cost_bbox=5.0, cost_giou=2.0):
+    """Match all decoder layers of a batch to their targets with one host call.
+
+    Args:
+      pred_logits: [L, B, N, num_classes + 1], L decoder layers stacked.
+      pred_boxes: [L, B, N, 4] cxcywh, normalised.
+      targets: dict with "labels" int [B, M], "boxes" [B, M, 4] cxcywh normalised,
+        "mask" bool [B, M] (True on real objects).
+      cost_class, cost_bbox, cost_giou: matching cost weights (official defaults).
+    Returns:
+      int32 [L, B, M]: for each target slot the index of its query, -1 on padded slots.
+    """
+    per_layer_cost = jax.vmap(lambda logits, boxes: match_cost_matrix(
+        logits, boxes, targets["labels"], targets["boxes"],
+        cost_class=cost_class, cost_bbox=cost_bbox, cost_giou=cost_giou))
+    costs = jax.lax.stop_gradient(per_layer_cost(pred_logits, pred_boxes))  # [L, B, N, M]
+    num_layers, batch_size, _, num_slots = costs.shape
+    result_shape = jax.ShapeDtypeStruct((num_layers, batch_size, num_slots), jnp.int32)
+    return jax.pure_callback(_assign_on_host, result_shape,
+                             costs, jnp.asarray(targets["mask"], bool))

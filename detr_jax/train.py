@@ -1,0 +1,392 @@
+"""Training: config -> data -> model -> optimizer -> sharding -> jit step -> loop with checkpoints and logs.
+
+The step is pure (`train_step(state, batch) -> (state, metrics)`); the loop owns everything with side
+effects: the loader, orbax checkpoints (with the loader's iterator state, so a resumed run sees exactly
+the batches an uninterrupted run would have seen), metrics.jsonl, TensorBoard, periodic evaluation.
+"""
+
+import json
+import logging
+import os
+import signal
+import sys
+import time
+from typing import Any, Callable, Dict, Optional, Tuple
+
+import flax
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+import orbax.checkpoint as ocp
+from jax.sharding import PartitionSpec as P
+
+from detr_jax import sharding
+from detr_jax.data import Loader, build_source, make_eval_transforms, make_train_transforms
+from detr_jax.losses import set_criterion
+from detr_jax.matcher import hungarian_match
+from detr_jax.models.detr import DETR, parameter_groups
+
+logger = logging.getLogger(__name__)
+TrainState = Dict[str, Any]  # {"step", "params", "frozen", "opt_state", "nonfinite_step"}
+
+
+class NonFiniteLossError(RuntimeError):
+    """The loss or the gradient became NaN/inf; the parameters were not updated with it."""
+
+
+# ---- building blocks ---------------------------------------------------------------------------------------
+def build_model(config: ml_collections.ConfigDict) -> DETR:
+    """The DETR of `config.model` (field names of `DETR`), with bf16 compute if `config.half_precision`."""
+    dtype = jnp.bfloat16 if config.get("half_precision", False) else jnp.float32
+    return DETR(**config.model.to_dict(), dtype=dtype)
+
+
+def build_data(config: ml_collections.ConfigDict, split: str, *, train: bool, process_index: int = 0,
+               process_count: int = 1, batch_size: Optional[int] = None) -> Loader:
+    """The loader of `split` for this process: train augmentation and shuffling when `train`."""
+    d = config.data
+    source = build_source(d.source, **dict(d.get(f"{split}_kwargs", {}).to_dict(), **d.source_kwargs.to_dict()))
+    if train:
+        transforms = make_train_transforms(tuple(d.train_scales), d.max_size, tuple(d.crop_resize_scales),
+                                           tuple(d.crop_size))
+    else:
+        transforms = make_eval_transforms(d.eval_size, d.max_size)
+    global_batch = batch_size or config.batch_size
+    if global_batch % process_count:
+        raise ValueError(f"batch_size {global_batch} must be divisible by the process count {process_count}")
+    return Loader(source, transforms, global_batch // process_count, seed=config.seed, max_objects=d.max_objects,
+                  buckets=[tuple(b) for b in d.buckets] if d.get("buckets") else None, shuffle=train,
+                  num_workers=d.num_workers, process_index=process_index, process_count=process_count,
+                  drop_remainder=train, num_epochs=None if train else 1)
+
+
+def learning_rate_schedule(base_lr: float, config: ml_collections.ConfigDict, total_steps: int,
+                           steps_per_epoch: int) -> optax.Schedule:
+    """Step decay (official: x0.1 at `lr_drop_epochs`), or cosine; optional linear warmup in front."""
+    opt = config.optimizer
+    warmup = int(opt.get("warmup_steps", 0))
+    if opt.schedule == "step":
+        drop_step = int(opt.lr_drop_epochs * steps_per_epoch)
+        main = optax.piecewise_constant_schedule(base_lr, {max(drop_step - warmup, 1): 0.1})
+    elif opt.schedule == "cosine":
+        main = optax.cosine_decay_schedule(base_lr, max(total_steps - warmup, 1), alpha=opt.get("cosine_alpha", 0.01))
+    elif opt.schedule == "constant":
+        main = optax.constant_schedule(base_lr)
+    else:
+        raise ValueError(f"config.optimizer.schedule must be 'step', 'cosine' or 'constant', got {opt.schedule!r}")
+    if warmup <= 0:
+        return main
+    return optax.join_schedules([optax.linear_schedule(0.0, base_lr, warmup), main], [warmup])
+
+
+def build_optimizer(config: ml_collections.ConfigDict, params, total_steps: int, steps_per_epoch: int):
+    """AdamW with the backbone at its own learning rate, frozen parameters never updated, global-norm clipping.
+
+    Returns (optax transform, {group: schedule}, labels pytree).
+    """
+    opt = config.optimizer
+    labels = parameter_groups(params)
+    schedules = {"transformer": learning_rate_schedule(opt.lr, config, total_steps, steps_per_epoch),
+                 "backbone": learning_rate_schedule(opt.lr_backbone, config, total_steps, steps_per_epoch)}
+    groups = {name: optax.adamw(schedule, b1=0.9, b2=0.999, eps=1e-8, weight_decay=opt.weight_decay)
+              for name, schedule in schedules.items()}
+    if opt.lr_backbone <= 0:  # the official `lr_backbone=0` means "do not train the backbone"
+        groups["backbone"] = optax.set_to_zero()
+    groups["frozen"] = optax.set_to_zero()
+    # Frozen parameters have no gradient in the official code: zero theirs before the global norm is taken.
+    tx = optax.chain(optax.masked(optax.set_to_zero(), jax.tree_util.tree_map(lambda l: l == "frozen", labels)),
+                     optax.clip_by_global_norm(opt.grad_clip) if opt.grad_clip > 0 else optax.identity(),
+                     optax.multi_transform(groups, labels))
+    if opt.get("grad_accum_steps", 1) > 1:
+        tx = optax.MultiSteps(tx, every_k_schedule=opt.grad_accum_steps)
+    return tx, schedules, labels
+
+
+def init_state(model: DETR, tx, config: ml_collections.ConfigDict, image_hw: Tuple[int, int]) -> TrainState:
+    """Fresh parameters (optionally from pretrained weights named in `config.init`) and optimizer state."""
+    x = jnp.zeros((1,) + tuple(image_hw) + (3,), jnp.float32)
+    variables = jax.jit(model.init)(jax.random.PRNGKey(config.seed), x)
+    variables = load_pretrained(config, model, variables)
+    params = variables["params"]
+    return {"step": jnp.zeros((), jnp.int32), "params": params, "frozen": variables["frozen"],
+            "opt_state": tx.init(params), "nonfinite_step": jnp.full((), -1, jnp.int32)}
+
+
+def load_pretrained(config: ml_collections.ConfigDict, model: DETR, variables):
+    """Apply `config.init`: a torchvision ImageNet backbone and/or an official DETR checkpoint.
+
+    With `config.init.detr_checkpoint`, everything is loaded except, when `reinit_class_head` (fine-tuning on
+    other classes), the class head, which keeps its fresh initialisation.
+    """
+    from detr_jax import convert  # torch is needed only here, only when weights are named
+
+    init = config.get("init", ml_collections.ConfigDict())
+    if init.get("backbone_checkpoint"):
+        variables = convert.load_torchvision_backbone(init.backbone_checkpoint, variables, model.backbone_depth)
+    if init.get("detr_checkpoint"):
+        state_dict = convert.load_torch_state_dict(init.detr_checkpoint)
+        if init.get("reinit_class_head", False):
+            state_dict = {k: v for k, v in state_dict.items() if not k.startswith("class_embed.")}
+        loaded = convert.torch_state_dict_to_variables(state_dict)
+        ours = flax.traverse_util.flatten_dict(flax.core.unfreeze(variables))
+        theirs = flax.traverse_util.flatten_dict(loaded)
+        bad = [k for k in theirs if k not in ours or theirs[k].shape != ours[k].shape]
+        missing = [k for k in ours if k not in theirs and k[1] != "class_embed"]
+        if bad or missing:
+            raise ValueError(f"{init.detr_checkpoint} does not match config.model: unexpected or mis-shaped "
+                             f"{['/'.join(k) for k in bad][:6]}, missing {['/'.join(k) for k in missing][:6]}")
+        ours.update({k: jnp.asarray(v) for k, v in theirs.items()})
+        variables = flax.traverse_util.unflatten_dict(ours)
+    return variables
+
+
+# ---- the step ----------------------------------------------------------------------------------------------
+def make_train_step(model: DETR, tx, config: ml_collections.ConfigDict, mesh) -> Callable:
+    """The jit-compiled `train_step(state, batch) -> (state, metrics)`, data parallel over `mesh`.
+
+    The forward, loss, gradient all-reduce and update are one XLA program; only the Hungarian assignment
+    leaves the device, per device shard (`shard_map`), so each host solves the images it holds.
+    """
+    loss_cfg = config.loss
+    costs = dict(cost_class=loss_cfg.cost_class, cost_bbox=loss_cfg.cost_bbox, cost_giou=loss_cfg.cost_giou)
+
+    def local_match(pred_logits, pred_boxes, labels, boxes, mask):  # this device's images
+        return hungarian_match(pred_logits, pred_boxes, {"labels": labels, "boxes": boxes, "mask": mask}, **costs)
+
+    match = jax.shard_map(local_match, mesh=mesh, in_specs=(P(None, sharding.DATA_AXIS),) * 2 +
+                          (P(sharding.DATA_AXIS),) * 3, out_specs=P(None, sharding.DATA_AXIS), check_vma=False)
+
+    def loss_fn(params, frozen, batch, rng):
+        outputs = model.apply({"params": params, "frozen": frozen}, batch["images"], pixel_mask=batch["pixel_mask"],
+                              train=True, rngs={"dropout": rng})
+        layers = list(outputs.get("aux_outputs", [])) + [outputs]
+        indices = match(jnp.stack([o["pred_logits"] for o in layers]), jnp.stack([o["pred_boxes"] for o in layers]),
+                        batch["labels"], batch["boxes"], batch["mask"])
+        targets = {"labels": batch["labels"], "boxes": batch["boxes"], "mask": batch["mask"]}
+        # The loss is computed on the global batch: num_boxes is the global count (the official code's
+        # all_reduce(num_boxes) / world_size combined with DDP's gradient averaging gives the same).
+        losses = set_criterion(outputs, targets, indices=indices, num_classes=model.num_classes,
+                               eos_coef=loss_cfg.eos_coef, bbox_loss_coef=loss_cfg.bbox_loss_coef,
+                               giou_loss_coef=loss_cfg.giou_loss_coef, ce_loss_coef=loss_cfg.ce_loss_coef,
+                               bbox_loss_type=loss_cfg.bbox_loss_type, **costs)
+        return losses["loss"], losses
+
+    def train_step(state: TrainState, batch):
+        rng = jax.random.fold_in(jax.random.PRNGKey(config.seed), state["step"])
+        grads, losses = jax.grad(loss_fn, has_aux=True)(state["params"], state["frozen"], batch, rng)
+        updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
+        params = optax.apply_updates(state["params"], updates)
+        grad_norm = optax.global_norm(grads)
+        finite = jnp.isfinite(losses["loss"]) & jnp.isfinite(grad_norm)
+        # A non-finite step leaves the parameters as they were and records the step; the loop stops on it.
+        keep = lambda new, old: jax.tree_util.tree_map(lambda a, b: jnp.where(finite, a, b), new, old)
+        new_state = {"step": state["step"] + 1, "params": keep(params, state["params"]), "frozen": state["frozen"],
+                     "opt_state": keep(opt_state, state["opt_state"]),
+                     "nonfinite_step": jnp.where(finite | (state["nonfinite_step"] >= 0), state["nonfinite_step"],
+                                                 state["step"])}
+        metrics = dict(losses, grad_norm=grad_norm, num_boxes=batch["mask"].sum())
+        return new_state, metrics
+
+    repl = sharding.replicated(mesh)
+    return jax.jit(train_step, in_shardings=(repl, sharding.batch_sharded(mesh)), out_shardings=(repl, repl),
+                   donate_argnums=(0,))
+
+
+# ---- checkpoints -------------------------------------------------------------------------------------------
+def checkpoint_manager(workdir: str, config: ml_collections.ConfigDict) -> ocp.CheckpointManager:
+    options = ocp.CheckpointManagerOptions(save_interval_steps=config.checkpoint_every,
+                                           max_to_keep=config.keep_checkpoints, enable_async_checkpointing=True)
+    return ocp.CheckpointManager(os.path.abspath(os.path.join(workdir, "checkpoints")), options=options)
+
+
+def model_signature(config: ml_collections.ConfigDict) -> Dict[str, Any]:
+    """What a checkpoint must agree on to be resumed: the model architecture."""
+    return json.loads(config.model.to_json())
+
+
+def save_checkpoint(manager, step: int, state: TrainState, loader: Loader, config, force: bool = False) -> bool:
+    return manager.save(step, args=ocp.args.Composite(
+        state=ocp.args.StandardSave(state),
+        meta=ocp.args.JsonSave({"loader": loader.get_state(), "model": model_signature(config), "step": step})),
+        force=force)
+
+
+def restore_checkpoint(manager, state: TrainState, config, mesh) -> Tuple[TrainState, Optional[Dict], int]:
+    """Resume from the latest checkpoint if there is one; refuses a checkpoint of another model config."""
+    step = manager.latest_step()
+    if step is None:
+        return state, None, 0
+    meta = manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
+    if meta["model"] != model_signature(config):
+        diff = {k: (meta["model"].get(k), v) for k, v in model_signature(config).items() if meta["model"].get(k) != v}
+        raise ValueError(f"the checkpoint in {manager.directory} (step {step}) is of another model config "
+                         f"(checkpoint vs config: {diff}); use another --workdir or the matching config")
+    repl = sharding.replicated(mesh)
+    abstract = jax.tree_util.tree_map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=repl), state)
+    restored = manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract)))["state"]
+    logger.info("resumed from %s at step %d", manager.directory, step)
+    return restored, meta["loader"], step
+
+
+# ---- logging -----------------------------------------------------------------------------------------------
+class MetricLogger:
+    """metrics.jsonl (one line per logged step), TensorBoard event files, and a one-line progress report."""
+
+    def __init__(self, workdir: str, total_steps: int, enabled: bool):
+        self.enabled, self.total_steps = enabled, total_steps
+        self._jsonl = open(os.path.join(workdir, "metrics.jsonl"), "a") if enabled else None
+        self._tb = None
+        if enabled:
+            try:
+                from tensorboardX import SummaryWriter
+                self._tb = SummaryWriter(os.path.join(workdir, "tensorboard"))
+            except ImportError:
+                logger.warning("tensorboardX is not installed: no TensorBoard summaries (metrics.jsonl still written)")
+
+    def write(self, step: int, metrics: Dict[str, float], progress: Optional[str] = None):
+        if not self.enabled:
+            return
+        self._jsonl.write(json.dumps(dict(step=step, **metrics)) + "\n")
+        self._jsonl.flush()
+        if self._tb is not None:
+            for k, v in metrics.items():
+                self._tb.add_scalar(k, v, step)
+            self._tb.flush()
+        if progress:
+            print(progress, flush=True)
+
+    def close(self):
+        if self._jsonl:
+            self._jsonl.close()
+        if self._tb is not None:
+            self._tb.close()
+
+
+def _progress(step, total, metrics, elapsed, start_step):
+    done = step - start_step
+    eta = elapsed / max(done, 1) * (total - step)
+    width = 20
+    bar = "#" * int(width * step / total) + "-" * (width - int(width * step / total))
+    return (f"[{bar}] step {step}/{total} loss {metrics['loss']:.4f} (ce {metrics['loss_ce']:.3f} "
+            f"l1 {metrics['loss_bbox']:.3f} giou {metrics['loss_giou']:.3f}) {metrics['images_per_sec']:.1f} img/s "
+            f"ETA {int(eta // 60)}m{int(eta % 60):02d}s")
+
+
+def _check_finite(state: TrainState, manager) -> None:
+    """Stop on a non-finite loss, naming the step, before anything is logged or saved after it."""
+    nonfinite = int(jax.device_get(state["nonfinite_step"]))
+    if nonfinite >= 0:
+        manager.wait_until_finished()
+        raise NonFiniteLossError(
+            f"non-finite loss or gradient at step {nonfinite + 1}: training stopped and the parameters were not "
+            f"updated with it; the last good checkpoint in {manager.directory} is step {manager.latest_step()}. "
+            "Lower the learning rate, check the data, or enable gradient clipping.")
+
+
+# ---- the loop ----------------------------------------------------------------------------------------------
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Dict[str, float]:
+    """Train `config` in `workdir`, resuming from its latest checkpoint; returns the final metrics."""
+    os.makedirs(workdir, exist_ok=True)
+    mesh = sharding.make_mesh()
+    is_main = jax.process_index() == 0
+    train_loader = build_data(config, "train", train=True, process_index=jax.process_index(),
+                              process_count=jax.process_count())
+    steps_per_epoch = train_loader.batches_per_epoch
+    total_steps = int(config.num_steps) if config.get("num_steps") else int(config.num_epochs * steps_per_epoch)
+    model = build_model(config)
+    sample_hw = tuple(config.data.buckets[0]) if config.data.get("buckets") else (64, 64)
+    tx_holder = {}
+
+    def make_state():
+        params_shape = jax.eval_shape(lambda: jax.jit(model.init)(jax.random.PRNGKey(0),
+                                                                   jnp.zeros((1,) + sample_hw + (3,))))["params"]
+        tx, schedules, _ = build_optimizer(config, params_shape, total_steps, steps_per_epoch)
+        tx_holder.update(tx=tx, schedules=schedules)
+        return init_state(model, tx, config, sample_hw)
+
+    state = jax.device_put(make_state(), sharding.replicated(mesh))
+    tx, schedules = tx_holder["tx"], tx_holder["schedules"]
+    manager = checkpoint_manager(workdir, config)
+    state, loader_state, start_step = restore_checkpoint(manager, state, config, mesh)
+    if loader_state is not None:
+        train_loader.set_state(loader_state)
+    if is_main:
+        with open(os.path.join(workdir, "config.json"), "w") as f:
+            f.write(config.to_json(indent=2))
+        n_params = sum(x.size for x in jax.tree_util.tree_leaves(state["params"]))
+        logger.info("DETR with %.2fM parameters; %d devices on %d processes; %d steps (%d per epoch), "
+                    "global batch %d", n_params / 1e6, jax.device_count(), jax.process_count(), total_steps,
+                    steps_per_epoch, config.batch_size)
+    train_step = make_train_step(model, tx, config, mesh)
+    metric_logger = MetricLogger(workdir, total_steps, is_main)
+    evaluator = None
+    if config.get("eval_every", 0) or config.get("eval_at_end", True):
+        from detr_jax.evaluate import Evaluator
+        evaluator = Evaluator(config, model, mesh)
+
+    # Ctrl-C and SIGTERM (preemption) save a checkpoint before exiting.
+    # Both only set a flag, so a step is never cut in half (its input state is donated to XLA).
+    interrupted = []
+    previous_handlers = {sig: signal.signal(sig, lambda signum, _: interrupted.append(signal.Signals(signum).name))
+                         for sig in (signal.SIGINT, signal.SIGTERM)}
+    seen_shapes = set()
+    step, last_metrics, final = start_step, {}, {}
+    t_log, images_since_log, t_start = time.time(), 0, time.time()
+    try:
+        iterator = iter(train_loader)
+        while step < total_steps:
+            if interrupted:
+                raise KeyboardInterrupt(interrupted[0])
+            local = next(iterator)
+            shape = local["images"].shape[1:3]
+            if shape not in seen_shapes:
+                seen_shapes.add(shape)
+                logger.info("compiling the train step for image shape %s (%d shapes so far)", shape, len(seen_shapes))
+            batch = sharding.global_batch(local, mesh)
+            state, metrics = train_step(state, batch)
+            step += 1
+            images_since_log += config.batch_size
+            if step % config.log_every == 0 or step == total_steps:
+                metrics = jax.device_get(metrics)
+                _check_finite(state, manager)
+                now = time.time()
+                last_metrics = {k: float(v) for k, v in metrics.items()}
+                last_metrics.update(images_per_sec=images_since_log / (now - t_log), epoch=step / steps_per_epoch,
+                                    lr=float(schedules["transformer"](step - 1)),
+                                    lr_backbone=float(schedules["backbone"](step - 1)))
+                metric_logger.write(step, last_metrics, _progress(step, total_steps, last_metrics, now - t_start,
+                                                                  start_step))
+                t_log, images_since_log = now, 0
+            if manager.should_save(step) and step != total_steps:
+                _check_finite(state, manager)
+                save_checkpoint(manager, step, state, train_loader, config)
+            if evaluator is not None and config.get("eval_every", 0) and step % config.eval_every == 0 \
+                    and step != total_steps:
+                eval_metrics = evaluator.evaluate(state, workdir, step)
+                metric_logger.write(step, eval_metrics, "eval " + " ".join(f"{k} {v:.4f}" for k, v in eval_metrics.items()))
+                t_log = time.time()
+        _check_finite(state, manager)
+        save_checkpoint(manager, step, state, train_loader, config, force=True)
+        manager.wait_until_finished()
+        if evaluator is not None and config.get("eval_at_end", True):
+            final = evaluator.evaluate(state, workdir, step, draw=True)
+            metric_logger.write(step, final, "final eval " + " ".join(f"{k} {v:.4f}" for k, v in final.items()))
+    except KeyboardInterrupt as e:
+        logger.warning("interrupted (%s) at step %d: saving a checkpoint before exiting", e or "Ctrl-C", step)
+        manager.wait_until_finished()
+        if manager.latest_step() != step and int(jax.device_get(state["nonfinite_step"])) < 0:
+            save_checkpoint(manager, step, state, train_loader, config, force=True)
+        manager.wait_until_finished()
+        raise
+    finally:
+        for sig, handler in previous_handlers.items():
+            signal.signal(sig, handler)
+        train_loader.close()
+        metric_logger.close()
+        manager.close()
+    summary = dict(last_metrics, **final)
+    if is_main:
+        print("final: " + " ".join(f"{k} {v:.4f}" for k, v in summary.items()), file=sys.stdout, flush=True)
+    return summary

@@ -1,0 +1,49 @@
+"""Train DETR: `python experiments/train.py [--config experiments/configs/NAME.py] [--workdir DIR]`.
+
+Config fields can be overridden from the command line, e.g. `--config.batch_size=64 --config.num_steps=500`.
+A run resumes from the latest checkpoint in its work directory. Multi-host on CPU/GPU clusters: pass
+--coordinator_address, --num_processes and --process_id (TPU pods need none of them).
+"""
+
+import logging
+import os
+import sys
+
+from absl import app, flags
+from absl import logging as absl_logging
+from ml_collections import config_flags
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # run from a checkout
+
+_CONFIG = config_flags.DEFINE_config_file(
+    "config", os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs", "default.py"),
+    "Training config file (a get_config() returning a ConfigDict).", lock_config=True)
+_WORKDIR = flags.DEFINE_string("workdir", None, "Where checkpoints, metrics and pictures go "
+                               "(default: ./workdir/<config name>).")
+_COORDINATOR = flags.DEFINE_string("coordinator_address", None, "host:port of process 0, for multi-host CPU/GPU.")
+_NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Number of processes (multi-host).")
+_PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's id (multi-host).")
+
+
+def main(argv):
+    del argv
+    # Our progress at INFO; orbax's and jax's chatter only when it is a warning.
+    absl_logging.set_verbosity(absl_logging.WARNING)
+    logging.getLogger("detr_jax").setLevel(logging.INFO)
+    from detr_jax import sharding, train  # after flags: jax.distributed must start before any jax call
+
+    sharding.maybe_initialize_distributed(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
+    config_name = os.path.splitext(os.path.basename(flags.FLAGS["config"].config_filename))[0]
+    workdir = _WORKDIR.value or os.path.join("workdir", config_name)
+    try:
+        train.train_and_evaluate(_CONFIG.value, workdir)
+    except KeyboardInterrupt:
+        logging.warning("stopped; the run resumes from %s when started again", workdir)
+        sys.exit(130)
+    except train.NonFiniteLossError as e:
+        logging.error("%s", e)
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    app.run(main)

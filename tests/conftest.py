@@ -1,0 +1,21 @@
+"""Shared pytest fixtures."""
+
+import os
+from pathlib import Path
+
+import pytest
+
+# The official-DETR reference outputs live beside the repository, in shared/fixtures
+# (see its README.md); DETR_JAX_FIXTURES points elsewhere.
+_DEFAULT_FIXTURES = Path(__file__).resolve().parents[1].parent / "shared" / "fixtures"
+
+
+@pytest.fixture(scope="session")
+def fixtures_dir():
+    """Folder of the official-DETR reference fixtures. Fails (never skips) when missing."""
+    path = Path(os.environ.get("DETR_JAX_FIXTURES", _DEFAULT_FIXTURES))
+    if not path.is_dir():
+        pytest.fail(f"Reference fixtures folder {path} not found: parity tests need it. "
+                    "Set DETR_JAX_FIXTURES to the folder holding official_detr_r18_tiny/, "
+                    "or place it at <repo>/../shared/fixtures.")
+    return path

@@ -1,0 +1,141 @@
+"""detr_jax.losses.set_criterion against the official SetCriterion (shared fixtures) and hand references."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from detr_jax import box_ops
+from detr_jax.losses import set_criterion
+from detr_jax.matcher import hungarian_match
+
+COEFS = dict(ce_loss_coef=1.0, bbox_loss_coef=5.0, giou_loss_coef=2.0)
+
+
+@pytest.fixture(scope="module")
+def official(fixtures_dir):
+    """Predictions of 3 decoder layers, padded targets and the official SetCriterion's values."""
+    data = dict(np.load(fixtures_dir / "official_detr_r18_tiny" / "criterion.npz"))
+    layers = [{"pred_logits": data[f"layer{i}_pred_logits"], "pred_boxes": data[f"layer{i}_pred_boxes"]}
+              for i in range(3)]
+    outputs = dict(layers[-1], aux_outputs=layers[:-1])
+    targets = {"labels": data["labels"], "boxes": data["boxes"], "mask": data["mask"]}
+    expected = {k[len("loss__"):]: float(v) for k, v in data.items() if k.startswith("loss__")}
+    return outputs, targets, expected
+
+
+# Jitted as in training (and one XLA compile is much faster than op-by-op dispatch).
+_jit_criterion = jax.jit(set_criterion, static_argnames=("num_classes", "bbox_loss_type"))
+
+
+def _criterion(outputs, targets, **kwargs):
+    return _jit_criterion(outputs, targets, num_classes=91, eos_coef=0.1, cost_class=1.0, cost_bbox=5.0,
+                          cost_giou=2.0, bbox_loss_coef=5.0, giou_loss_coef=2.0, **kwargs)
+
+
+def test_parity_with_official_set_criterion(official):
+    outputs, targets, expected = official
+    losses = _criterion(outputs, targets)
+    assert set(expected) == set(losses) - {"loss"}
+    for name, value in expected.items():
+        np.testing.assert_allclose(losses[name], value, rtol=1e-5, err_msg=name)
+    total = sum(COEFS[f"{term}_loss_coef"] * expected[f"loss_{term}{suffix}"]
+                for term in ("ce", "bbox", "giou") for suffix in ("", "_0", "_1"))
+    np.testing.assert_allclose(losses["loss"], total, rtol=1e-5)
+
+
+def test_precomputed_indices_give_the_same_losses(official):
+    outputs, targets, _ = official
+    layers = outputs["aux_outputs"] + [outputs]
+    indices = jax.jit(hungarian_match)(jnp.stack([layer["pred_logits"] for layer in layers]),
+                                       jnp.stack([layer["pred_boxes"] for layer in layers]), targets)
+    with_indices = _criterion(outputs, targets, indices=indices)
+    for name, value in _criterion(outputs, targets).items():
+        np.testing.assert_allclose(with_indices[name], value, rtol=1e-6, err_msg=name)
+
+
+@jax.jit
+def _loss_and_grads(outputs, targets):
+    """Total loss and its gradient w.r.t. the main layer's predictions."""
+    def total(preds):
+        return _criterion(dict(outputs, **preds), targets)["loss"]
+
+    return jax.value_and_grad(total)({k: outputs[k] for k in ("pred_logits", "pred_boxes")})
+
+
+def test_grad_is_finite(official):
+    outputs, targets, _ = official
+    loss, grads = _loss_and_grads(outputs, targets)
+    assert np.isfinite(loss)
+    for grad in grads.values():
+        assert np.isfinite(np.asarray(grad)).all() and np.abs(np.asarray(grad)).sum() > 0
+
+
+def test_batch_without_objects_is_finite(official):
+    outputs, targets, _ = official
+    empty = dict(targets, mask=np.zeros_like(targets["mask"]), boxes=np.zeros_like(targets["boxes"]))
+    losses = _criterion(outputs, empty)
+    assert all(np.isfinite(np.asarray(v)) for v in losses.values())
+    assert losses["loss_bbox"] == 0 and losses["loss_giou"] == 0
+    assert losses["class_error"] == 100  # official `accuracy` returns 0 with no targets
+    loss, grads = _loss_and_grads(outputs, empty)
+    assert np.isfinite(loss)
+    assert all(np.isfinite(np.asarray(g)).all() for g in grads.values())
+
+
+def test_smooth_l1_matches_hand_reference(official):
+    outputs, targets, _ = official
+    # Fixed matching for the main layer: target slot m of image b -> query m.
+    mask = np.asarray(targets["mask"])
+    indices = np.where(mask, np.arange(mask.shape[1])[None, :], -1)[None].astype(np.int32)
+    main = {k: outputs[k] for k in ("pred_logits", "pred_boxes")}
+    l1 = _criterion(main, targets, indices=indices)
+    smooth = _criterion(main, targets, indices=indices, bbox_loss_type="smooth_l1")
+
+    diff = np.abs(main["pred_boxes"][:, : mask.shape[1]] - targets["boxes"]).astype(np.float64)[mask]
+    smooth_ref = np.where(diff < 1, 0.5 * diff ** 2, diff - 0.5).sum() / mask.sum()
+    np.testing.assert_allclose(l1["loss_bbox"], diff.sum() / mask.sum(), rtol=1e-5)
+    np.testing.assert_allclose(smooth["loss_bbox"], smooth_ref, rtol=1e-5)
+    assert not np.isclose(smooth["loss_bbox"], l1["loss_bbox"])
+    # Only the box term changes.
+    np.testing.assert_allclose(smooth["loss_giou"], l1["loss_giou"])
+    np.testing.assert_allclose(smooth["loss_ce"], l1["loss_ce"])
+
+
+def test_unknown_bbox_loss_type_is_rejected(official):
+    outputs, targets, _ = official
+    with pytest.raises(ValueError, match="bbox_loss_type"):
+        set_criterion(outputs, targets, bbox_loss_type="l2")
+
+
+def test_num_boxes_scales_box_losses(official):
+    outputs, targets, _ = official
+    default = _criterion(outputs, targets)  # num_boxes = 15 valid targets
+    num_valid = int(np.asarray(targets["mask"]).sum())
+    halved = _criterion(outputs, targets, num_boxes=2.0 * num_valid)
+    for name in ("loss_bbox", "loss_giou", "loss_bbox_0", "loss_giou_1"):
+        np.testing.assert_allclose(halved[name], default[name] / 2, rtol=1e-6)
+    np.testing.assert_allclose(halved["loss_ce"], default["loss_ce"])
+    # The official clamp: num_boxes never goes below 1.
+    tiny = _criterion(outputs, targets, num_boxes=0.25)
+    np.testing.assert_allclose(tiny["loss_bbox"], default["loss_bbox"] * num_valid, rtol=1e-6)
+
+
+def test_class_weighted_cross_entropy_hand_reference():
+    # One image, 3 queries, 2 classes + no-object; target class 1 matched to query 2.
+    logits = np.array([[[2.0, 0.5, 0.1], [0.0, 1.0, 3.0], [0.3, 2.0, -1.0]]], np.float32)
+    boxes = np.array([[[0.5, 0.5, 0.2, 0.2], [0.3, 0.3, 0.1, 0.1], [0.6, 0.4, 0.3, 0.2]]], np.float32)
+    targets = {"labels": np.array([[1, 0]], np.int32), "mask": np.array([[True, False]]),
+               "boxes": np.array([[[0.6, 0.5, 0.3, 0.2], [0, 0, 0, 0]]], np.float32)}
+    losses = _jit_criterion({"pred_logits": logits, "pred_boxes": boxes}, targets, num_classes=2,
+                            eos_coef=0.1, indices=np.array([[[2, -1]]], np.int32))
+    log_prob = logits[0] - np.log(np.exp(logits[0]).sum(-1, keepdims=True))
+    nll = -log_prob[[0, 1, 2], [2, 2, 1]]
+    weights = np.array([0.1, 0.1, 1.0])
+    np.testing.assert_allclose(losses["loss_ce"], (weights * nll).sum() / weights.sum(), rtol=1e-6)
+    np.testing.assert_allclose(losses["loss_bbox"], 0.1, rtol=1e-5)
+    giou = box_ops.elementwise_generalized_box_iou(box_ops.box_cxcywh_to_xyxy(boxes[0, 2]),
+                                                   box_ops.box_cxcywh_to_xyxy(targets["boxes"][0, 0]))
+    np.testing.assert_allclose(losses["loss_giou"], 1 - giou, rtol=1e-6)
+    assert losses["class_error"] == 0  # query 2 predicts class 1
+    assert losses["cardinality_error"] == 1  # queries 0 and 2 predict objects, 1 target
