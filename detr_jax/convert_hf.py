@@ -42,8 +42,8 @@ def _backbone_name(rest: str) -> Optional[str]:
     """A backbone key after its prefix -> the torchvision name; None when not a ResNet key."""
     if m := re.fullmatch(r"embedder\.embedder\.(convolution|normalization)\.(\w+)", rest):
         return ("conv1." if m[1] == "convolution" else "bn1.") + m[2]
-    if m := re.fullmatch(r"encoder\.stages\.(\d+)\.layers\.(\d+)\.(shortcut|layer\.(\d))\.(convolution|normalization)\.(\w+)",
-                         rest):
+    block_key = r"encoder\.stages\.(\d+)\.layers\.(\d+)\.(shortcut|layer\.(\d))\.(convolution|normalization)\.(\w+)"
+    if m := re.fullmatch(block_key, rest):
         stage, block, part, index, kind, leaf = m.groups()
         if part == "shortcut":
             name = "downsample.0" if kind == "convolution" else "downsample.1"

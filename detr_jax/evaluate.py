@@ -127,6 +127,10 @@ class Evaluator:
         from detr_jax import sharding
         from detr_jax.train import build_data
 
+        # Padding-invariant backbone by default: each image is scored as if it were evaluated alone, so
+        # metrics do not depend on the batch size or the bucket (the parameters are the same).
+        if config.get("eval_padding_invariant", True):
+            model = model.clone(padding_invariant=True)
         self.config, self.model, self.mesh = config, model, mesh
         self.loader = build_data(config, "val", train=False, process_index=jax.process_index(),
                                  process_count=jax.process_count(),

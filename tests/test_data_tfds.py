@@ -14,60 +14,60 @@ _HAS_TF = importlib.util.find_spec("tensorflow") is not None and importlib.util.
 
 
 def _record():
-  return {
-      "image": np.zeros((20, 40, 3), np.uint8),
-      "image/id": 139,
-      "objects": {
-          "bbox": np.array([[0.1, 0.25, 0.6, 0.5],     # (ymin, xmin, ymax, xmax)
-                            [0.0, 0.0, 1.0, 1.0],      # crowd
-                            [0.5, 0.5, 0.5, 0.9]],     # zero height
-                           np.float32),
-          "label": np.array([0, 79, 11]),
-          "is_crowd": np.array([False, True, False]),
-          "id": np.array([11, 12, 13]),
-      },
-  }
+    return {
+        "image": np.zeros((20, 40, 3), np.uint8),
+        "image/id": 139,
+        "objects": {
+            "bbox": np.array([[0.1, 0.25, 0.6, 0.5],     # (ymin, xmin, ymax, xmax)
+                              [0.0, 0.0, 1.0, 1.0],      # crowd
+                              [0.5, 0.5, 0.5, 0.9]],     # zero height
+                             np.float32),
+            "label": np.array([0, 79, 11]),
+            "is_crowd": np.array([False, True, False]),
+            "id": np.array([11, 12, 13]),
+        },
+    }
 
 
 def test_category_tables():
-  assert OFFICIAL91_CLASS_NAMES[1] == "person" and OFFICIAL91_CLASS_NAMES[90] == "toothbrush"
-  assert OFFICIAL91_CLASS_NAMES[12] == "N/A" and len(OFFICIAL91_CLASS_NAMES) == 91
-  assert COCO_CLASS_NAMES[11] == "stop sign" and COCO_CATEGORY_IDS[11] == 13
+    assert OFFICIAL91_CLASS_NAMES[1] == "person" and OFFICIAL91_CLASS_NAMES[90] == "toothbrush"
+    assert OFFICIAL91_CLASS_NAMES[12] == "N/A" and len(OFFICIAL91_CLASS_NAMES) == 91
+    assert COCO_CLASS_NAMES[11] == "stop sign" and COCO_CATEGORY_IDS[11] == 13
 
 
 def test_convert_record_contiguous_and_official91():
-  example, crowd, zero = convert_record(_record(), np.arange(80), 80, keep_crowd=False)
-  assert (crowd, zero) == (1, 1)
-  np.testing.assert_allclose(example["boxes"], [[10, 2, 20, 12]])
-  np.testing.assert_array_equal(example["labels"], [0])
-  assert example["image_id"] == 139 and example["orig_size"] == (20, 40)
-  example, crowd, zero = convert_record(_record(), np.asarray(COCO_CATEGORY_IDS), 91, keep_crowd=True)
-  np.testing.assert_array_equal(example["labels"], [1, 90])  # person, toothbrush in the raw id space
-  np.testing.assert_array_equal(example["iscrowd"], [False, True])
-  assert (crowd, zero) == (0, 1)
+    example, crowd, zero = convert_record(_record(), np.arange(80), 80, keep_crowd=False)
+    assert (crowd, zero) == (1, 1)
+    np.testing.assert_allclose(example["boxes"], [[10, 2, 20, 12]])
+    np.testing.assert_array_equal(example["labels"], [0])
+    assert example["image_id"] == 139 and example["orig_size"] == (20, 40)
+    example, crowd, zero = convert_record(_record(), np.asarray(COCO_CATEGORY_IDS), 91, keep_crowd=True)
+    np.testing.assert_array_equal(example["labels"], [1, 90])  # person, toothbrush in the raw id space
+    np.testing.assert_array_equal(example["iscrowd"], [False, True])
+    assert (crowd, zero) == (0, 1)
 
 
 def test_convert_record_label_beyond_num_classes_names_annotation():
-  with pytest.raises(ValueError, match="annotation id 12 .*label 90 >= num_classes=80"):
-    convert_record(_record(), np.asarray(COCO_CATEGORY_IDS), 80, keep_crowd=True)
+    with pytest.raises(ValueError, match="annotation id 12 .*label 90 >= num_classes=80"):
+        convert_record(_record(), np.asarray(COCO_CATEGORY_IDS), 80, keep_crowd=True)
 
 
 @pytest.mark.skipif(_HAS_TF, reason="tensorflow_datasets is installed")
 def test_clear_error_without_tfds():
-  with pytest.raises(ImportError, match="tensorflow_datasets"):
-    build_source("tfds", split="train")
+    with pytest.raises(ImportError, match="tensorflow_datasets"):
+        build_source("tfds", split="train")
 
 
 @pytest.mark.skipif(not _HAS_TF, reason="tensorflow / tensorflow_datasets not importable")
 def test_tfds_source_on_mock_data():
-  import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
-  with tfds.testing.mock_data(num_examples=4):
-    src = build_source("tfds", split="train", process_index=0, process_count=1, label_space="official91")
-    assert len(src) == 4 and src.num_classes == 91 and src.process_sharded
-    ex = src[0]
-  assert ex["image"].dtype == np.uint8 and ex["image"].shape[2] == 3
-  k = len(ex["labels"])
-  assert ex["boxes"].shape == (k, 4) and ex["iscrowd"].shape == (k,)
-  assert np.all(np.isin(ex["labels"], COCO_CATEGORY_IDS))
-  h, w = ex["orig_size"]
-  assert np.all(ex["boxes"] >= 0) and np.all(ex["boxes"][:, [0, 2]] <= w) and np.all(ex["boxes"][:, [1, 3]] <= h)
+    import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+    with tfds.testing.mock_data(num_examples=4):
+        src = build_source("tfds", split="train", process_index=0, process_count=1, label_space="official91")
+        assert len(src) == 4 and src.num_classes == 91 and src.process_sharded
+        ex = src[0]
+    assert ex["image"].dtype == np.uint8 and ex["image"].shape[2] == 3
+    k = len(ex["labels"])
+    assert ex["boxes"].shape == (k, 4) and ex["iscrowd"].shape == (k,)
+    assert np.all(np.isin(ex["labels"], COCO_CATEGORY_IDS))
+    h, w = ex["orig_size"]
+    assert np.all(ex["boxes"] >= 0) and np.all(ex["boxes"][:, [0, 2]] <= w) and np.all(ex["boxes"][:, [1, 3]] <= h)

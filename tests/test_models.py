@@ -225,3 +225,20 @@ def test_padding_mask_excludes_padded_keys():
     attn = np.asarray(out["cross_attention"])  # [1, N, 2, 3]
     assert attn.shape == (1, 6, 2, 3)
     assert np.all(attn[..., 2] == 0) and np.allclose(attn.sum(axis=(2, 3)), 1, atol=1e-5)
+
+
+@pytest.mark.parametrize("depth, dilation", [(18, False), (50, True)])
+def test_padding_invariant_backbone(depth, dilation):
+    """With padding_invariant, an image padded into a bigger canvas gives the outputs of the image alone;
+    without it (the official behaviour), padding leaks into the border features and changes them."""
+    kw = dict(backbone_depth=depth, dilation=dilation)
+    x = jax.random.normal(jax.random.PRNGKey(1), (1, 72, 104, 3))  # not a multiple of the stride
+    canvas = jnp.zeros((1, 128, 160, 3)).at[:, :72, :104].set(x)
+    mask = jnp.zeros((1, 128, 160), bool).at[:, :72, :104].set(True)
+    variables = jax.jit(_tiny_detr(**kw).init)(jax.random.PRNGKey(0), canvas)
+    for invariant, expect_equal in ((True, True), (False, False)):
+        apply = jax.jit(_tiny_detr(padding_invariant=invariant, **kw).apply)
+        alone = apply(variables, x, pixel_mask=jnp.ones((1, 72, 104), bool))["pred_boxes"]
+        padded = apply(variables, canvas, pixel_mask=mask)["pred_boxes"]
+        diff = float(np.abs(np.asarray(alone - padded)).max())
+        assert (diff < 1e-5) == expect_equal, (invariant, diff)

@@ -22,201 +22,202 @@ LABEL_SPACES = ("contiguous", "official91")
 
 
 class AnnotationError(ValueError):
-  """A malformed or inconsistent entry in the annotation file (the message names the annotation id)."""
+    """A malformed or inconsistent entry in the annotation file (the message names the annotation id)."""
 
 
 class ImageReadError(OSError):
-  """An image that is missing, unreadable, or not the size the annotation file says (names the file)."""
+    """An image that is missing, unreadable, or not the size the annotation file says (names the file)."""
 
 
 class CocoFolder:
-  """Examples from a COCO instances JSON and its image directory, in ascending image id order.
+    """Examples from a COCO instances JSON and its image directory, in ascending image id order.
 
-  Args:
-    ann_file: path of the instances JSON (`images`, `annotations`, `categories`).
-    image_dir: directory holding each image's `file_name`.
-    label_space: "contiguous" maps the sorted category ids to labels 0..K-1 (`category_ids[label]` gives the id
-      back); "official91" keeps the raw category id as the label (the official DETR space: num_classes = max
-      id + 1 = 91 for COCO, as the released checkpoints use).
-    keep_crowd: keep iscrowd=1 annotations (flagged in "iscrowd"), for evaluation. False (training) drops them,
-      as the official code does.
-    num_classes: the model's number of classes; any label >= num_classes is an error. Default: the label
-      space's size.
-    skip_bad_images: replace a missing or unreadable image by the next readable one (logged and counted in
-      `stats["bad_images_skipped"]`) instead of raising ImageReadError.
+    Args:
+      ann_file: path of the instances JSON (`images`, `annotations`, `categories`).
+      image_dir: directory holding each image's `file_name`.
+      label_space: "contiguous" maps the sorted category ids to labels 0..K-1 (`category_ids[label]` gives the id
+        back); "official91" keeps the raw category id as the label (the official DETR space: num_classes = max
+        id + 1 = 91 for COCO, as the released checkpoints use).
+      keep_crowd: keep iscrowd=1 annotations (flagged in "iscrowd"), for evaluation. False (training) drops them,
+        as the official code does.
+      num_classes: the model's number of classes; any label >= num_classes is an error. Default: the label
+        space's size.
+      skip_bad_images: replace a missing or unreadable image by the next readable one (logged and counted in
+        `stats["bad_images_skipped"]`) instead of raising ImageReadError.
 
-  Each example is a dict:
-    "image": uint8 [H, W, 3] RGB; "boxes": float32 [K, 4] xyxy in absolute pixels, clipped to the image;
-    "labels": int32 [K]; "image_id": int (the COCO id); "orig_size": (H, W); "iscrowd": bool [K].
-  Attributes: `num_classes`, `class_names` (indexed by label), `category_ids` (COCO id of each label), `stats`.
-  """
+    Each example is a dict:
+      "image": uint8 [H, W, 3] RGB; "boxes": float32 [K, 4] xyxy in absolute pixels, clipped to the image;
+      "labels": int32 [K]; "image_id": int (the COCO id); "orig_size": (H, W); "iscrowd": bool [K].
+    Attributes: `num_classes`, `class_names` (indexed by label), `category_ids` (COCO id of each label), `stats`.
+    """
 
-  def __init__(self, ann_file: str, image_dir: str, label_space: str = "contiguous", keep_crowd: bool = False,
-               num_classes: Optional[int] = None, skip_bad_images: bool = False):
-    if label_space not in LABEL_SPACES:
-      raise ValueError(f"label_space must be one of {LABEL_SPACES}, got {label_space!r}")
-    if not os.path.isdir(image_dir):
-      raise FileNotFoundError(f"image directory {image_dir} does not exist")
-    self.ann_file = ann_file
-    self.image_dir = image_dir
-    self.label_space = label_space
-    self.keep_crowd = keep_crowd
-    self.skip_bad_images = skip_bad_images
-    try:
-      with open(ann_file) as f:
-        data = json.load(f)
-    except FileNotFoundError:
-      raise FileNotFoundError(f"annotation file {ann_file} does not exist") from None
-    except json.JSONDecodeError as e:
-      raise AnnotationError(f"annotation file {ann_file} is not valid JSON: {e}") from None
-    for key in ("images", "annotations", "categories"):
-      if key not in data:
-        raise AnnotationError(f"annotation file {ann_file} has no {key!r} list")
-
-    self._build_label_space(data["categories"])
-    self.num_classes = len(self.class_names) if num_classes is None else int(num_classes)
-    self.stats: Dict[str, int] = {"images": 0, "annotations": 0, "objects": 0, "crowd_dropped": 0,
-                                  "zero_area_dropped": 0, "bad_images_skipped": 0}
-    self._images = self._parse_images(data["images"])
-    self.image_ids = sorted(self._images)
-    self._objects = self._parse_annotations(data["annotations"])
-    self.stats["images"] = len(self.image_ids)
-    self._bad_files = set()
-    self._lock = threading.Lock()
-    logger.info("%s: %d images, %d objects kept of %d annotations (%d crowd dropped, %d zero-area dropped)",
-                ann_file, self.stats["images"], self.stats["objects"], self.stats["annotations"],
-                self.stats["crowd_dropped"], self.stats["zero_area_dropped"])
-    if self.stats["zero_area_dropped"]:
-      logger.warning("%s: dropped %d boxes with zero area after clipping to the image", ann_file,
-                     self.stats["zero_area_dropped"])
-
-  def _build_label_space(self, categories):
-    names = {}
-    for cat in categories:
-      cid = cat.get("id")
-      if not isinstance(cid, int) or isinstance(cid, bool) or cid < 0:
-        raise AnnotationError(f"{self.ann_file}: category {cat!r} needs a non-negative integer 'id'")
-      if cid in names:
-        raise AnnotationError(f"{self.ann_file}: category id {cid} appears twice")
-      names[cid] = str(cat.get("name", cid))
-    if not names:
-      raise AnnotationError(f"{self.ann_file}: the 'categories' list is empty")
-    if self.label_space == "contiguous":
-      self.category_ids = tuple(sorted(names))
-      self.class_names = tuple(names[c] for c in self.category_ids)
-      self._label_of = {c: i for i, c in enumerate(self.category_ids)}
-    else:
-      self.category_ids = tuple(range(max(names) + 1))
-      self.class_names = tuple(names.get(c, "N/A") for c in self.category_ids)
-      self._label_of = {c: c for c in names}
-
-  def _parse_images(self, images):
-    out = {}
-    for entry in images:
-      image_id = entry.get("id")
-      if not isinstance(image_id, int) or "file_name" not in entry:
-        raise AnnotationError(f"{self.ann_file}: image entry {entry!r} needs an integer 'id' and a 'file_name'")
-      if image_id in out:
-        raise AnnotationError(f"{self.ann_file}: image id {image_id} appears twice")
-      if "width" in entry and "height" in entry:
-        size = (int(entry["height"]), int(entry["width"]))
-      else:  # read the header only (PIL decodes lazily)
-        path = os.path.join(self.image_dir, entry["file_name"])
+    def __init__(self, ann_file: str, image_dir: str, label_space: str = "contiguous", keep_crowd: bool = False,
+                 num_classes: Optional[int] = None, skip_bad_images: bool = False):
+        if label_space not in LABEL_SPACES:
+            raise ValueError(f"label_space must be one of {LABEL_SPACES}, got {label_space!r}")
+        if not os.path.isdir(image_dir):
+            raise FileNotFoundError(f"image directory {image_dir} does not exist")
+        self.ann_file = ann_file
+        self.image_dir = image_dir
+        self.label_space = label_space
+        self.keep_crowd = keep_crowd
+        self.skip_bad_images = skip_bad_images
         try:
-          with Image.open(path) as im:
-            size = (im.height, im.width)
-        except OSError as e:
-          raise ImageReadError(f"image file {path} (image id {image_id}) has no width/height in {self.ann_file} "
-                               f"and cannot be read: {e}") from None
-      out[image_id] = {"file_name": entry["file_name"], "size": size}
-    return out
+            with open(ann_file) as f:
+                data = json.load(f)
+        except FileNotFoundError:
+            raise FileNotFoundError(f"annotation file {ann_file} does not exist") from None
+        except json.JSONDecodeError as e:
+            raise AnnotationError(f"annotation file {ann_file} is not valid JSON: {e}") from None
+        for key in ("images", "annotations", "categories"):
+            if key not in data:
+                raise AnnotationError(f"annotation file {ann_file} has no {key!r} list")
 
-  def _parse_annotations(self, annotations):
-    per_image = {i: ([], [], []) for i in self._images}  # boxes, labels, iscrowd
-    for ann in annotations:
-      self.stats["annotations"] += 1
-      ann_id = ann.get("id")
-      where = f"{self.ann_file}: annotation id {ann_id}"
-      if ann.get("image_id") not in self._images:
-        raise AnnotationError(f"{where} refers to image id {ann.get('image_id')!r}, which is not in 'images'")
-      bbox = ann.get("bbox")
-      if (not isinstance(bbox, (list, tuple)) or len(bbox) != 4
-          or not all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in bbox)):
-        raise AnnotationError(f"{where} has bbox {bbox!r}; expected 4 finite numbers [x, y, w, h]")
-      x, y, w, h = (float(v) for v in bbox)
-      if w < 0 or h < 0:
-        raise AnnotationError(f"{where} has bbox {bbox!r} with negative width or height")
-      cid = ann.get("category_id")
-      if cid not in self._label_of:
-        raise AnnotationError(f"{where} has category_id {cid!r}, which is not in 'categories' "
-                              f"(known ids: {sorted(self._label_of)})")
-      label = self._label_of[cid]
-      if label >= self.num_classes:
-        raise AnnotationError(f"{where} has label {label} (category_id {cid}) >= num_classes={self.num_classes}; "
-                              f"raise num_classes or use label_space='contiguous'")
-      crowd = bool(ann.get("iscrowd", 0))
-      if crowd and not self.keep_crowd:
-        self.stats["crowd_dropped"] += 1
-        continue
-      img_h, img_w = self._images[ann["image_id"]]["size"]
-      x0, x1 = min(max(x, 0.0), img_w), min(max(x + w, 0.0), img_w)
-      y0, y1 = min(max(y, 0.0), img_h), min(max(y + h, 0.0), img_h)
-      if not (x1 > x0 and y1 > y0):
-        self.stats["zero_area_dropped"] += 1
-        continue
-      boxes, labels, iscrowd = per_image[ann["image_id"]]
-      boxes.append((x0, y0, x1, y1))
-      labels.append(label)
-      iscrowd.append(crowd)
-      self.stats["objects"] += 1
-    return {i: (np.asarray(b, np.float32).reshape(-1, 4), np.asarray(l, np.int32), np.asarray(c, bool))
-            for i, (b, l, c) in per_image.items()}
+        self._build_label_space(data["categories"])
+        self.num_classes = len(self.class_names) if num_classes is None else int(num_classes)
+        self.stats: Dict[str, int] = {"images": 0, "annotations": 0, "objects": 0, "crowd_dropped": 0,
+                                      "zero_area_dropped": 0, "bad_images_skipped": 0}
+        self._images = self._parse_images(data["images"])
+        self.image_ids = sorted(self._images)
+        self._objects = self._parse_annotations(data["annotations"])
+        self.stats["images"] = len(self.image_ids)
+        self._bad_files = set()
+        self._lock = threading.Lock()
+        logger.info("%s: %d images, %d objects kept of %d annotations (%d crowd dropped, %d zero-area dropped)",
+                    ann_file, self.stats["images"], self.stats["objects"], self.stats["annotations"],
+                    self.stats["crowd_dropped"], self.stats["zero_area_dropped"])
+        if self.stats["zero_area_dropped"]:
+            logger.warning("%s: dropped %d boxes with zero area after clipping to the image", ann_file,
+                           self.stats["zero_area_dropped"])
 
-  def __len__(self) -> int:
-    return len(self.image_ids)
+    def _build_label_space(self, categories):
+        names = {}
+        for cat in categories:
+            cid = cat.get("id")
+            if not isinstance(cid, int) or isinstance(cid, bool) or cid < 0:
+                raise AnnotationError(f"{self.ann_file}: category {cat!r} needs a non-negative integer 'id'")
+            if cid in names:
+                raise AnnotationError(f"{self.ann_file}: category id {cid} appears twice")
+            names[cid] = str(cat.get("name", cid))
+        if not names:
+            raise AnnotationError(f"{self.ann_file}: the 'categories' list is empty")
+        if self.label_space == "contiguous":
+            self.category_ids = tuple(sorted(names))
+            self.class_names = tuple(names[c] for c in self.category_ids)
+            self._label_of = {c: i for i, c in enumerate(self.category_ids)}
+        else:
+            self.category_ids = tuple(range(max(names) + 1))
+            self.class_names = tuple(names.get(c, "N/A") for c in self.category_ids)
+            self._label_of = {c: c for c in names}
 
-  def image_path(self, index: int) -> str:
-    """Path of the image file of example `index`."""
-    return os.path.join(self.image_dir, self._images[self.image_ids[index]]["file_name"])
+    def _parse_images(self, images):
+        out = {}
+        for entry in images:
+            image_id = entry.get("id")
+            if not isinstance(image_id, int) or "file_name" not in entry:
+                raise AnnotationError(f"{self.ann_file}: image entry {entry!r} needs an integer 'id' and a 'file_name'")
+            if image_id in out:
+                raise AnnotationError(f"{self.ann_file}: image id {image_id} appears twice")
+            if "width" in entry and "height" in entry:
+                size = (int(entry["height"]), int(entry["width"]))
+            else:  # read the header only (PIL decodes lazily)
+                path = os.path.join(self.image_dir, entry["file_name"])
+                try:
+                    with Image.open(path) as im:
+                        size = (im.height, im.width)
+                except OSError as e:
+                    raise ImageReadError(f"image file {path} (image id {image_id}) has no width/height in "
+                                         f"{self.ann_file} and cannot be read: {e}") from None
+            out[image_id] = {"file_name": entry["file_name"], "size": size}
+        return out
 
-  def image_size(self, index: int) -> Tuple[int, int]:
-    """(h, w) of example `index` from the annotation file, without reading the image."""
-    return self._images[self.image_ids[index]]["size"]
+    def _parse_annotations(self, annotations):
+        per_image = {i: ([], [], []) for i in self._images}  # boxes, labels, iscrowd
+        for ann in annotations:
+            self.stats["annotations"] += 1
+            ann_id = ann.get("id")
+            where = f"{self.ann_file}: annotation id {ann_id}"
+            if ann.get("image_id") not in self._images:
+                raise AnnotationError(f"{where} refers to image id {ann.get('image_id')!r}, which is not in 'images'")
+            bbox = ann.get("bbox")
+            if (not isinstance(bbox, (list, tuple)) or len(bbox) != 4
+                or not all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in bbox)):
+                raise AnnotationError(f"{where} has bbox {bbox!r}; expected 4 finite numbers [x, y, w, h]")
+            x, y, w, h = (float(v) for v in bbox)
+            if w < 0 or h < 0:
+                raise AnnotationError(f"{where} has bbox {bbox!r} with negative width or height")
+            cid = ann.get("category_id")
+            if cid not in self._label_of:
+                raise AnnotationError(f"{where} has category_id {cid!r}, which is not in 'categories' "
+                                      f"(known ids: {sorted(self._label_of)})")
+            label = self._label_of[cid]
+            if label >= self.num_classes:
+                raise AnnotationError(f"{where} has label {label} (category_id {cid}) >= "
+                                      f"num_classes={self.num_classes}; raise num_classes or use "
+                                      f"label_space='contiguous'")
+            crowd = bool(ann.get("iscrowd", 0))
+            if crowd and not self.keep_crowd:
+                self.stats["crowd_dropped"] += 1
+                continue
+            img_h, img_w = self._images[ann["image_id"]]["size"]
+            x0, x1 = min(max(x, 0.0), img_w), min(max(x + w, 0.0), img_w)
+            y0, y1 = min(max(y, 0.0), img_h), min(max(y + h, 0.0), img_h)
+            if not (x1 > x0 and y1 > y0):
+                self.stats["zero_area_dropped"] += 1
+                continue
+            boxes, labels, iscrowd = per_image[ann["image_id"]]
+            boxes.append((x0, y0, x1, y1))
+            labels.append(label)
+            iscrowd.append(crowd)
+            self.stats["objects"] += 1
+        return {i: (np.asarray(b, np.float32).reshape(-1, 4), np.asarray(l, np.int32), np.asarray(c, bool))
+                for i, (b, l, c) in per_image.items()}
 
-  def _read_image(self, index: int) -> np.ndarray:
-    image_id = self.image_ids[index]
-    path = self.image_path(index)
-    try:
-      with Image.open(path) as im:
-        image = np.asarray(im.convert("RGB"))
-    except (OSError, ValueError, SyntaxError) as e:  # missing, truncated, not an image
-      raise ImageReadError(f"cannot read image file {path} (image id {image_id}): {e}") from None
-    expected = self._images[image_id]["size"]
-    if image.shape[:2] != expected:
-      raise ImageReadError(f"image file {path} (image id {image_id}) is {image.shape[0]}x{image.shape[1]} (h x w) "
-                           f"but {self.ann_file} says {expected[0]}x{expected[1]}")
-    return image
+    def __len__(self) -> int:
+        return len(self.image_ids)
 
-  def __getitem__(self, index: int) -> Dict:
-    index = int(index)
-    if not 0 <= index < len(self):
-      raise IndexError(f"index {index} out of range for {len(self)} images in {self.ann_file}")
-    for attempt in range(len(self)):
-      i = (index + attempt) % len(self)
-      try:
-        image = self._read_image(i)
-        break
-      except ImageReadError as e:
-        if not self.skip_bad_images:
-          raise
-        with self._lock:
-          if self.image_path(i) not in self._bad_files:
-            self._bad_files.add(self.image_path(i))
-            self.stats["bad_images_skipped"] = len(self._bad_files)
-            logger.warning("skipping bad image (replaced by the next readable one): %s", e)
-    else:
-      raise ImageReadError(f"no readable image in {self.image_dir} ({len(self)} tried)")
-    image_id = self.image_ids[i]
-    boxes, labels, iscrowd = self._objects[image_id]
-    return {"image": image, "boxes": boxes.copy(), "labels": labels.copy(), "image_id": image_id,
-            "orig_size": tuple(image.shape[:2]), "iscrowd": iscrowd.copy()}
+    def image_path(self, index: int) -> str:
+        """Path of the image file of example `index`."""
+        return os.path.join(self.image_dir, self._images[self.image_ids[index]]["file_name"])
+
+    def image_size(self, index: int) -> Tuple[int, int]:
+        """(h, w) of example `index` from the annotation file, without reading the image."""
+        return self._images[self.image_ids[index]]["size"]
+
+    def _read_image(self, index: int) -> np.ndarray:
+        image_id = self.image_ids[index]
+        path = self.image_path(index)
+        try:
+            with Image.open(path) as im:
+                image = np.asarray(im.convert("RGB"))
+        except (OSError, ValueError, SyntaxError) as e:  # missing, truncated, not an image
+            raise ImageReadError(f"cannot read image file {path} (image id {image_id}): {e}") from None
+        expected = self._images[image_id]["size"]
+        if image.shape[:2] != expected:
+            raise ImageReadError(f"image file {path} (image id {image_id}) is {image.shape[0]}x{image.shape[1]} "
+                                 f"(h x w) but {self.ann_file} says {expected[0]}x{expected[1]}")
+        return image
+
+    def __getitem__(self, index: int) -> Dict:
+        index = int(index)
+        if not 0 <= index < len(self):
+            raise IndexError(f"index {index} out of range for {len(self)} images in {self.ann_file}")
+        for attempt in range(len(self)):
+            i = (index + attempt) % len(self)
+            try:
+                image = self._read_image(i)
+                break
+            except ImageReadError as e:
+                if not self.skip_bad_images:
+                    raise
+                with self._lock:
+                    if self.image_path(i) not in self._bad_files:
+                        self._bad_files.add(self.image_path(i))
+                        self.stats["bad_images_skipped"] = len(self._bad_files)
+                        logger.warning("skipping bad image (replaced by the next readable one): %s", e)
+        else:
+            raise ImageReadError(f"no readable image in {self.image_dir} ({len(self)} tried)")
+        image_id = self.image_ids[i]
+        boxes, labels, iscrowd = self._objects[image_id]
+        return {"image": image, "boxes": boxes.copy(), "labels": labels.copy(), "image_id": image_id,
+                "orig_size": tuple(image.shape[:2]), "iscrowd": iscrowd.copy()}

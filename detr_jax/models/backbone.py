@@ -62,14 +62,15 @@ class BasicBlock(nn.Module):
     dtype: jnp.dtype = jnp.float32
 
     @nn.compact
-    def __call__(self, x):  # [B, H, W, Cin] -> [B, H/s, W/s, planes]
+    def __call__(self, x, pixel_mask=None):  # [B, H, W, Cin] -> [B, H/s, W/s, planes]
         identity = x
         out = nn.relu(FrozenBatchNorm(name="bn1")(_conv(self.planes, 3, self.stride, name="conv1", dtype=self.dtype)(x)))
+        out = mask_padding(out, pixel_mask)
         out = FrozenBatchNorm(name="bn2")(_conv(self.planes, 3, name="conv2", dtype=self.dtype)(out))
         if self.downsample:
             identity = FrozenBatchNorm(name="downsample_bn")(
                     _conv(self.planes, 1, self.stride, name="downsample_conv", dtype=self.dtype)(x))
-        return nn.relu(out + identity)
+        return mask_padding(nn.relu(out + identity), pixel_mask)
 
 
 class Bottleneck(nn.Module):
@@ -80,17 +81,19 @@ class Bottleneck(nn.Module):
     dtype: jnp.dtype = jnp.float32
 
     @nn.compact
-    def __call__(self, x):  # [B, H, W, Cin] -> [B, H/s, W/s, 4 * planes]
+    def __call__(self, x, pixel_mask=None):  # [B, H, W, Cin] -> [B, H/s, W/s, 4 * planes]
         identity = x
         out = nn.relu(FrozenBatchNorm(name="bn1")(_conv(self.planes, 1, name="conv1", dtype=self.dtype)(x)))
+        out = mask_padding(out, pixel_mask)
         # v1.5: the stride sits on the 3x3 conv, not on the first 1x1.
         out = nn.relu(FrozenBatchNorm(name="bn2")(
                 _conv(self.planes, 3, self.stride, self.dilation, name="conv2", dtype=self.dtype)(out)))
+        out = mask_padding(out, pixel_mask)
         out = FrozenBatchNorm(name="bn3")(_conv(self.planes * 4, 1, name="conv3", dtype=self.dtype)(out))
         if self.downsample:
             identity = FrozenBatchNorm(name="downsample_bn")(
                     _conv(self.planes * 4, 1, self.stride, name="downsample_conv", dtype=self.dtype)(x))
-        return nn.relu(out + identity)
+        return mask_padding(nn.relu(out + identity), pixel_mask)
 
 
 class ResNet(nn.Module):
@@ -106,7 +109,7 @@ class ResNet(nn.Module):
     dtype: jnp.dtype = jnp.float32
 
     @nn.compact
-    def __call__(self, x):  # [B, H, W, 3] -> [B, H/32, W/32, C] (H/16 with dilation)
+    def __call__(self, x, pixel_mask=None):  # [B, H, W, 3], bool [B, H, W] -> [B, H/32, W/32, C] (/16 with dilation)
         if self.depth not in RESNET_SPECS:
             raise ValueError(f"ResNet depth must be one of {sorted(RESNET_SPECS)}, got depth={self.depth}")
         kind, stages = RESNET_SPECS[self.depth]
@@ -117,8 +120,9 @@ class ResNet(nn.Module):
         expansion = 1 if kind == "basic" else 4
 
         x = _conv(64, 7, 2, name="conv1", dtype=self.dtype)(x)
-        x = nn.relu(FrozenBatchNorm(name="bn1")(x))
-        x = nn.max_pool(x, (3, 3), strides=(2, 2), padding=[(1, 1), (1, 1)])
+        x = mask_padding(nn.relu(FrozenBatchNorm(name="bn1")(x)), pixel_mask)
+        # Activations are >= 0 here, so the zeros of masked padding never win the max (like -inf padding).
+        x = mask_padding(nn.max_pool(x, (3, 3), strides=(2, 2), padding=[(1, 1), (1, 1)]), pixel_mask)
 
         in_channels, current_dilation = 64, 1
         for i, (num_blocks, planes) in enumerate(zip(stages, (64, 128, 256, 512))):
@@ -135,9 +139,16 @@ class ResNet(nn.Module):
                         dilation=previous_dilation if first else current_dilation,
                         downsample=first and (stride != 1 or in_channels != planes * expansion),
                         dtype=self.dtype,
-                        name=f"layer{i + 1}_{j}")(x)
+                        name=f"layer{i + 1}_{j}")(x, pixel_mask)
                 in_channels = planes * expansion
         return x
+
+
+def mask_padding(x, pixel_mask):
+    """Zero `x` [B, h, w, C] where the padding mask (bool [B, H, W], True on real pixels) is padding; no-op for None."""
+    if pixel_mask is None:
+        return x
+    return x * downsample_mask(pixel_mask, x.shape[1:3])[..., None].astype(x.dtype)
 
 
 def downsample_mask(pixel_mask, out_hw: Sequence[int]):

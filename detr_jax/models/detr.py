@@ -55,6 +55,8 @@ class DETR(nn.Module):
     dilation: bool = False
     position_embedding: str = "sine"
     aux_loss: bool = True
+    # True: padding does not change any image's outputs (see ResNet); False: the official behaviour.
+    padding_invariant: bool = False
     dtype: Any = jnp.float32
 
     @nn.compact
@@ -73,7 +75,8 @@ class DETR(nn.Module):
         """
         if pixel_mask is None:
             pixel_mask = jnp.ones(images.shape[:3], bool)
-        features = ResNet(self.backbone_depth, self.dilation, self.dtype, name="backbone")(images.astype(self.dtype))
+        features = ResNet(self.backbone_depth, self.dilation, self.dtype, name="backbone")(
+            images.astype(self.dtype), pixel_mask if self.padding_invariant else None)
         b, h, w, c = features.shape
         mask = downsample_mask(pixel_mask, (h, w))  # bool [B, h, w]
         if self.position_embedding == "sine":

@@ -1,0 +1,101 @@
+"""Evaluation: official post-processing, COCO metrics plumbing, and independence from batch size / padding."""
+
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from detr_jax.data import SyntheticDetection
+from detr_jax.evaluate import Evaluator, coco_ground_truth, coco_metrics, postprocess, to_coco_results
+from detr_jax.sharding import make_mesh
+
+torch = pytest.importorskip("torch")
+
+TINY_CONFIG = os.path.join(os.path.dirname(__file__), "configs", "tiny.py")
+
+
+def _official_postprocess(out_logits, out_bbox, target_sizes):
+    """models/detr.py PostProcess.forward, transcribed."""
+    prob = torch.nn.functional.softmax(out_logits, -1)
+    scores, labels = prob[..., :-1].max(-1)
+    x_c, y_c, w, h = out_bbox.unbind(-1)
+    boxes = torch.stack([x_c - 0.5 * w, y_c - 0.5 * h, x_c + 0.5 * w, y_c + 0.5 * h], dim=-1)
+    img_h, img_w = target_sizes.unbind(1)
+    scale_fct = torch.stack([img_w, img_h, img_w, img_h], dim=1)
+    return scores, labels, boxes * scale_fct[:, None, :]
+
+
+def test_postprocess_equals_official():
+    rng = np.random.default_rng(0)
+    logits = rng.standard_normal((3, 7, 6)).astype(np.float32)
+    boxes = rng.uniform(0.1, 0.6, (3, 7, 4)).astype(np.float32)
+    sizes = np.array([[480, 640], [333, 500], [100, 90]], np.int32)
+    ref = _official_postprocess(torch.from_numpy(logits), torch.from_numpy(boxes), torch.from_numpy(sizes).float())
+    ours = postprocess(jnp.asarray(logits), jnp.asarray(boxes), jnp.asarray(sizes))
+    for a, b in zip(ours, ref):
+        np.testing.assert_allclose(np.asarray(a), b.numpy(), rtol=1e-6, atol=1e-4)
+    top = postprocess(jnp.asarray(logits), jnp.asarray(boxes), jnp.asarray(sizes), top_k=3)
+    np.testing.assert_allclose(np.asarray(top[0]), np.sort(ref[0].numpy(), axis=1)[:, ::-1][:, :3], rtol=1e-6)
+
+
+def test_coco_metrics_of_ground_truth_and_of_shifted_boxes():
+    source = SyntheticDetection("val", num_examples=6, image_size=(64, 80), seed=3)
+    gt = coco_ground_truth(source, source.category_ids, source.class_names)
+    perfect = [dict(image_id=a["image_id"], category_id=a["category_id"], bbox=a["bbox"], score=1.0)
+               for a in gt["annotations"]]
+    assert coco_metrics(gt, perfect)["AP"] == pytest.approx(1.0)
+    # Shifting every box by 60% of its width drops IoU below 0.5: AP50 falls to zero.
+    shifted = [dict(p, bbox=[p["bbox"][0] + 0.6 * p["bbox"][2]] + p["bbox"][1:]) for p in perfect]
+    assert coco_metrics(gt, shifted)["AP50"] == pytest.approx(0.0)
+    wrong_class = [dict(p, category_id=p["category_id"] % 5 + 1) for p in perfect]
+    assert coco_metrics(gt, wrong_class)["AP"] == pytest.approx(0.0)
+    assert coco_metrics(gt, [])["AP"] == 0.0
+
+
+def test_to_coco_results_skips_padding_images_and_converts_boxes():
+    results = to_coco_results(np.array([5, -1]), np.array([[0.9], [0.8]]), np.array([[1], [0]]),
+                              np.array([[[10., 20., 30., 60.]], [[0., 0., 1., 1.]]]), category_ids=[7, 9])
+    assert results == [dict(image_id=5, category_id=9, bbox=[10.0, 20.0, 20.0, 40.0], score=0.9)]
+
+
+def _tiny_config(eval_batch_size):
+    from ml_collections import config_flags  # noqa: F401  (the config file imports ml_collections)
+    import importlib.util
+    spec = importlib.util.spec_from_file_location("tiny_config", TINY_CONFIG)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    config = module.get_config()
+    # Images of several sizes, so that batches of 4 pad most of their images.
+    config.data.source_kwargs.image_size = ((64, 64), (40, 64), (64, 48), (36, 52))
+    config.data.val_kwargs.num_examples = 8
+    config.data.eval_size = 64
+    config.eval_batch_size = eval_batch_size
+    return config
+
+
+def test_predictions_do_not_depend_on_batch_size_or_padding(tmp_path):
+    from detr_jax.train import build_model
+
+    mesh = make_mesh()
+    config1 = _tiny_config(1)
+    model = build_model(config1)
+    variables = jax.jit(model.init)(jax.random.PRNGKey(0), jnp.zeros((1, 64, 64, 3)))
+    state = {"params": variables["params"], "frozen": variables["frozen"]}
+    one = Evaluator(config1, model, mesh).predict(state["params"], state["frozen"])
+    four = Evaluator(_tiny_config(4), model, mesh).predict(state["params"], state["frozen"])
+    # Both lists are in (image, query) order: the evaluation loader does not shuffle.
+    assert [r["image_id"] for r in one] == [r["image_id"] for r in four]
+    assert len(one) == len(four) == 8 * config1.model.num_queries
+    np.testing.assert_allclose([r["score"] for r in one], [r["score"] for r in four], atol=1e-5)
+    np.testing.assert_allclose([r["bbox"] for r in one], [r["bbox"] for r in four], atol=1e-3)
+    evaluator = Evaluator(config1, model, mesh)
+    metrics1 = coco_metrics(evaluator.ground_truth, one)
+    metrics4 = coco_metrics(evaluator.ground_truth, four)
+    assert metrics1 == pytest.approx(metrics4, abs=1e-6)
+    # Without the padding-invariant backbone (the official behaviour) batching changes the predictions.
+    config4 = _tiny_config(4)
+    config4.eval_padding_invariant = False
+    leaky = Evaluator(config4, model, mesh).predict(state["params"], state["frozen"])
+    assert np.abs(np.array([r["score"] for r in leaky]) - [r["score"] for r in one]).max() > 1e-4
