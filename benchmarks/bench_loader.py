@@ -114,12 +114,15 @@ def main():
     lines.append(f"Train buckets for global batch 1 (h, w): {train_b1[6]}")
     lines.append("")
 
+    load_before = os.getloadavg()[0]
     stages = time_stages()
     lines.append("Single-thread cost per 640x480 image: " + ", ".join(f"{k} {v:.1f} ms" for k, v in stages.items()))
     for workers in (1, 2):
         rate, n_shapes = loader_throughput(args.batch_size, workers, args.num_batches)
         lines.append(f"Loader, official train recipe, 640x480 synthetic, batch {args.batch_size}, {workers} worker(s): "
                      f"{rate:.1f} images/s ({n_shapes} distinct batch shapes in {args.num_batches} batches)")
+    lines.append(f"(1-min load average {load_before:.1f} before, {os.getloadavg()[0]:.1f} after the timing: other "
+                 f"processes on the host slow these rates down.)")
     text = "\n".join(lines)
     print(text)
     if not args.no_append:

@@ -2,8 +2,8 @@
 
 HF's DETR computes the official model (with `auxiliary_loss=False`, see `load_hf_detr`) under other names:
 q/k/v projections are separate Linears (the official fuses them into `in_proj_weight` [3D, D], rows q, k, v),
-layer norms are named by their role (`self_attn_layer_norm` ...), and its own ResNet (`ResNetBackbone`) calls
-a torchvision `layer2.0.conv1` `encoder.stages.1.layers.0.layer.0.convolution`. Renaming to the official keys
+layer norms are named by their role (`self_attn_layer_norm` ...), and its own ResNet (`ResNetBackbone`) names
+torchvision's `layer2.0.conv1` `encoder.stages.1.layers.0.layer.0.convolution`. Renaming to the official keys
 lets `detr_jax.convert` do the rest (layouts, config inference, the shape check).
 
 Accepted layouts: transformers 5.x (`o_proj`, `mlp.fc1`) and the 4.x names of hub checkpoints (`out_proj`,
@@ -24,17 +24,17 @@ from detr_jax.models.detr import DETR
 _BACKBONE_PREFIX = re.compile(r"model\.backbone\.(?:conv_encoder\.)?model\.")
 _LAYER_KEY = re.compile(r"model\.(encoder|decoder)\.layers\.(\d+)\.(.+)")
 _NORMS = {  # HF layer-norm role -> official name, per stack
-        "encoder": {"self_attn_layer_norm": "norm1", "final_layer_norm": "norm2"},
-        "decoder": {"self_attn_layer_norm": "norm1", "encoder_attn_layer_norm": "norm2", "final_layer_norm": "norm3"},
+    "encoder": {"self_attn_layer_norm": "norm1", "final_layer_norm": "norm2"},
+    "decoder": {"self_attn_layer_norm": "norm1", "encoder_attn_layer_norm": "norm2", "final_layer_norm": "norm3"},
 }
 _TOP_LEVEL = [  # (HF pattern, official template) for keys outside the backbone and the layer stacks
-        (r"model\.(?:backbone\.)?position_embedding\.row_embeddings\.weight", "backbone.1.row_embed.weight"),
-        (r"model\.(?:backbone\.)?position_embedding\.column_embeddings\.weight", "backbone.1.col_embed.weight"),
-        (r"model\.query_position_embeddings\.weight", "query_embed.weight"),
-        (r"model\.input_projection\.(weight|bias)", r"input_proj.\1"),
-        (r"model\.decoder\.layernorm\.(weight|bias)", r"transformer.decoder.norm.\1"),
-        (r"class_labels_classifier\.(weight|bias)", r"class_embed.\1"),
-        (r"bbox_predictor\.layers\.(\d+)\.(weight|bias)", r"bbox_embed.layers.\1.\2"),
+    (r"model\.(?:backbone\.)?position_embedding\.row_embeddings\.weight", "backbone.1.row_embed.weight"),
+    (r"model\.(?:backbone\.)?position_embedding\.column_embeddings\.weight", "backbone.1.col_embed.weight"),
+    (r"model\.query_position_embeddings\.weight", "query_embed.weight"),
+    (r"model\.input_projection\.(weight|bias)", r"input_proj.\1"),
+    (r"model\.decoder\.layernorm\.(weight|bias)", r"transformer.decoder.norm.\1"),
+    (r"class_labels_classifier\.(weight|bias)", r"class_embed.\1"),
+    (r"bbox_predictor\.layers\.(\d+)\.(weight|bias)", r"bbox_embed.layers.\1.\2"),
 ]
 
 
@@ -57,8 +57,9 @@ def _backbone_name(rest: str) -> Optional[str]:
 
 def _layer_name(stack: str, rest: str) -> Optional[Tuple[str, Optional[int]]]:
     """A key inside `model.{stack}.layers.N.` -> (official suffix, q/k/v index or None); None if unknown."""
-    attn_names = {"self_attn": "self_attn", "encoder_attn": "multihead_attn"} if stack == "decoder" else {
-            "self_attn": "self_attn"}
+    attn_names = {"self_attn": "self_attn"}
+    if stack == "decoder":
+        attn_names["encoder_attn"] = "multihead_attn"
     if (m := re.fullmatch(r"(\w+)\.([qkv])_proj\.(weight|bias)", rest)) and m[1] in attn_names:
         return f"{attn_names[m[1]]}.in_proj_{m[3]}", "qkv".index(m[2])
     if (m := re.fullmatch(r"(\w+)\.(?:o_proj|out_proj)\.(weight|bias)", rest)) and m[1] in attn_names:
@@ -112,12 +113,12 @@ def hf_state_dict_to_official(state_dict: Mapping[str, Any]) -> Dict[str, np.nda
         else:
             qkv_parts.setdefault(name, {})[part] = _to_numpy(value)
     if unknown:
-        raise ValueError(f"not HF DetrForObjectDetection keys (no official DETR name): {unknown[:8]}"
-                                          + (f" ... ({len(unknown)} in all)" if len(unknown) > 8 else ""))
+        more = f" ... ({len(unknown)} in all)" if len(unknown) > 8 else ""
+        raise ValueError(f"not HF DetrForObjectDetection keys (no official DETR name): {unknown[:8]}{more}")
     for name, parts in qkv_parts.items():
         if sorted(parts) != [0, 1, 2]:
-            raise ValueError(f"{name}: the HF state dict lacks the {[p for p in 'qkv' if 'qkv'.index(p) not in parts]} "
-                                              "projection(s) to fuse")
+            missing = [p for i, p in enumerate("qkv") if i not in parts]
+            raise ValueError(f"{name}: the HF state dict lacks the {missing} projection(s) to fuse")
         official[name] = np.concatenate([parts[0], parts[1], parts[2]], axis=0)
     return official
 
@@ -129,38 +130,38 @@ def _config_from_hf(hf_config) -> Dict[str, Any]:
     """
     if hf_config.encoder_attention_heads != hf_config.decoder_attention_heads:
         raise ValueError(f"DetrConfig.encoder_attention_heads={hf_config.encoder_attention_heads} != "
-                                          f"decoder_attention_heads={hf_config.decoder_attention_heads}: our DETR has one num_heads")
+                         f"decoder_attention_heads={hf_config.decoder_attention_heads}: our DETR has one num_heads")
     if hf_config.encoder_ffn_dim != hf_config.decoder_ffn_dim:
         raise ValueError(f"DetrConfig.encoder_ffn_dim={hf_config.encoder_ffn_dim} != decoder_ffn_dim="
-                                          f"{hf_config.decoder_ffn_dim}: our DETR has one dim_feedforward")
+                         f"{hf_config.decoder_ffn_dim}: our DETR has one dim_feedforward")
     if hf_config.activation_function != "relu":
         raise ValueError(f"DetrConfig.activation_function={hf_config.activation_function!r}: DETR uses 'relu'")
     if hf_config.auxiliary_loss:
         # HF's decoder then feeds each layer the *normalised* output of the previous one (and normalises the last
         # twice), so its forward is no longer the official DETR's; the converted model computes the official one.
-        warnings.warn("DetrConfig.auxiliary_loss=True: HF's decoder then differs from the official DETR (normalised "
-                                    "states fed forward); the converted model follows the official DETR and matches HF with "
-                                    "auxiliary_loss=False")
+        warnings.warn("DetrConfig.auxiliary_loss=True: HF's decoder then differs from the official DETR "
+                      "(normalised states fed forward); the converted model follows the official DETR and "
+                      "matches HF with auxiliary_loss=False")
     backbone = hf_config.backbone_config
     if backbone.model_type == "resnet":
-        expected = dict(hidden_act="relu", embedding_size=64, downsample_in_first_stage=False,
-                                        downsample_in_bottleneck=False)
+        expected = {"hidden_act": "relu", "embedding_size": 64, "downsample_in_first_stage": False,
+                    "downsample_in_bottleneck": False}
         for field, value in expected.items():
             if getattr(backbone, field) != value:
                 raise ValueError(f"ResNetConfig.{field}={getattr(backbone, field)!r}: the torchvision ResNet of "
-                                                  f"DETR needs {value!r}")
+                                 f"DETR needs {value!r}")
         if hf_config.dilation:
             # HF's own ResNet has no dilation: `DetrConfig.dilation` is then ignored and the HF model has output
             # stride 32. Follow what HF computes.
             warnings.warn("DetrConfig.dilation=True is ignored by HF with its own ResNet backbone (only timm "
-                                        "dilates); converting as undilated, as the HF model runs")
+                          "dilates); converting as undilated, as the HF model runs")
         dilation = False
     elif backbone.model_type == "timm_backbone":
         dilation = bool(hf_config.dilation)
     else:
         raise ValueError(f"DetrConfig.backbone_config.model_type={backbone.model_type!r}: only ResNet backbones "
-                                          "('resnet' or 'timm_backbone') convert")
-    return dict(num_heads=hf_config.encoder_attention_heads, dilation=dilation)
+                         "('resnet' or 'timm_backbone') convert")
+    return {"num_heads": hf_config.encoder_attention_heads, "dilation": dilation}
 
 
 def load_hf_detr(model_or_state_dict, **overrides):

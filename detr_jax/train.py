@@ -359,7 +359,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Dict[
                 metric_logger.write(step, last_metrics, _progress(step, total_steps, last_metrics, now - t_start,
                                                                   start_step))
                 t_log, images_since_log = now, 0
-            if manager.should_save(step) and step != total_steps:
+            if step % config.checkpoint_every == 0 and step != total_steps:
                 _check_finite(state, manager)
                 save_checkpoint(manager, step, state, train_loader, config)
             if evaluator is not None and config.get("eval_every", 0) and step % config.eval_every == 0 \

@@ -4,6 +4,7 @@ import numpy as np
 import pytest
 from pycocotools.coco import COCO
 
+from detr_jax.data import build_source
 from detr_jax.data.synthetic import CLASS_NAMES, SyntheticDetection, write_coco_folder
 
 
@@ -97,3 +98,10 @@ def test_coco_export_reads_in_pycocotools(tmp_path):
         xywh = np.array([a["bbox"] for a in anns], np.float32)
         np.testing.assert_array_equal(np.concatenate([xywh[:, :2], xywh[:, :2] + xywh[:, 2:]], 1), ex["boxes"])
         assert [a["category_id"] - 1 for a in anns] == ex["labels"].tolist()
+
+
+def test_build_source_factory():
+    ds = build_source("synthetic", split="val", num_examples=2, image_size=(32, 32), seed=5)
+    np.testing.assert_array_equal(ds[1]["image"], SyntheticDetection("val", 2, (32, 32), seed=5)[1]["image"])
+    with pytest.raises(ValueError, match="unknown data source 'imagenet'"):
+        build_source("imagenet")

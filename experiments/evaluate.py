@@ -1,0 +1,58 @@
+"""COCO metrics of a checkpoint: `python experiments/evaluate.py --config CONFIG --checkpoint CKPT`.
+
+CKPT is a detr_jax training work directory (its latest checkpoint) or an official DETR .pth (its architecture
+is read from the weights; the config gives the data). Prints AP, AP50, AP75, ... and writes the COCO results
+JSON into --out so anyone can re-score it.
+"""
+
+import json
+import logging
+import os
+import sys
+
+from absl import app, flags
+from ml_collections import config_flags
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # run from a checkout
+
+_CONFIG = config_flags.DEFINE_config_file(
+    "config", os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs", "default.py"),
+    "Config giving the evaluation data (and the model, for a work directory without config.json).")
+_CHECKPOINT = flags.DEFINE_string("checkpoint", None, "Training work directory or official .pth.", required=True)
+_OUT = flags.DEFINE_string("out", None, "Where to write results.json and metrics.json (default: beside the checkpoint).")
+_DILATION = flags.DEFINE_bool("dilation", False, "The official checkpoint is a DC5 model.")
+
+
+def main(argv):
+    del argv
+    logging.getLogger("detr_jax").setLevel(logging.INFO)
+    from detr_jax.evaluate import Evaluator, coco_metrics
+    from detr_jax.inference import load_workdir_checkpoint
+    from detr_jax.sharding import make_mesh
+
+    config = _CONFIG.value
+    path = _CHECKPOINT.value
+    try:
+        if os.path.isdir(path):
+            _, model, variables = load_workdir_checkpoint(path)
+        elif os.path.isfile(path):
+            from detr_jax.convert import load_official_checkpoint
+            model, variables = load_official_checkpoint(path, dilation=_DILATION.value)
+        else:
+            raise FileNotFoundError(f"checkpoint not found: {path}")
+    except (FileNotFoundError, ValueError, ImportError) as e:
+        sys.exit(f"error: {e}")
+    evaluator = Evaluator(config, model, make_mesh())
+    results = evaluator.predict(variables["params"], variables["frozen"])
+    metrics = coco_metrics(evaluator.ground_truth, results)
+    out = _OUT.value or (path if os.path.isdir(path) else os.path.dirname(os.path.abspath(path)))
+    os.makedirs(out, exist_ok=True)
+    with open(os.path.join(out, "results.json"), "w") as f:
+        json.dump(results, f)
+    with open(os.path.join(out, "metrics.json"), "w") as f:
+        json.dump(metrics, f, indent=1)
+    print(" ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
+
+
+if __name__ == "__main__":
+    app.run(main)
