@@ -91,7 +91,7 @@ class Predictor:
             from detr_jax.data import build_source
 
             d = config.data
-            source = build_source(d.source, **dict(d.get("val_kwargs", {}), **d.source_kwargs))
+            source = build_source(d.source, **dict(d.source_kwargs, **d.get("val_kwargs", {})))
             names = getattr(source, "class_names", [str(i) for i in range(model.num_classes)])
             kwargs.setdefault("size", d.eval_size)
             kwargs.setdefault("max_size", d.max_size)

@@ -47,7 +47,8 @@ def build_data(config: ml_collections.ConfigDict, split: str, *, train: bool, pr
                process_count: int = 1, batch_size: Optional[int] = None) -> Loader:
     """The loader of `split` for this process: train augmentation and shuffling when `train`."""
     d = config.data
-    source = build_source(d.source, **dict(d.get(f"{split}_kwargs", {}).to_dict(), **d.source_kwargs.to_dict()))
+    # The split's own kwargs (e.g. its image_dir) override the shared ones.
+    source = build_source(d.source, **dict(d.source_kwargs.to_dict(), **d.get(f"{split}_kwargs", {}).to_dict()))
     if train:
         transforms = make_train_transforms(tuple(d.train_scales), d.max_size, tuple(d.crop_resize_scales),
                                            tuple(d.crop_size))

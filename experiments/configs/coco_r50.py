@@ -1,0 +1,57 @@
+"""The official DETR-R50 recipe on COCO 2017 (TFDS `coco/2017`): 300 epochs, 42.0 AP in the paper.
+
+  python experiments/train.py --config experiments/configs/coco_r50.py --workdir gs://bucket/detr_r50
+
+Global batch 64 (the paper: 16 V100 x 4), AdamW lr 1e-4, backbone 1e-5, weight decay 1e-4, grad-norm clip 0.1,
+lr x0.1 at epoch 200, aux losses, 100 queries. The backbone starts from torchvision's ImageNet ResNet-50
+(set config.init.backbone_checkpoint to resnet50-0676ba61.pth). Needs tensorflow-cpu + tensorflow-datasets and the
+prepared TFDS data (see the README). About 3 days on 16 V100s for the official code.
+"""
+
+import ml_collections
+
+from detr_jax.data.transforms import COCO_TRAIN_SCALES
+
+COCO_BUCKETS = None  # filled by get_config from the recipe simulation (batching.recipe_buckets)
+
+
+def get_config(arg: str = ""):
+    config = ml_collections.ConfigDict()
+    config.seed = 42
+    config.batch_size = 64
+    config.eval_batch_size = 64
+    config.num_steps = 0
+    config.num_epochs = 300
+    config.log_every = 100
+    config.checkpoint_every = 2000
+    config.keep_checkpoints = 3
+    config.eval_every = 20000
+    config.eval_at_end = True
+    config.eval_top_k = None
+    config.half_precision = False
+
+    config.model = ml_collections.ConfigDict(dict(
+        num_classes=91, num_queries=100, hidden_dim=256, num_heads=8, num_encoder_layers=6, num_decoder_layers=6,
+        dim_feedforward=2048, dropout=0.1, pre_norm=False, backbone_depth=50, dilation=False,
+        position_embedding="sine", aux_loss=True))
+
+    config.data = ml_collections.ConfigDict(dict(
+        source="tfds",
+        source_kwargs=dict(label_space="official91"),
+        train_kwargs=dict(split="train"),
+        val_kwargs=dict(split="validation"),
+        train_scales=tuple(COCO_TRAIN_SCALES), max_size=1333, crop_resize_scales=(400, 500, 600),
+        crop_size=(384, 600), eval_size=800,
+        buckets=None,  # None: pad each batch to its size rounded up to 32 (single process); see README
+        max_objects=100, num_workers=8))
+
+    config.loss = ml_collections.ConfigDict(dict(
+        eos_coef=0.1, cost_class=1.0, cost_bbox=5.0, cost_giou=2.0, ce_loss_coef=1.0, bbox_loss_coef=5.0,
+        giou_loss_coef=2.0, bbox_loss_type="l1"))
+
+    config.optimizer = ml_collections.ConfigDict(dict(
+        lr=1e-4, lr_backbone=1e-5, weight_decay=1e-4, grad_clip=0.1, schedule="step", warmup_steps=0,
+        lr_drop_epochs=200, grad_accum_steps=1))
+
+    config.init = ml_collections.ConfigDict(dict(backbone_checkpoint="", detr_checkpoint="", reinit_class_head=False))
+    return config

@@ -1,0 +1,50 @@
+"""Every config in experiments/configs loads, builds its model, and names a known data source."""
+
+import glob
+import os
+import sys
+
+import jax
+import jax.numpy as jnp
+import pytest
+from ml_collections import config_flags  # noqa: F401
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, REPO)
+CONFIGS = sorted(glob.glob(os.path.join(REPO, "experiments", "configs", "*.py")))
+CONFIGS = [c for c in CONFIGS if not c.endswith("__init__.py")]
+
+
+def _load(path):
+    import importlib.util
+    spec = importlib.util.spec_from_file_location(os.path.basename(path)[:-3], path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.get_config()
+
+
+def test_the_required_configs_exist():
+    names = {os.path.basename(c)[:-3] for c in CONFIGS}
+    assert {"default", "coco_r50", "coco_r50_dc5", "coco_r101", "finetune_coco_folder"} <= names
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=lambda p: os.path.basename(p))
+def test_config_builds_its_model(path):
+    from detr_jax.data import SOURCES
+    from detr_jax.train import build_model
+
+    config = _load(path)
+    assert config.data.source in SOURCES
+    model = build_model(config)
+    out = jax.eval_shape(lambda: model.init_with_output(jax.random.PRNGKey(0), jnp.zeros((1, 64, 64, 3)))[0])
+    assert out["pred_logits"].shape == (1, config.model.num_queries, config.model.num_classes + 1)
+
+
+def test_official_recipe_values():
+    config = _load(os.path.join(REPO, "experiments", "configs", "coco_r50.py"))
+    opt = config.optimizer
+    assert (opt.lr, opt.lr_backbone, opt.weight_decay, opt.grad_clip, opt.lr_drop_epochs) == (1e-4, 1e-5, 1e-4, 0.1, 200)
+    assert (config.batch_size, config.num_epochs, config.model.num_queries, config.model.aux_loss) == (64, 300, 100, True)
+    assert _load(os.path.join(REPO, "experiments", "configs", "coco_r50_dc5.py")).model.dilation
+    assert _load(os.path.join(REPO, "experiments", "configs", "coco_r101.py")).model.backbone_depth == 101
+    assert _load(os.path.join(REPO, "experiments", "configs", "finetune_coco_folder.py")).init.reinit_class_head
