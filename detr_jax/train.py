@@ -23,7 +23,7 @@ import orbax.checkpoint as ocp
 from jax.sharding import PartitionSpec as P
 
 from detr_jax import sharding
-from detr_jax.data import Loader, build_source, make_eval_transforms, make_train_transforms
+from detr_jax.data import Loader, build_source, make_eval_transforms, make_train_transforms, recipe_buckets
 from detr_jax.losses import set_criterion
 from detr_jax.matcher import hungarian_match
 from detr_jax.models.detr import DETR, parameter_groups
@@ -57,10 +57,15 @@ def build_data(config: ml_collections.ConfigDict, split: str, *, train: bool, pr
     global_batch = batch_size or config.batch_size
     if global_batch % process_count:
         raise ValueError(f"batch_size {global_batch} must be divisible by the process count {process_count}")
+    group_by_size = int(d.get("group_by_size", 0)) if train else 0
+    buckets = d.get("buckets")
+    if buckets == "recipe":  # fitted to the simulated output sizes of this pipeline (see data/batching.py)
+        buckets = recipe_buckets(transforms, batch_size=global_batch, max_side=d.max_size, group_by_size=group_by_size)
+        logger.info("%s buckets for the %s recipe: %s", len(buckets), split, buckets)
     return Loader(source, transforms, global_batch // process_count, seed=config.seed, max_objects=d.max_objects,
-                  buckets=[tuple(b) for b in d.buckets] if d.get("buckets") else None, shuffle=train,
+                  buckets=[tuple(b) for b in buckets] if buckets else None, shuffle=train,
                   num_workers=d.num_workers, process_index=process_index, process_count=process_count,
-                  drop_remainder=train, num_epochs=None if train else 1)
+                  drop_remainder=train, num_epochs=None if train else 1, group_by_size=group_by_size)
 
 
 def learning_rate_schedule(base_lr: float, config: ml_collections.ConfigDict, total_steps: int,
@@ -297,7 +302,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Dict[
     steps_per_epoch = train_loader.batches_per_epoch
     total_steps = int(config.num_steps) if config.get("num_steps") else int(config.num_epochs * steps_per_epoch)
     model = build_model(config)
-    sample_hw = tuple(config.data.buckets[0]) if config.data.get("buckets") else (64, 64)
+    sample_hw = (64, 64)  # parameter shapes do not depend on the image size
     tx_holder = {}
 
     def make_state():

@@ -14,6 +14,10 @@ from detr_jax.data.loader import Loader
 from detr_jax.data.synthetic import SyntheticDetection, write_coco_folder
 from detr_jax.data.transforms import make_eval_transforms, make_train_transforms
 
+__all__ = ["AnnotationError", "CocoFolder", "ImageReadError", "Loader", "SyntheticDetection", "build_source",
+           "collate", "fit_buckets", "make_eval_transforms", "make_train_transforms", "recipe_buckets",
+           "simulate_output_sizes", "write_coco_folder"]
+
 SOURCES = ("synthetic", "coco_folder", "tfds")
 
 

@@ -44,6 +44,7 @@ PADDING_BOX = (0.5, 0.5, 1.0, 1.0)
 
 
 def round_up(value: int, stride: int) -> int:
+    """The smallest multiple of `stride` >= value."""
     return int(math.ceil(value / stride) * stride)
 
 
@@ -187,6 +188,7 @@ class BatchStats:
         self.unbucketed_batches = 0
 
     def as_dict(self) -> Dict[str, int]:
+        """{"objects_dropped", "images_with_dropped_objects", "unbucketed_batches"}."""
         return dict(objects_dropped=self.objects_dropped, images_with_dropped_objects=self.images_with_dropped_objects,
                     unbucketed_batches=self.unbucketed_batches)
 

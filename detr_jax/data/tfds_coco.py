@@ -113,6 +113,13 @@ def convert_record(record: Dict, label_map: np.ndarray, num_classes: int, keep_c
     tfds_labels = np.asarray(objects["label"], np.int64).reshape(-1)
     crowd = np.asarray(objects.get("is_crowd", np.zeros(len(tfds_labels), bool)), bool).reshape(-1)
     ann_ids = np.asarray(objects.get("id", np.full(len(tfds_labels), -1)), np.int64).reshape(-1)
+    lengths = {len(bbox), len(tfds_labels), len(crowd), len(ann_ids)}
+    if len(lengths) > 1:
+        # Real TFDS COCO records never disagree; tfds.testing.mock_data draws each field's length on its own.
+        n = min(lengths)
+        logger.warning("%s: image id %d has object fields of different lengths %s; keeping the first %d objects",
+                       where, image_id, sorted(lengths), n)
+        bbox, tfds_labels, crowd, ann_ids = bbox[:n], tfds_labels[:n], crowd[:n], ann_ids[:n]
     outside = (tfds_labels < 0) | (tfds_labels >= len(label_map))
     if np.any(outside):
         bad = int(np.flatnonzero(outside)[0])
