@@ -374,7 +374,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Dict[
                 metric_logger.write(step, eval_metrics, "eval " + " ".join(f"{k} {v:.4f}" for k, v in eval_metrics.items()))
                 t_log = time.time()
         _check_finite(state, manager)
-        save_checkpoint(manager, step, state, train_loader, config, force=True)
+        if manager.latest_step() != step:  # equal when a finished run is started again: orbax refuses a re-save
+            save_checkpoint(manager, step, state, train_loader, config, force=True)
         manager.wait_until_finished()
         if evaluator is not None and config.get("eval_at_end", True):
             final = evaluator.evaluate(state, workdir, step, draw=True)

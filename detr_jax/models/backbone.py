@@ -5,9 +5,10 @@ parameter names follow torchvision's ResNet so that official DETR and torchvisio
 one-to-one (see `detr_jax.convert`).
 """
 
-from typing import Sequence
+from typing import Any, Callable, Sequence
 
 import flax.linen as nn
+import jax
 import jax.numpy as jnp
 import numpy as np
 
@@ -47,11 +48,42 @@ class FrozenBatchNorm(nn.Module):
         return x * s.astype(x.dtype) + b.astype(x.dtype)
 
 
+_KAIMING_FAN_OUT = nn.initializers.variance_scaling(2.0, "fan_out", "normal")
+
+
+class Conv1x1(nn.Module):
+    """A bias-free 1x1 convolution (stride s: every s-th pixel) computed as a matrix product over channels.
+
+    Same parameter as `nn.Conv` ("kernel" [1, 1, Cin, Cout], same initialisation) and the same outputs; only the
+    formulation differs, for speed: XLA:CPU turns the weight gradient of a 1x1 `nn.Conv` into a convolution whose
+    window is the whole feature map with the batch as its feature dimension (3-5x slower than the forward), while
+    the gradient of a matrix product is one GEMM. See BENCHMARKS.md (CPU optimisation sweep).
+    """
+    features: int
+    stride: int = 1
+    dtype: Any = jnp.float32
+    kernel_init: Callable = _KAIMING_FAN_OUT
+
+    @nn.compact
+    def __call__(self, x):  # [B, H, W, Cin] -> [B, ceil(H / s), ceil(W / s), features]
+        kernel = self.param("kernel", self.kernel_init, (1, 1, x.shape[-1], self.features), jnp.float32)
+        x, kernel = nn.dtypes.promote_dtype(x, kernel, dtype=self.dtype)
+        if self.stride > 1:
+            x = x[:, ::self.stride, ::self.stride]
+        # One [B*H*W, Cin] x [Cin, Cout] product. Flattened first: the weight gradient is then a 2-D product
+        # contracting the leading axis of both operands, which XLA:CPU runs without transposing them (with the 4-D
+        # dot_general it materialises a transposed copy of the gradient, fused with the batch-norm backward).
+        y = jnp.dot(x.reshape(-1, x.shape[-1]), kernel[0, 0])
+        return y.reshape(x.shape[:-1] + (self.features,))
+
+
 def _conv(features, kernel, stride=1, dilation=1, name=None, dtype=jnp.float32):
+    if kernel == 1:
+        return Conv1x1(features, stride, dtype, name=name)
     pad = dilation * (kernel // 2)  # torchvision: padding = dilation for 3x3, 3 for the 7x7 stem
     return nn.Conv(features, (kernel, kernel), strides=(stride, stride), padding=[(pad, pad), (pad, pad)],
                                   kernel_dilation=(dilation, dilation), use_bias=False, name=name, dtype=dtype,
-                                  kernel_init=nn.initializers.variance_scaling(2.0, "fan_out", "normal"))
+                                  kernel_init=_KAIMING_FAN_OUT)
 
 
 class BasicBlock(nn.Module):
@@ -103,10 +135,15 @@ class ResNet(nn.Module):
         depth: 18, 34, 50, 101 (or 152).
         dilation: DC5, replace the stride of the last stage by a dilation of 2 (bottleneck depths only),
             as torchvision's `replace_stride_with_dilation=[False, False, True]`.
+        freeze_stem_and_layer1: no gradient flows into the stem and stage 1 (a `stop_gradient` on the output of
+            stage 1), as in the official DETR, whose backbone has `requires_grad=False` there; DETR sets it, and
+            `parameter_groups` never updates those parameters anyway. Saves their backward pass, the costliest
+            part of the backbone's (the largest feature maps).
     """
     depth: int = 50
     dilation: bool = False
     dtype: jnp.dtype = jnp.float32
+    freeze_stem_and_layer1: bool = False
 
     @nn.compact
     def __call__(self, x, pixel_mask=None):  # [B, H, W, 3], bool [B, H, W] -> [B, H/32, W/32, C] (/16 with dilation)
@@ -141,6 +178,8 @@ class ResNet(nn.Module):
                         dtype=self.dtype,
                         name=f"layer{i + 1}_{j}")(x, pixel_mask)
                 in_channels = planes * expansion
+            if i == 0 and self.freeze_stem_and_layer1:
+                x = jax.lax.stop_gradient(x)
         return x
 
 

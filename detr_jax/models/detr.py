@@ -9,7 +9,7 @@ import jax.numpy as jnp
 
 from detr_jax.models.backbone import ResNet, downsample_mask
 from detr_jax.models.position_encoding import LearnedPositionEncoding, sine_position_encoding
-from detr_jax.models.transformer import Transformer, torch_default_bias_init, torch_linear
+from detr_jax.models.transformer import Transformer, dense_2d, torch_default_bias_init, torch_linear
 
 # torch's default init for Linear/Conv weights (kaiming_uniform with a=sqrt(5)) is U(+-1/sqrt(fan_in)).
 torch_default_kernel_init = nn.initializers.variance_scaling(1 / 3, "fan_in", "uniform")
@@ -27,8 +27,8 @@ class MLP(nn.Module):
         for i in range(self.num_layers):
             fan_in = x.shape[-1]
             last = i == self.num_layers - 1
-            x = torch_linear(self.output_dim if last else self.hidden_dim, fan_in, f"layers_{i}", self.dtype,
-                                              xavier_weight=False)(x)
+            x = dense_2d(torch_linear(self.output_dim if last else self.hidden_dim, fan_in, f"layers_{i}", self.dtype,
+                                      xavier_weight=False), x)
             if not last:
                 x = nn.relu(x)
         return x
@@ -75,7 +75,8 @@ class DETR(nn.Module):
         """
         if pixel_mask is None:
             pixel_mask = jnp.ones(images.shape[:3], bool)
-        features = ResNet(self.backbone_depth, self.dilation, self.dtype, name="backbone")(
+        # The stem and stage 1 are frozen as in the official DETR (see `parameter_groups`): no gradient into them.
+        features = ResNet(self.backbone_depth, self.dilation, self.dtype, freeze_stem_and_layer1=True, name="backbone")(
             images.astype(self.dtype), pixel_mask if self.padding_invariant else None)
         b, h, w, c = features.shape
         mask = downsample_mask(pixel_mask, (h, w))  # bool [B, h, w]
@@ -93,8 +94,8 @@ class DETR(nn.Module):
                                                       self.dropout, self.pre_norm, self.dtype, name="transformer")(
                                                               src, mask, query_embed, pos.astype(self.dtype), train)
 
-        logits = torch_linear(self.num_classes + 1, self.hidden_dim, "class_embed", self.dtype,
-                                                    xavier_weight=False)(hs).astype(jnp.float32)  # [L, B, N, C + 1]
+        logits = dense_2d(torch_linear(self.num_classes + 1, self.hidden_dim, "class_embed", self.dtype,
+                                       xavier_weight=False), hs).astype(jnp.float32)  # [L, B, N, C + 1]
         boxes = jax.nn.sigmoid(MLP(self.hidden_dim, 4, 3, self.dtype, name="bbox_embed")(hs).astype(jnp.float32))
         out = {"pred_logits": logits[-1], "pred_boxes": boxes[-1]}
         if self.aux_loss:

@@ -42,7 +42,7 @@ def get_config():
         giou_loss_coef=2.0, bbox_loss_type="l1"))
 
     config.optimizer = ml_collections.ConfigDict(dict(
-        lr=1e-4, lr_backbone=1e-5, weight_decay=1e-4, grad_clip=0.1, schedule="cosine", warmup_steps=0,
+        lr=1e-4, lr_backbone=1e-5, weight_decay=1e-4, grad_clip=0.1, schedule="step", warmup_steps=2,
         lr_drop_epochs=200, grad_accum_steps=1))
 
     config.init = ml_collections.ConfigDict(dict(backbone_checkpoint="", detr_checkpoint="", reinit_class_head=False))

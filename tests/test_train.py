@@ -1,0 +1,359 @@
+"""The trainer: data-parallel equivalence, multi-process, bit-exact resume, config checks, parameter groups.
+
+The in-process tests drive the jitted step of `detr_jax.train` on a fixed batch. The end-to-end tests run
+`experiments/train.py --config tests/configs/tiny.py` in subprocesses (the device count and jax.distributed
+are fixed per process) and compare their per-step losses from metrics.jsonl with one uninterrupted
+single-device run of the same config, the reference. About 4 minutes on 2 idle CPU cores.
+"""
+
+import importlib.util
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+
+import flax
+import jax
+import numpy as np
+import pytest
+
+from detr_jax import sharding, train
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TINY_CONFIG = os.path.join(REPO, "tests", "configs", "tiny.py")
+REFERENCE_STEPS = 10
+RUN_TIMEOUT_S = 600  # from a run's start; generous, for a loaded machine
+
+
+# ---- helpers -----------------------------------------------------------------------------------------------
+def _tiny_config():
+    spec = importlib.util.spec_from_file_location("tiny_config", TINY_CONFIG)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.get_config()
+
+
+def _free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class _Run:
+    """`experiments/train.py --config tests/configs/tiny.py` started in `workdir`: one process, or
+    `num_processes` joined by jax.distributed on 127.0.0.1, each with `devices` simulated CPU devices.
+
+    `cache_dir` shares compiled programs between runs that do not overlap in time (jax writes its cache
+    files in place, so a run starting alongside a writer could read half a file).
+    """
+
+    def __init__(self, workdir, num_steps, *overrides, devices=1, num_processes=1, cache_dir=None, name="run"):
+        self.workdir = str(workdir)
+        env = {k: v for k, v in os.environ.items() if not k.startswith(("XLA_FLAGS", "DETR_JAX_", "JAX_"))}
+        env.update(JAX_PLATFORMS="cpu", XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}")
+        if cache_dir:
+            env.update(JAX_COMPILATION_CACHE_DIR=cache_dir, JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0")
+        command = [sys.executable, os.path.join(REPO, "experiments", "train.py"), "--config", TINY_CONFIG,
+                   "--workdir", self.workdir, f"--config.num_steps={num_steps}", "--config.log_every=1", *overrides]
+        if num_processes > 1:
+            port = _free_port()
+            commands = [command + [f"--coordinator_address=127.0.0.1:{port}", f"--num_processes={num_processes}",
+                                   f"--process_id={i}"] for i in range(num_processes)]
+        else:
+            commands = [command]
+        self.logs, self.procs = [], []
+        for i, cmd in enumerate(commands):
+            out, err = (os.path.join(self.workdir, f"{name}.{i}.{ext}") for ext in ("out", "err"))
+            with open(out, "w") as fo, open(err, "w") as fe:
+                self.procs.append(subprocess.Popen(cmd, cwd=REPO, env=env, stdout=fo, stderr=fe))
+            self.logs.append(err)
+        self.deadline = time.time() + RUN_TIMEOUT_S
+
+    def stderr(self, i=0):
+        with open(self.logs[i]) as f:
+            return f.read()
+
+    def wait(self):
+        """Return codes. A process that fails stops the others (a jax.distributed peer would wait for it until
+        its timeout); a run past its deadline is killed and fails the test."""
+        while True:
+            codes = [p.poll() for p in self.procs]
+            if None not in codes:
+                return codes
+            if any(code not in (None, 0) for code in codes):
+                self.kill()
+                return [p.returncode for p in self.procs]
+            if time.time() > self.deadline:
+                self.kill()
+                pytest.fail(f"the run in {self.workdir} took longer than {RUN_TIMEOUT_S} s:\n{self.stderr()[-3000:]}")
+            time.sleep(0.1)
+
+    def wait_ok(self):
+        codes = self.wait()
+        if any(codes):
+            i = next(i for i, code in enumerate(codes) if code not in (0, -9))  # not one killed by `wait`
+            pytest.fail(f"process {i} of the run in {self.workdir} exited with {codes[i]}:\n{self.stderr(i)[-4000:]}")
+        return self
+
+    def kill(self):
+        for p in self.procs:
+            if p.poll() is None:
+                p.kill()  # SIGKILL: no handler runs, as in a crash or an out-of-memory kill
+                p.wait()
+
+
+def _metrics(workdir):
+    """{step: metrics} from metrics.jsonl; a step logged twice (before and after a resume) keeps its last line."""
+    out = {}
+    with open(os.path.join(workdir, "metrics.jsonl")) as f:
+        for line in f:
+            record = json.loads(line)
+            out[record.pop("step")] = record
+    return out
+
+
+def _logged_steps(workdir):
+    """Steps in the metrics.jsonl of a running process; a line still being written is skipped."""
+    path = os.path.join(workdir, "metrics.jsonl")
+    steps = []
+    if os.path.exists(path):
+        with open(path) as f:
+            for line in f:
+                try:
+                    steps.append(json.loads(line)["step"])
+                except ValueError:
+                    pass
+    return steps
+
+
+def _max_loss_difference(metrics, reference, steps):
+    assert sorted(metrics) == list(steps), f"logged steps {sorted(metrics)}, expected {list(steps)}"
+    return max(abs(metrics[s][k] - reference[s][k]) for s in steps for k in reference[s] if k.startswith("loss"))
+
+
+def _checkpoint_steps(workdir):
+    """Committed checkpoints: orbax writes into a temporary folder and renames it to the step on commit."""
+    path = os.path.join(workdir, "checkpoints")
+    return sorted(int(d) for d in os.listdir(path) if d.isdigit()) if os.path.isdir(path) else []
+
+
+@pytest.fixture(scope="module")
+def compile_cache(tmp_path_factory):
+    return str(tmp_path_factory.mktemp("jax_cache"))
+
+
+@pytest.fixture(scope="module", autouse=True)
+def runs(request, tmp_path_factory, compile_cache):
+    """The reference, 8-device and two-process runs, started in the background before the first test of this
+    file: they are independent of each other and of the in-process tests, and much of a run (start-up,
+    compilation) is single-threaded, so two cores finish everything sooner side by side."""
+    if not any("reference" in item.fixturenames for item in request.session.items if item.module is request.module):
+        yield {}  # only in-process tests were selected
+        return
+    started = {"reference": _Run(tmp_path_factory.mktemp("reference"), REFERENCE_STEPS, cache_dir=compile_cache),
+               "eight_devices": _Run(tmp_path_factory.mktemp("eight_devices"), 4, devices=8),
+               "two_processes": _Run(tmp_path_factory.mktemp("two_processes"), 4, devices=2, num_processes=2)}
+    yield started
+    for run in started.values():
+        run.kill()
+
+
+@pytest.fixture(scope="module")
+def reference(runs):
+    """One uninterrupted single-device run of REFERENCE_STEPS steps: (workdir, {step: metrics})."""
+    workdir = runs["reference"].wait_ok().workdir
+    metrics = _metrics(workdir)
+    assert sorted(metrics) == list(range(1, REFERENCE_STEPS + 1))
+    assert all(np.isfinite(m["loss"]) for m in metrics.values())
+    return workdir, metrics
+
+
+# ---- in process: the step on a fixed batch -----------------------------------------------------------------
+LR, LR_BACKBONE = 2e-3, 2e-4
+
+
+class _Unit:
+    """A jitted train step of the tiny model with a constant schedule, no weight decay and no clipping (so
+    that the first Adam step moves every parameter by its group's learning rate), and a fixed batch."""
+
+    def __init__(self):
+        config = _tiny_config()
+        batch_size = max(4, jax.device_count())
+        config.batch_size = batch_size
+        config.data.train_kwargs.num_examples = batch_size
+        config.optimizer.update(schedule="constant", lr=LR, lr_backbone=LR_BACKBONE, weight_decay=0.0,
+                                grad_clip=0.0, warmup_steps=0)
+        self.config = config
+        self.mesh = sharding.make_mesh()
+        loader = train.build_data(config, "train", train=False)  # no augmentation: the same images every step
+        with loader:
+            self.local_batch = next(iter(loader))
+        self.batch = sharding.global_batch(self.local_batch, self.mesh)
+        model = train.build_model(config)
+        hw = tuple(config.data.buckets[0])
+        params_shape = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), np.zeros((1,) + hw + (3,))))["params"]
+        self.tx, _, labels = train.build_optimizer(config, params_shape, total_steps=1000, steps_per_epoch=1)
+        self.labels = flax.traverse_util.flatten_dict(flax.core.unfreeze(labels))
+        self.initial = jax.device_get(train.init_state(model, self.tx, config, hw))
+        self.step = train.make_train_step(model, self.tx, config, self.mesh)
+
+    def fresh_state(self):
+        # The step donates its input state: every test starts from its own copy.
+        return jax.device_put(self.initial, sharding.replicated(self.mesh))
+
+
+@pytest.fixture(scope="module")
+def unit():
+    return _Unit()
+
+
+def _flat(tree):
+    return {k: np.asarray(v) for k, v in flax.traverse_util.flatten_dict(flax.core.unfreeze(tree)).items()}
+
+
+def _official_group(path):
+    """The official recipe: the backbone trains only layer2-4 (at lr_backbone), everything else at lr."""
+    if path[0] != "backbone":
+        return "transformer"
+    return "backbone" if any(f"layer{i}" in "/".join(path) for i in (2, 3, 4)) else "frozen"
+
+
+def test_frozen_parameters_stay_and_groups_move_at_their_learning_rates(unit):
+    assert unit.labels == {path: _official_group(path) for path in unit.labels}
+    assert {"frozen", "backbone", "transformer"} == set(unit.labels.values())
+    # The optimizer alone (the model also stops the gradient at stage 1): the first Adam step of a gradient
+    # of ones is -lr (to float32 rounding of the bias corrections) in each trained group, 0 in the frozen one.
+    params = unit.initial["params"]
+    ones = jax.tree_util.tree_map(np.ones_like, params)
+    updates, _ = jax.jit(unit.tx.update)(ones, unit.tx.init(params), params)
+    expected = {"frozen": 0.0, "backbone": -LR_BACKBONE, "transformer": -LR}
+    for k, update in _flat(updates).items():
+        np.testing.assert_allclose(update, expected[unit.labels[k]], rtol=1e-4, atol=0, err_msg="/".join(k))
+
+    before = _flat(unit.initial["params"])
+    state, _ = unit.step(unit.fresh_state(), unit.batch)
+    after = _flat(jax.device_get(state["params"]))
+    moves = {k: np.abs(after[k] - before[k]).ravel() for k in before}
+    assert all((moves[k] == 0).all() for k in moves if unit.labels[k] == "frozen"), "a frozen parameter moved"
+    assert all(moves[k].max() > 0 for k in moves if unit.labels[k] == "backbone"), "a layer2-4 parameter stayed"
+    for group, lr in (("backbone", LR_BACKBONE), ("transformer", LR)):
+        # The first Adam step is lr * g / (|g| + eps): lr where the gradient is not ~0, 0 where it is 0 (dead
+        # ReLUs; the first decoder layer's self-attention, whose input is zero, as in the official model).
+        ratio = np.concatenate([moves[k] for k in moves if unit.labels[k] == group]) / lr
+        moved = ratio[ratio > 0]
+        assert moved.size > 0.5 * ratio.size, f"{group}: only {moved.size} of {ratio.size} parameters moved"
+        assert ratio.max() < 1.01, f"{group}: a parameter moved by {ratio.max():.3f} x its learning rate"
+        assert np.mean(np.abs(moved - 1) < 0.01) > 0.99, f"{group}: median move {np.median(moved):.3f} x its lr"
+
+    for _ in range(2):
+        state, _ = unit.step(state, unit.batch)
+    after = _flat(jax.device_get(state["params"]))
+    for k in before:
+        if unit.labels[k] == "frozen":
+            np.testing.assert_array_equal(after[k], before[k], err_msg="/".join(k))
+    frozen_before, frozen_after = _flat(unit.initial["frozen"]), _flat(jax.device_get(state["frozen"]))
+    assert frozen_before.keys() == frozen_after.keys() and frozen_before  # the batch-norm statistics
+    for k in frozen_before:
+        np.testing.assert_array_equal(frozen_after[k], frozen_before[k], err_msg="/".join(k))
+
+
+def test_nonfinite_step_keeps_the_parameters_and_stops_the_loop(unit, tmp_path):
+    state, metrics = unit.step(unit.fresh_state(), unit.batch)  # step 1: fine
+    assert np.isfinite(metrics["loss"])
+    good = jax.device_get(state)
+    poisoned = dict(unit.local_batch, images=unit.local_batch["images"].copy())
+    poisoned["images"][1] = np.nan
+    state, metrics = unit.step(state, sharding.global_batch(poisoned, unit.mesh))  # step 2: NaN
+    assert not np.isfinite(metrics["loss"])
+    after = jax.device_get(state)
+    jax.tree_util.tree_map(np.testing.assert_array_equal, after["params"], good["params"])
+    jax.tree_util.tree_map(np.testing.assert_array_equal, after["opt_state"], good["opt_state"])
+    state, _ = unit.step(state, unit.batch)  # step 3: fine again, but the first bad step is remembered
+    assert int(state["step"]) == 3 and int(state["nonfinite_step"]) == 1
+
+    manager = train.checkpoint_manager(str(tmp_path), unit.config)
+    with pytest.raises(train.NonFiniteLossError, match="at step 2"):
+        train._check_finite(state, manager)
+    manager.close()
+
+
+def test_overfits_a_fixed_batch(unit):
+    state = unit.fresh_state()
+    losses = []
+    for _ in range(80):
+        state, metrics = unit.step(state, unit.batch)
+        losses.append(float(metrics["loss"]))
+    assert np.isfinite(losses).all()
+    print(f"overfitting {unit.config.batch_size} images: loss {losses[0]:.3f} -> {min(losses[-5:]):.3f}")
+    assert losses[0] / min(losses[-5:]) > 5
+
+
+# ---- end to end --------------------------------------------------------------------------------------------
+def test_eight_devices_give_the_single_device_losses(runs, reference):
+    # The matcher runs per device shard (shard_map) and the loss normalises by the global box count: the
+    # losses of a global batch must not depend on how it is split.
+    workdir = runs["eight_devices"].wait_ok().workdir
+    diff = _max_loss_difference(_metrics(workdir), reference[1], range(1, 5))
+    print(f"1 vs 8 devices: max |loss difference| over 4 steps {diff:.3g}")
+    assert diff < 1e-5
+
+
+def test_two_processes_give_the_single_process_losses(runs, reference):
+    # Each process loads its half of the global batch; only process 0 writes metrics; both save checkpoints.
+    workdir = runs["two_processes"].wait_ok().workdir
+    with open(os.path.join(workdir, "metrics.jsonl")) as f:
+        assert len(f.readlines()) == 4, "only process 0 writes metrics.jsonl"
+    diff = _max_loss_difference(_metrics(workdir), reference[1], range(1, 5))
+    print(f"1 process vs 2 processes x 2 devices: max |loss difference| over 4 steps {diff:.3g}")
+    assert diff < 1e-5
+    assert _checkpoint_steps(workdir)[-1] == 4, "the two-process run saved no final checkpoint"
+
+
+def test_resume_after_kill_is_bit_exact(reference, tmp_path, compile_cache):
+    first = _Run(tmp_path, REFERENCE_STEPS, "--config.checkpoint_every=3", cache_dir=compile_cache, name="first")
+    try:
+        while True:
+            assert first.procs[0].poll() is None, (f"the run ended (exit {first.procs[0].returncode}) before it "
+                                                   f"could be killed:\n{first.stderr()[-3000:]}")
+            assert time.time() < first.deadline, "no checkpoint at step >= 3 followed by a logged step in time"
+            saved = [s for s in _checkpoint_steps(tmp_path) if s >= 3]
+            logged = _logged_steps(tmp_path)
+            if saved and logged and max(logged) > saved[-1]:
+                break
+            time.sleep(0.05)
+    finally:
+        first.kill()
+    restored = _checkpoint_steps(tmp_path)[-1]
+    killed_at = max(_logged_steps(tmp_path))
+    assert restored < killed_at < REFERENCE_STEPS
+    print(f"killed after step {killed_at}; resuming from the checkpoint of step {restored}")
+    lines_before = len(_logged_steps(tmp_path))
+
+    _Run(tmp_path, REFERENCE_STEPS, "--config.checkpoint_every=3", cache_dir=compile_cache, name="resumed").wait_ok()
+    # It resumed from the checkpoint rather than starting again (which would also reproduce the losses).
+    assert _logged_steps(tmp_path)[lines_before:] == list(range(restored + 1, REFERENCE_STEPS + 1))
+    metrics, ref = _metrics(tmp_path), reference[1]
+    assert sorted(metrics) == list(range(1, REFERENCE_STEPS + 1))
+    for step in range(restored + 1, REFERENCE_STEPS + 1):
+        for key, value in ref[step].items():
+            if key != "images_per_sec":
+                assert metrics[step][key] == value, f"step {step} {key}: resumed {metrics[step][key]!r} vs {value!r}"
+    assert _checkpoint_steps(tmp_path)[-1] == REFERENCE_STEPS
+
+
+def test_finished_run_restarts_as_a_no_op_and_refuses_another_model(reference, tmp_path, compile_cache):
+    workdir = tmp_path / "run"
+    shutil.copytree(reference[0], workdir)
+    lines = (workdir / "metrics.jsonl").read_text()
+
+    again = _Run(workdir, REFERENCE_STEPS, cache_dir=compile_cache, name="again")
+    assert again.wait() == [0], f"restarting a finished run failed:\n{again.stderr()[-3000:]}"
+    assert (workdir / "metrics.jsonl").read_text() == lines
+
+    other = _Run(workdir, REFERENCE_STEPS, "--config.model.hidden_dim=64", cache_dir=compile_cache, name="other")
+    assert other.wait() != [0]
+    assert "another model config" in other.stderr() and "hidden_dim" in other.stderr(), other.stderr()[-3000:]
+    assert (workdir / "metrics.jsonl").read_text() == lines
