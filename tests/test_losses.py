@@ -139,3 +139,44 @@ def test_class_weighted_cross_entropy_hand_reference():
     np.testing.assert_allclose(losses["loss_giou"], 1 - giou, rtol=1e-6)
     assert losses["class_error"] == 0  # query 2 predicts class 1
     assert losses["cardinality_error"] == 1  # queries 0 and 2 predict objects, 1 target
+
+
+def test_losses_equal_hf_transformers_detr_loss():
+    """Our matcher + criterion against transformers' own DETR loss (ForObjectDetectionLoss) on random inputs."""
+    import types
+
+    torch = pytest.importorskip("torch")
+    hf_loss = pytest.importorskip("transformers.loss.loss_for_object_detection")
+
+    rng = np.random.default_rng(11)
+    num_layers, b, n, m, num_classes = 3, 3, 10, 5, 7
+    logits = rng.standard_normal((num_layers, b, n, num_classes + 1)).astype(np.float32)
+    boxes = np.concatenate([rng.uniform(0.2, 0.8, (num_layers, b, n, 2)), rng.uniform(0.05, 0.4, (num_layers, b, n, 2))],
+                           -1).astype(np.float32)
+    counts = [3, 0, 5]
+    tgt_labels = np.zeros((b, m), np.int32)
+    tgt_boxes = np.tile(np.array([0.5, 0.5, 1.0, 1.0], np.float32), (b, m, 1))
+    mask = np.zeros((b, m), bool)
+    hf_targets = []
+    for i, k in enumerate(counts):
+        tgt_labels[i, :k] = rng.integers(0, num_classes, k)
+        tgt_boxes[i, :k] = np.concatenate([rng.uniform(0.2, 0.8, (k, 2)), rng.uniform(0.05, 0.4, (k, 2))], -1)
+        mask[i, :k] = True
+        hf_targets.append({"class_labels": torch.from_numpy(tgt_labels[i, :k].astype(np.int64)),
+                           "boxes": torch.from_numpy(tgt_boxes[i, :k].copy())})
+    config = types.SimpleNamespace(class_cost=1, bbox_cost=5, giou_cost=2, num_labels=num_classes, eos_coefficient=0.1,
+                                   auxiliary_loss=True, bbox_loss_coefficient=5, giou_loss_coefficient=2,
+                                   decoder_layers=num_layers)
+    _, ref, _ = hf_loss.ForObjectDetectionLoss(
+        torch.from_numpy(logits[-1]), hf_targets, "cpu", torch.from_numpy(boxes[-1]), config,
+        outputs_class=torch.from_numpy(logits), outputs_coord=torch.from_numpy(boxes))
+
+    outputs = {"pred_logits": logits[-1], "pred_boxes": boxes[-1],
+               "aux_outputs": [{"pred_logits": logits[i], "pred_boxes": boxes[i]} for i in range(num_layers - 1)]}
+    ours = set_criterion(outputs, {"labels": tgt_labels, "boxes": tgt_boxes, "mask": mask}, num_classes=num_classes)
+    compared = 0
+    for key, value in ref.items():
+        if key.startswith(("loss_ce", "loss_bbox", "loss_giou", "cardinality_error")):
+            np.testing.assert_allclose(float(ours[key]), float(value), rtol=1e-5, atol=1e-6, err_msg=key)
+            compared += 1
+    assert compared == 4 * num_layers

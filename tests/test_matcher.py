@@ -164,3 +164,31 @@ def test_works_inside_shard_map_one_call_per_shard():
                PYTHONPATH=os.pathsep.join([str(tests_dir), str(tests_dir.parent)]))
     result = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr[-3000:]
+
+
+def test_assignment_is_optimal_against_brute_force():
+    """On small random cost matrices the host assignment's total cost is the minimum over all injections
+    of the valid targets into the queries (brute force over permutations)."""
+    import itertools
+
+    from detr_jax.matcher import _assign_on_host
+
+    rng = np.random.default_rng(7)
+    for trial in range(200):
+        n, m = int(rng.integers(1, 7)), int(rng.integers(1, 5))
+        costs = rng.standard_normal((1, 1, n, m))
+        mask = rng.random((1, m)) < 0.8
+        indices = _assign_on_host(costs, mask)[0, 0]
+        valid = np.flatnonzero(mask[0])
+        assert np.all(indices[~mask[0]] == -1)
+        k = min(len(valid), n)
+        if k == 0:
+            continue
+        # Targets left unmatched (more targets than queries) are -1; every query is used at most once.
+        matched = indices[valid] >= 0
+        assert matched.sum() == k and len(set(indices[valid][matched])) == k
+        ours = costs[0, 0, indices[valid][matched], valid[matched]].sum()
+        best = min(costs[0, 0, list(queries), list(targets)].sum()
+                   for targets in itertools.combinations(valid, k)
+                   for queries in itertools.permutations(range(n), k))
+        assert ours == pytest.approx(best, abs=1e-9), trial
