@@ -93,7 +93,9 @@ def set_criterion(outputs, targets, *, num_classes=91, eos_coef=0.1,
       outputs: dict "pred_logits" [B, N, num_classes + 1] (no-object last),
         "pred_boxes" [B, N, 4] cxcywh normalised, optional "aux_outputs": list of
         L - 1 dicts with the same two keys, first decoder layer first.
-      targets: dict "labels" int32 [B, M], "boxes" float32 [B, M, 4] cxcywh normalised,
+      targets: dict "labels" int32 [B, M] in [0, num_classes) on real objects (the data layer rejects labels
+        out of range, naming the annotation; here an out-of-range label would silently become another class),
+        "boxes" float32 [B, M, 4] cxcywh normalised,
         "mask" bool [B, M] (True on real objects).
       num_classes: number of object classes; index num_classes is no-object.
       eos_coef: class weight of no-object in the cross-entropy.
