@@ -315,7 +315,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Dict[
     state = jax.device_put(make_state(), sharding.replicated(mesh))
     tx, schedules = tx_holder["tx"], tx_holder["schedules"]
     manager = checkpoint_manager(workdir, config)
-    state, loader_state, start_step = restore_checkpoint(manager, state, config, mesh)
+    try:
+        state, loader_state, start_step = restore_checkpoint(manager, state, config, mesh)
+    except ValueError:
+        manager.close()
+        train_loader.close()
+        raise
     if loader_state is not None:
         train_loader.set_state(loader_state)
     if is_main:

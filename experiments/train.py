@@ -40,7 +40,7 @@ def main(argv):
     except KeyboardInterrupt:
         logging.warning("stopped; the run resumes from %s when started again", workdir)
         sys.exit(130)
-    except train.NonFiniteLossError as e:
+    except (train.NonFiniteLossError, ValueError, FileNotFoundError) as e:  # bad config, data or checkpoint
         logging.error("%s", e)
         sys.exit(1)
 
