@@ -184,7 +184,7 @@ def make_train_step(model: DETR, tx, config: ml_collections.ConfigDict, mesh) ->
         grads, losses = jax.grad(loss_fn, has_aux=True)(state["params"], state["frozen"], batch, rng)
         updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
         params = optax.apply_updates(state["params"], updates)
-        grad_norm = optax.global_norm(grads)
+        grad_norm = optax.tree.norm(grads)
         finite = jnp.isfinite(losses["loss"]) & jnp.isfinite(grad_norm)
         # A non-finite step leaves the parameters as they were and records the step; the loop stops on it.
         keep = lambda new, old: jax.tree_util.tree_map(lambda a, b: jnp.where(finite, a, b), new, old)

@@ -7,6 +7,7 @@ single-device run of the same config, the reference. About 6 CPU-minutes; the ru
 shared with other jobs the file took 6 minutes.
 """
 
+import copy
 import importlib.util
 import json
 import os
@@ -359,3 +360,37 @@ def test_finished_run_restarts_as_a_no_op_and_refuses_another_model(reference, t
     assert other.wait() != [0]
     assert "another model config" in other.stderr() and "hidden_dim" in other.stderr(), other.stderr()[-3000:]
     assert (workdir / "metrics.jsonl").read_text() == lines
+
+
+# ---- options -----------------------------------------------------------------------------------------------
+def _step_for(config, unit):
+    model = train.build_model(config)
+    params_shape = jax.tree_util.tree_map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), unit.initial["params"])
+    tx, _, _ = train.build_optimizer(config, params_shape, total_steps=1000, steps_per_epoch=1)
+    state = dict(unit.initial, opt_state=tx.init(unit.initial["params"]))
+    return train.make_train_step(model, tx, config, unit.mesh), jax.device_put(state, sharding.replicated(unit.mesh))
+
+
+def test_gradient_accumulation_equals_one_big_step(unit):
+    """Two accumulated micro-steps on the same batch make exactly the update of one plain step."""
+    config = copy.deepcopy(unit.config)
+    config.optimizer.grad_accum_steps = 2
+    accum_step, state = _step_for(config, unit)
+    state, _ = accum_step(state, unit.batch)
+    np.testing.assert_array_equal(_flat(state["params"])[("class_embed", "kernel")],
+                                  _flat(unit.initial["params"])[("class_embed", "kernel")])  # no update yet
+    state, _ = accum_step(state, unit.batch)
+    plain, _ = unit.step(unit.fresh_state(), unit.batch)
+    ours, ref = _flat(state["params"]), _flat(plain["params"])
+    assert max(float(np.abs(ours[k] - ref[k]).max()) for k in ref) < 1e-6
+
+
+def test_half_precision_step_is_close_to_float32(unit):
+    config = copy.deepcopy(unit.config)
+    config.half_precision = True
+    bf16_step, state = _step_for(config, unit)
+    _, ref = unit.step(unit.fresh_state(), unit.batch)
+    state, metrics = bf16_step(state, unit.batch)
+    assert state["params"]["class_embed"]["kernel"].dtype == np.float32  # parameters stay float32
+    assert metrics["loss"].dtype == np.float32 and np.isfinite(float(metrics["loss"]))
+    assert float(metrics["loss"]) == pytest.approx(float(ref["loss"]), rel=0.05)
