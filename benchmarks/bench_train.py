@@ -1,9 +1,9 @@
 """Train-step and inference speed: detr_jax against HF transformers' DetrForObjectDetection, same weights.
 
-  python benchmarks/bench_train.py             # CPU: batch 2 x 512x512 (~6 min on 2 cores); GPU: 8 x 800x1200
+  python benchmarks/bench_train.py             # CPU: batch 2 x 512x512 (~2 min on 2 idle cores); GPU: 8 x 800x1200
   python benchmarks/bench_train.py --small     # a quick check: batch 1 x 256x256, fewer steps
   python benchmarks/bench_train.py --batch 4 --height 640 --width 640 --rounds 4 --no-append
-  python benchmarks/bench_train.py --sweep     # CPU optimisation table: every variant in its own process
+  python benchmarks/bench_train.py --sweep     # CPU optimisation table (~18 min on 2 idle cores)
 
 Both sides run DETR-R50 (hidden 256, 6 + 6 layers, 8 heads, FFN 2048, 100 queries, 91 classes), the HF model
 built offline with random weights and converted with `detr_jax.convert_hf.load_hf_detr`, so both compute with
@@ -16,14 +16,15 @@ HF runs with `auxiliary_loss=True` here (its forward then feeds the normalised d
 layer, one extra LayerNorm per layer: same cost, slightly other numbers; the inference comparison uses False).
 
 JAX and PyTorch are timed in alternating rounds in one process, so both see the same machine load; the ratios
-are the numbers to read on a shared machine. Peak memory (ru_maxrss: the resident-set high-water mark) is
-measured in separate processes, one per side, each building its model and running a few train steps.
+are the numbers to read on a shared machine. Peak memory (VmHWM, the resident-set high-water mark) is measured in
+separate processes, one per side, each building its model and running a few train steps.
 
 The script runs unchanged on a GPU machine: JAX uses jax.devices()[0], torch uses cuda when available;
 --bf16 runs JAX with dtype=bfloat16 and torch under autocast(bfloat16).
 """
 
 import argparse
+import contextlib
 import datetime
 import json
 import os
@@ -37,9 +38,10 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)  # run from a checkout
 BENCHMARKS_MD = os.path.join(REPO, "BENCHMARKS.md")
 
-# XLA CPU flags used by default (on GPU they are ignored). See BENCHMARKS.md ("XLA CPU options") for what was
-# tried; the flags measured there that did not help are listed in SWEEP_VARIANTS, not here.
-DEFAULT_XLA_CPU_FLAGS = ""
+# XLA CPU flags used by default (ignored on GPU). Region analysis lets XLA's copy insertion see that the AdamW
+# update may overwrite the donated optimizer state in place: without it every step copies all of mu and nu first
+# (472 copies, ~5% of a CPU step). The other flags tried are in FLAG_VARIANTS (--sweep) and BENCHMARKS.md.
+DEFAULT_XLA_CPU_FLAGS = "--xla_cpu_copy_insertion_use_region_analysis=true"
 
 HF_ARCH = dict(d_model=256, encoder_layers=6, decoder_layers=6, encoder_attention_heads=8, decoder_attention_heads=8,
                encoder_ffn_dim=2048, decoder_ffn_dim=2048, num_queries=100, num_labels=91)
@@ -63,14 +65,32 @@ def parse_args(argv=None):
                    help=f"extra XLA_FLAGS for JAX (default: {DEFAULT_XLA_CPU_FLAGS!r}); appended to $XLA_FLAGS")
     p.add_argument("--cpus", type=int, default=None, help="pin this process (and its children) to the first N "
                    "CPUs before JAX and torch start: both then use N threads (default: all)")
+    p.add_argument("--no-malloc-tuning", action="store_true", help=f"do not re-run under GLIBC_TUNABLES="
+                   f"{MALLOC_TUNABLES} (see MALLOC_TUNABLES)")
     p.add_argument("--no-memory", action="store_true", help="skip the peak-memory subprocesses")
     p.add_argument("--no-append", action="store_true", help="print only, do not append to BENCHMARKS.md")
-    p.add_argument("--sweep", action="store_true", help="time every CPU optimisation variant (SWEEP_VARIANTS), "
-                   "each in its own process, alternating with torch; appends that table instead")
+    p.add_argument("--sweep", action="store_true", help="time the CPU optimisations: code variants (CODE_VARIANTS) "
+                   "alternating with torch in one process, XLA flags (FLAG_VARIANTS) in child processes; appends "
+                   "that table instead")
     p.add_argument("--variants", default=None, help="comma-separated subset of the sweep variants")
     p.add_argument("--_child", default=None, help=argparse.SUPPRESS)
-    p.add_argument("--_variant", default=None, help=argparse.SUPPRESS)
     return p.parse_args(argv)
+
+
+# glibc malloc: no mmap for large blocks and no trimming, so memory freed by one step is reused by the next.
+# XLA:CPU allocates the ~0.8 GB of temporaries of a train step afresh at every call; by default glibc serves such
+# blocks with new mmaps that the kernel zero-fills on first touch (~226k page faults, ~0.4 CPU s per step at
+# batch 2 x 512x512). Set for the whole process, so for PyTorch too (it gains a few percent). glibc reads it at
+# start-up: main() re-executes the script with it unless it is already set or --no-malloc-tuning is given.
+MALLOC_TUNABLES = "glibc.malloc.mmap_max=0:glibc.malloc.trim_threshold=17179869184"
+
+
+def reexec_with_malloc_tunables(args, argv):
+    if args.no_malloc_tuning or args._child or "GLIBC_TUNABLES" in os.environ or platform.system() != "Linux":
+        return
+    env = dict(os.environ, GLIBC_TUNABLES=MALLOC_TUNABLES)
+    os.execve(sys.executable, [sys.executable, os.path.abspath(__file__)] + list(sys.argv[1:] if argv is None
+                                                                                   else argv), env)
 
 
 def pin_cpus(n):
@@ -287,7 +307,7 @@ def time_match(batch_size, slots, repeats=5, layers=6, seed=0):
     t = make_batch(batch_size, 8, 8, slots, seed)
     targets = {k: jax.device_put(t[k]) for k in ("labels", "boxes", "mask")}
     logits, boxes = jax.device_put(logits), jax.device_put(boxes)
-    match = jax.jit(lambda l, b, tg: hungarian_match(l, b, tg, cost_class=1.0, cost_bbox=5.0, cost_giou=2.0))
+    match = jax.jit(lambda lg, bx, tg: hungarian_match(lg, bx, tg, cost_class=1.0, cost_bbox=5.0, cost_giou=2.0))
     jax.block_until_ready(match(logits, boxes, targets))
     return median([timed(lambda: jax.block_until_ready(match(logits, boxes, targets))) for _ in range(repeats)])
 
@@ -304,6 +324,15 @@ def cpu_model():
     return platform.processor() or "unknown"
 
 
+def cpu_pressure():
+    """', CPU pressure (PSI) some avg10 N%': the share of time runnable tasks waited for a CPU; '' if unknown."""
+    try:
+        with open("/proc/pressure/cpu") as f:
+            return ", CPU pressure (PSI) some avg10 " + f.readline().split()[1].split("=")[1] + "%"
+    except (OSError, IndexError):
+        return ""
+
+
 def system_info():
     import flax
     import jax
@@ -311,16 +340,19 @@ def system_info():
     import torch
     import transformers
     dev = jax.devices()[0]
-    torch_dev = torch.cuda.get_device_name(0) if torch.cuda.is_available() else f"cpu ({torch.get_num_threads()} threads)"
+    torch_dev = (torch.cuda.get_device_name(0) if torch.cuda.is_available()
+                 else f"cpu ({torch.get_num_threads()} threads)")
     return {
         "date": datetime.datetime.now().strftime("%Y-%m-%d %H:%M"),
         "nproc": os.cpu_count(), "cpu": cpu_model(),
-        "load": " ".join(f"{x:.1f}" for x in os.getloadavg()),
+        "load": " ".join(f"{x:.1f}" for x in os.getloadavg()) + cpu_pressure(),
         "versions": f"jax {jax.__version__}, jaxlib {jaxlib.__version__}, flax {flax.__version__}, "
-                    f"torch {torch.__version__}, transformers {transformers.__version__}, python {platform.python_version()}",
+                    f"torch {torch.__version__}, transformers {transformers.__version__}, "
+                    f"python {platform.python_version()}",
         "jax_device": f"{dev.platform}: {dev.device_kind} (x{jax.device_count()})",
         "torch_device": torch_dev,
         "xla_flags": os.environ.get("XLA_FLAGS", ""),
+        "glibc_tunables": os.environ.get("GLIBC_TUNABLES", ""),
     }
 
 
@@ -342,7 +374,6 @@ def rss_mb(field="VmHWM"):
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-
 def child_main(args):
     """One side alone in this process; prints one JSON line. Kinds: jax, torch (memory), jax-time, torch-time."""
     import numpy as np
@@ -351,8 +382,6 @@ def child_main(args):
     result = {"kind": kind}
     if kind.startswith("jax"):
         import jax
-        if args._variant:
-            apply_variant_patch(args._variant)
         rss0 = rss_mb("VmRSS")
         model = jax_detr(args.bf16)
         variables = jax.jit(model.init)(jax.random.PRNGKey(0), np.zeros((1, 64, 64, 3), np.float32))
@@ -378,7 +407,7 @@ def child_main(args):
     print("CHILD_RESULT " + json.dumps(result), flush=True)
 
 
-def run_child(args, kind, variant=None, env=None, steps=None, cpus=None):
+def run_child(args, kind, env=None, steps=None, cpus=None):
     cmd = [sys.executable, os.path.abspath(__file__), "--_child", kind, "--batch", str(args.batch), "--height",
            str(args.height), "--width", str(args.width), "--slots", str(args.slots), "--steps",
            str(steps or args.steps), "--xla-flags", ""]
@@ -386,124 +415,218 @@ def run_child(args, kind, variant=None, env=None, steps=None, cpus=None):
         cmd += ["--cpus", str(cpus)]
     if args.bf16:
         cmd.append("--bf16")
-    if variant:
-        cmd += ["--_variant", variant]
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=dict(os.environ, **(env or {})))
+    child_env = dict(os.environ)
+    for key, value in (env or {}).items():  # None: unset
+        if value is None:
+            child_env.pop(key, None)
+        else:
+            child_env[key] = value
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=child_env, check=False)
     for line in proc.stdout.splitlines():
         if line.startswith("CHILD_RESULT "):
             return json.loads(line[len("CHILD_RESULT "):])
-    raise RuntimeError(f"child {kind} {variant or ''} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
+    raise RuntimeError(f"child {kind} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
 
 
 # ---- the optimisation sweep (CPU) --------------------------------------------------------------------------
-def _patch_conv1x1_as_conv():
-    """Before: every ResNet convolution an `nn.Conv`, 1x1 included (same parameters and outputs)."""
+# Each "before:" patch puts back, while the train step is traced, what the library computed before one of the
+# CPU optimisations (same parameters, same numbers), so each row shows what that change buys.
+def _nn_conv(features, kernel, stride=1, dtype=None, name=None, use_bias=False, kernel_init=None, bias_init=None):
     import flax.linen as nn
+    pad = kernel // 2
+    return nn.Conv(features, (kernel, kernel), strides=(stride, stride), padding=[(pad, pad), (pad, pad)],
+                   use_bias=use_bias, name=name, dtype=dtype, kernel_init=kernel_init,
+                   **({"bias_init": bias_init} if bias_init else {}))
+
+
+def _before_no_freeze():
+    from detr_jax.models import detr
+    resnet = detr.ResNet
+    return detr, "ResNet", lambda *a, **k: resnet(*a, **dict(k, freeze_stem_and_layer1=False))
+
+
+def _before_conv1x1_nn_conv():
+    from detr_jax.models import backbone
+    return backbone, "Conv1x1", lambda features, stride=1, dtype=None, name=None: _nn_conv(
+        features, 1, stride, dtype, name, kernel_init=backbone._KAIMING_FAN_OUT)
+
+
+def _before_conv1x1_4d_dot():
+    import flax.linen as nn
+    import jax
     import jax.numpy as jnp
     from detr_jax.models import backbone
 
-    def conv(features, kernel, stride=1, dilation=1, name=None, dtype=jnp.float32):
-        pad = dilation * (kernel // 2)
-        return nn.Conv(features, (kernel, kernel), strides=(stride, stride), padding=[(pad, pad), (pad, pad)],
-                       kernel_dilation=(dilation, dilation), use_bias=False, name=name, dtype=dtype,
-                       kernel_init=backbone._KAIMING_FAN_OUT)
-    backbone._conv = conv
+    class Conv1x1DotGeneral(backbone.Conv1x1):  # the product on the 4-D activation, not flattened
+        @nn.compact
+        def __call__(self, x):
+            kernel = self.param("kernel", self.kernel_init, (1, 1, x.shape[-1], self.features), jnp.float32)
+            x, kernel = nn.dtypes.promote_dtype(x, kernel, dtype=self.dtype)
+            x = x[:, ::self.stride, ::self.stride]
+            return jax.lax.dot_general(x, kernel[0, 0], (((x.ndim - 1,), (0,)), ((), ())))
+    return backbone, "Conv1x1", Conv1x1DotGeneral
 
 
-def _patch_no_freeze():
-    """Before: gradients computed for the stem and stage 1 too (then zeroed by the optimizer)."""
+def _before_dense_3d():
+    from detr_jax.models import transformer
+    return transformer, "dense_2d", lambda fn, x: fn(x)
+
+
+def _before_dense_3d_heads():
     from detr_jax.models import detr
-    resnet = detr.ResNet
-    detr.ResNet = lambda *a, **k: resnet(*a, **dict(k, freeze_stem_and_layer1=False))
+    return detr, "dense_2d", lambda fn, x: fn(x)
 
 
-def _patch_original():
-    _patch_conv1x1_as_conv()
-    _patch_no_freeze()
+def _before_strided_nn_conv():
+    from detr_jax.models import backbone
+    return backbone, "Conv3x3Stride2", lambda features, dtype=None, name=None: _nn_conv(
+        features, 3, 2, dtype, name, kernel_init=backbone._KAIMING_FAN_OUT)
 
 
-_YNN = "--xla_cpu_experimental_ynn_fusion_type="
-# name -> (XLA_FLAGS added for JAX, code patch applied in the JAX child, CPUs (None: all), description). The
-# patches put back what the library did before an optimisation, so each row shows what one change buys.
-SWEEP_VARIANTS = {
-    "default": ("", None, None, "the library as it is, default flags"),
-    "before:conv1x1": ("", _patch_conv1x1_as_conv, None, "1x1 convolutions as nn.Conv (before)"),
-    "before:no-freeze": ("", _patch_no_freeze, None, "backward through stem + stage 1 (before)"),
-    "before:both": ("", _patch_original, None, "both (the library before this work)"),
-    "ynn-no-dot": (_YNN + "-individual_dot", None, None, "dots by Eigen instead of YNNPACK"),
-    "ynn-no-conv": (_YNN + "-individual_convolution", None, None, "convolutions by Eigen instead of YNNPACK"),
-    "ynn-off": (_YNN + "-individual_dot,-individual_convolution", None, None, "no YNNPACK (Eigen for both)"),
-    "xnn-dot": (_YNN + "-individual_dot --xla_cpu_experimental_xnn_fusion_type=individual_dot", None, None,
-                "dots by XNNPACK"),
-    "onednn-dot": (_YNN + "-individual_dot --xla_cpu_experimental_onednn_fusion_type=dot", None, None,
-                   "dots by oneDNN"),
-    "onednn": ("--xla_cpu_use_onednn=true", None, None, "oneDNN rewrites"),
-    "eigen-1-thread": ("--xla_cpu_multi_thread_eigen=false", None, None, "single-threaded Eigen calls"),
-    "1-cpu": ("", None, 1, "both sides pinned to 1 CPU (1 thread each)"),
+def _before_input_proj_nn_conv():
+    from detr_jax.models import detr
+    return detr, "Conv1x1", lambda features, dtype=None, kernel_init=None, use_bias=False, bias_init=None, name=None: \
+        _nn_conv(features, 1, 1, dtype, name, use_bias, kernel_init, bias_init)
+
+
+CODE_VARIANTS = {  # name -> (patches, description)
+    "default": ((), "the library now (all changes below)"),
+    "before:no-freeze": ((_before_no_freeze,), "gradients also computed for the stem and stage 1 (then zeroed)"),
+    "before:conv1x1-nn.Conv": ((_before_conv1x1_nn_conv,), "ResNet 1x1 convolutions as nn.Conv"),
+    "before:conv1x1-4d-dot": ((_before_conv1x1_4d_dot,), "ResNet 1x1 convolutions as a 4-D dot_general"),
+    "before:dense-3d": ((_before_dense_3d, _before_dense_3d_heads), "transformer/head Dense layers on 3-D/4-D inputs"),
+    "before:strided-nn.Conv": ((_before_strided_nn_conv,), "stride-2 3x3 convolutions as nn.Conv (zero-dilated "
+                               "input gradient)"),
+    "before:input_proj-nn.Conv": ((_before_input_proj_nn_conv,), "input_proj as nn.Conv"),
+    "before:all": ((_before_no_freeze, _before_conv1x1_nn_conv, _before_dense_3d, _before_dense_3d_heads,
+                    _before_strided_nn_conv, _before_input_proj_nn_conv), "the library before this work"),
 }
+_YNN = "--xla_cpu_experimental_ynn_fusion_type="
+FLAG_VARIANTS = {  # name -> (XLA_FLAGS appended after the defaults (the last setting wins), CPUs, description)
+    "flags:default": ("", None, f"default flags `{DEFAULT_XLA_CPU_FLAGS or '(none)'}`"),
+    "flags:no-region-analysis": ("--xla_cpu_copy_insertion_use_region_analysis=false", None,
+                                 "XLA's default copy insertion (472 optimizer-state copies per step)"),
+    "flags:ynn-no-dot": (_YNN + "-individual_dot", None, "dots by Eigen instead of YNNPACK"),
+    "flags:ynn-no-conv": (_YNN + "-individual_convolution", None, "convolutions by Eigen instead of YNNPACK"),
+    "flags:ynn-off": (_YNN + "-individual_dot,-individual_convolution", None, "no YNNPACK: Eigen for both"),
+    "flags:xnn-dot": (_YNN + "-individual_dot --xla_cpu_experimental_xnn_fusion_type=individual_dot", None,
+                      "dots by XNNPACK"),
+    "flags:onednn-dot": (_YNN + "-individual_dot --xla_cpu_experimental_onednn_fusion_type=dot", None,
+                         "dots by oneDNN"),
+    "flags:onednn": ("--xla_cpu_use_onednn=true", None, "oneDNN op rewrites on"),
+    "flags:legacy-runtime": ("--xla_cpu_use_thunk_runtime=false", None, "thunk runtime off"),
+    "flags:eigen-1-thread": ("--xla_cpu_multi_thread_eigen=false", None, "single-threaded Eigen calls"),
+    "flags:concurrency-scheduler": ("--xla_cpu_enable_concurrency_optimized_scheduler=true", None,
+                                    "concurrency-optimised scheduler"),
+    "flags:xnn-graph": ("--xla_cpu_experimental_xnn_graph_fusion_mode=XNN_GRAPH_FUSION_MODE_GREEDY", None,
+                        "XNNPACK graph fusion (greedy)"),
+    "threads:1-cpu": ("", 1, "JAX and torch each pinned to 1 CPU (1 thread each; robust to other jobs)"),
+    "env:glibc-malloc-default": ("", None, "glibc malloc defaults (GLIBC_TUNABLES unset: fresh zero-filled mmaps for "
+                                 "XLA's temporaries at every step)"),
+}
+FLAG_ENV = {"env:glibc-malloc-default": {"GLIBC_TUNABLES": None}}
 
 
-def apply_variant_patch(name):
-    patch = SWEEP_VARIANTS[name][1]
-    if patch:
-        patch()
+@contextlib.contextmanager
+def patched(patches):
+    """Apply `patches` (functions returning (module, attribute, value)), restoring the attributes on exit."""
+    saved = []
+    try:
+        for make in patches:
+            module, attr, value = make()
+            saved.append((module, attr, getattr(module, attr)))
+            setattr(module, attr, value)
+        yield
+    finally:
+        for module, attr, value in reversed(saved):
+            setattr(module, attr, value)
 
 
 def sweep(args, info):
-    names = args.variants.split(",") if args.variants else list(SWEEP_VARIANTS)
-    rows, torch_ref = [], {}
+    """CPU optimisation table: code variants alternated with torch in this process, XLA flags in child processes."""
+    import jax
+    import numpy as np
+    import torch
+    selected = args.variants.split(",") if args.variants else list(CODE_VARIANTS) + list(FLAG_VARIANTS)
+    batch = make_batch(args.batch, args.height, args.width, args.slots)
+    model = jax_detr(args.bf16)
+    variables = jax.jit(model.init)(jax.random.PRNGKey(0), np.zeros((1, 64, 64, 3), np.float32))
+    fns, compile_s = {}, {}
+    for name in [n for n in CODE_VARIANTS if n in selected]:
+        with patched(CODE_VARIANTS[name][0]):
+            fns[name] = make_jax_train_step(model, variables, batch)
+            compile_s[name] = timed(fns[name])  # traced (with the patches) and compiled here
+        print(f"{name}: first call {compile_s[name]:.1f} s", flush=True)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    torch_step, _ = make_torch_train_step(build_hf(device), batch, device, args.bf16)
+    fns["torch"] = torch_step
+    for fn in fns.values():
+        fn()
+    times = alternate(fns, args.rounds, args.steps)
+    wall = {n: median([w for w, _ in t]) for n, t in times.items()}
+    cpu = {n: median([c for _, c in t]) for n, t in times.items()}
+    rows = [(n, CODE_VARIANTS[n][1], wall[n], cpu[n], compile_s[n] - wall[n]) for n in CODE_VARIANTS if n in fns]
 
-    def torch_run(cpus):
-        res = run_child(args, "torch-time", cpus=cpus)
-        torch_ref.setdefault(cpus, []).append(res)
-        return res
+    flag_rows = []
+    base_flags = os.environ.get("XLA_FLAGS", "")
+    for name in [n for n in FLAG_VARIANTS if n in selected]:
+        flags, cpus, desc = FLAG_VARIANTS[name]
+        env = {"XLA_FLAGS": (base_flags + " " + flags).strip(), **FLAG_ENV.get(name, {})}
+        res = run_child(args, "jax-time", env=env, cpus=cpus)
+        t_torch = c_torch = None
+        if cpus:
+            ref = run_child(args, "torch-time", cpus=cpus)
+            t_torch, c_torch = median(ref["times"]), median(ref["cpu"])
+        t_jax = median(res["times"])
+        flag_rows.append((name, desc, flags, t_jax, median(res["cpu"]), res["first_s"] - t_jax, t_torch, c_torch))
+        print(f"{name}: JAX {flag_rows[-1][3]:.2f} s/step ({flag_rows[-1][4]:.2f} CPU s)", flush=True)
 
-    for name in names:
-        flags, _, cpus, desc = SWEEP_VARIANTS[name]
-        if cpus not in torch_ref:
-            torch_run(cpus)
-        env = {"XLA_FLAGS": (os.environ.get("XLA_FLAGS", "") + " " + flags).strip()}
-        jax_res = run_child(args, "jax-time", variant=name, env=env, cpus=cpus)
-        before, after = torch_ref[cpus][-1], torch_run(cpus)
-        t_jax, c_jax = median(jax_res["times"]), median(jax_res["cpu"])
-        t_torch = median(list(before["times"]) + list(after["times"]))
-        c_torch = median(list(before["cpu"]) + list(after["cpu"]))
-        rows.append((name, desc, flags, t_jax, c_jax, t_torch, c_torch, jax_res["first_s"] - t_jax))
-        print(f"{name:18s} JAX {t_jax:6.2f} s/step ({c_jax:5.2f} CPU s)  torch {t_torch:6.2f} s/step ({c_torch:5.2f} "
-              f"CPU s)  JAX speed / torch {t_torch / t_jax:5.2f}x  compile {jax_res['first_s'] - t_jax:5.1f} s",
-              flush=True)
-    base = {r[0]: r for r in rows}.get("default")
     lines = [f"\n## Train step, CPU optimisation sweep ({info['date']})\n",
-             f"`python benchmarks/bench_train.py --sweep` - batch {args.batch} x {args.height}x{args.width}, one "
-             f"process per JAX variant ({args.steps} timed steps after the compiling call), each between two torch "
-             "processes (torch = median of both). Wall time is what a user sees; CPU time (all threads of the "
-             "process, user + system) is robust to other jobs on a shared machine for JAX, and the column to compare "
-             "JAX variants by. \"vs default\" = default CPU time / variant CPU time.\n",
+             f"`python benchmarks/bench_train.py --sweep` - batch {args.batch} x {args.height}x{args.width}. Wall time "
+             "is what a user sees; CPU time (all threads of the process, user + system) is much less sensitive to "
+             "other jobs on a shared machine for JAX, and the column to compare JAX variants by. PyTorch's OpenMP "
+             "threads spin-wait, so its CPU time also grows when the machine is oversubscribed.\n",
              f"- machine: {info['nproc']} CPUs, {info['cpu']}, load average at start {info['load']}",
              f"- {info['versions']}\n",
-             "| variant | what | JAX s/step (CPU s) | torch s/step (CPU s) | JAX speed / torch, wall | vs default, JAX "
-             "CPU time | compile s |",
-             "|---|---|---|---|---|---|---|"]
-    for name, desc, flags, t_jax, c_jax, t_torch, c_torch, comp in rows:
-        what = desc + (f" `{flags}`" if flags else "")
-        vs = f"{base[4] / c_jax:.2f}x" if base else "-"
-        lines.append(f"| {name} | {what} | {t_jax:.2f} ({c_jax:.2f}) | {t_torch:.2f} ({c_torch:.2f}) | "
-                     f"{t_torch / t_jax:.2f}x | {vs} | {comp:.0f} |")
+             f"Code variants, one process, {args.rounds} alternating rounds x {args.steps} steps, medians; "
+             f"each `before:` row puts back one formulation the library used before (same parameters, same numbers):\n",
+             "| variant | what | JAX s/step (CPU s) | default is faster by (CPU time) | PyTorch / JAX time, wall |"
+             " compile s |", "|---|---|---|---|---|---|"]
+    for name, desc, w, c, comp in rows:
+        lines.append(f"| {name} | {desc} | {w:.2f} ({c:.2f}) | {c / cpu['default']:.2f}x | {wall['torch'] / w:.2f}x "
+                     f"| {comp:.0f} |")
+    lines.append(f"| torch | HF DetrForObjectDetection, same step | {wall['torch']:.2f} ({cpu['torch']:.2f}) | | | |")
+    if flag_rows:
+        base = {r[0]: r for r in flag_rows}.get("flags:default")
+        lines += ["", f"XLA flags and environment, one process each ({args.steps} timed steps after the compiling "
+                  "call); the library as it is now:\n",
+                  "| variant | what | JAX s/step (CPU s) | flags:default is faster by (CPU time) | compile s |",
+                  "|---|---|---|---|---|"]
+        for name, desc, flags, w, c, comp, t_torch, c_torch in flag_rows:
+            what = desc + (f" `{flags}`" if flags else "")
+            vs = f"{c / base[4]:.2f}x" if base and not t_torch else "-"
+            if t_torch:
+                what += f"; PyTorch at 1 CPU: {t_torch:.2f} s/step ({c_torch:.2f} CPU s), JAX speed / PyTorch " \
+                        f"{t_torch / w:.2f}x"
+            lines.append(f"| {name} | {what} | {w:.2f} ({c:.2f}) | {vs} | {comp:.0f} |")
     return "\n".join(lines) + "\n"
 
 
 # ---- main --------------------------------------------------------------------------------------------------
 def main(argv=None):
     args = parse_args(argv)
+    reexec_with_malloc_tunables(args, argv)
     pin_cpus(args.cpus)
     set_xla_flags(args.xla_flags)
+    # JAX and torch share one GPU in this process: no up-front grab of 75% of its memory by JAX.
+    os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
     import warnings
     warnings.filterwarnings("ignore")
+    if args._child:  # sizes come from the parent; a torch child never starts JAX
+        return child_main(args)
     import jax
     on_gpu = jax.devices()[0].platform != "cpu"
     resolve_sizes(args, on_gpu)
-    if args._child:
-        return child_main(args)
     info = system_info()
     print(json.dumps(info, indent=1), flush=True)
     if args.sweep:
@@ -514,7 +637,6 @@ def main(argv=None):
                 f.write(text)
         return
 
-    import numpy as np
     import torch
     from detr_jax.convert_hf import load_hf_detr
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -541,8 +663,11 @@ def main(argv=None):
 
     train = alternate({"jax": jax_step, "torch": torch_step}, args.rounds, args.steps)
     host_per_step = list(host_calls)
-    wall = lambda ts: median([w for w, _ in ts])
-    cpu = lambda ts: median([c for _, c in ts])
+    def wall(ts):
+        return median([w for w, _ in ts])
+
+    def cpu(ts):
+        return median([c for _, c in ts])
     t_jax, t_torch = wall(train["jax"]), wall(train["torch"])
     c_jax, c_torch = cpu(train["jax"]), cpu(train["torch"])
     print(f"train: JAX {t_jax:.3f} s/step ({c_jax:.2f} CPU s), torch {t_torch:.3f} s/step ({c_torch:.2f} CPU s)",
@@ -550,7 +675,8 @@ def main(argv=None):
     infer = alternate({"jax": jax_infer, "torch": torch_infer}, args.rounds, args.steps)
     i_jax, i_torch = wall(infer["jax"]), wall(infer["torch"])
     ic_jax, ic_torch = cpu(infer["jax"]), cpu(infer["torch"])
-    print(f"inference: JAX {i_jax:.3f} s ({ic_jax:.2f} CPU s), torch {i_torch:.3f} s ({ic_torch:.2f} CPU s)", flush=True)
+    print(f"inference: JAX {i_jax:.3f} s ({ic_jax:.2f} CPU s), torch {i_torch:.3f} s ({ic_torch:.2f} CPU s)",
+          flush=True)
 
     # matcher: in-step host time, and hungarian_match alone (costs + transfer + scipy + return)
     host_s = median(host_per_step) if host_per_step else float("nan")
@@ -584,7 +710,8 @@ def main(argv=None):
              "(a shared machine: read the ratios)",
              f"- devices: JAX {info['jax_device']}; torch {info['torch_device']}",
              f"- {info['versions']}",
-             f"- XLA_FLAGS: `{info['xla_flags'] or '(none)'}`\n",
+             f"- XLA_FLAGS: `{info['xla_flags'] or '(none)'}`; "
+             f"GLIBC_TUNABLES: `{info['glibc_tunables'] or '(none)'}`\n",
              "| measurement | JAX img/s | PyTorch img/s | JAX / PyTorch | notes |", "|---|---|---|---|---|"]
     lines += [f"| {' | '.join(r)} |" for r in rows]
     lines += ["",
@@ -603,7 +730,8 @@ def main(argv=None):
     if memory:
         lines += ["", "| peak memory (separate process: build + compile + 2 train steps) | JAX | PyTorch |",
                   "|---|---|---|",
-                  f"| ru_maxrss, MB | {memory['jax']['peak_rss_mb']:.0f} | {memory['torch']['peak_rss_mb']:.0f} |",
+                  f"| peak RSS (VmHWM, the ru_maxrss of that address space), MB | {memory['jax']['peak_rss_mb']:.0f} "
+                  f"| {memory['torch']['peak_rss_mb']:.0f} |",
                   f"| of which after imports, MB | {memory['jax']['baseline_rss_mb']:.0f} | "
                   f"{memory['torch']['baseline_rss_mb']:.0f} |"]
         if "device_peak_mb" in memory["jax"] or "device_peak_mb" in memory["torch"]:
@@ -611,7 +739,9 @@ def main(argv=None):
                          f"{memory['torch'].get('device_peak_mb', float('nan')):.0f} |")
     lines.append("\nPer-step wall / CPU seconds, in the order run: JAX " +
                  " ".join(f"{w:.2f}/{c:.2f}" for w, c in train["jax"]) + "; torch " +
-                 " ".join(f"{w:.2f}/{c:.2f}" for w, c in train["torch"]) + ".")
+                 " ".join(f"{w:.2f}/{c:.2f}" for w, c in train["torch"]) + ". Inference: JAX " +
+                 " ".join(f"{w:.2f}/{c:.2f}" for w, c in infer["jax"]) + "; torch " +
+                 " ".join(f"{w:.2f}/{c:.2f}" for w, c in infer["torch"]) + ".")
     text = "\n".join(lines) + "\n"
     print(text)
     if not args.no_append:

@@ -7,7 +7,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from detr_jax.models.backbone import ResNet, downsample_mask
+from detr_jax.models.backbone import Conv1x1, ResNet, downsample_mask
 from detr_jax.models.position_encoding import LearnedPositionEncoding, sine_position_encoding
 from detr_jax.models.transformer import Transformer, dense_2d, torch_default_bias_init, torch_linear
 
@@ -87,8 +87,9 @@ class DETR(nn.Module):
         else:
             raise ValueError(f"position_embedding must be 'sine' or 'learned', got {self.position_embedding!r}")
 
-        src = nn.Conv(self.hidden_dim, (1, 1), name="input_proj", dtype=self.dtype,
-                                    kernel_init=torch_default_kernel_init, bias_init=torch_default_bias_init(c))(features)
+        # nn.Conv(hidden_dim, (1, 1)) with bias, computed as a matrix product (faster gradient, see Conv1x1).
+        src = Conv1x1(self.hidden_dim, dtype=self.dtype, kernel_init=torch_default_kernel_init, use_bias=True,
+                      bias_init=torch_default_bias_init(c), name="input_proj")(features)
         query_embed = self.param("query_embed", nn.initializers.normal(1.0), (self.num_queries, self.hidden_dim))
         hs, attn = Transformer(self.num_heads, self.num_encoder_layers, self.num_decoder_layers, self.dim_feedforward,
                                                       self.dropout, self.pre_norm, self.dtype, name="transformer")(
