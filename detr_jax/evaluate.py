@@ -138,6 +138,10 @@ class Evaluator:
         source = self.loader.source
         self.category_ids = list(getattr(source, "category_ids", range(1, model.num_classes + 1)))
         self.class_names = list(getattr(source, "class_names", [str(c) for c in self.category_ids]))
+        if model.num_classes > len(self.category_ids):  # a predicted label would have no category id
+            raise ValueError(f"the model has {model.num_classes} classes but the evaluation data "
+                             f"({config.data.source}, split val) has only {len(self.category_ids)} categories: set "
+                             f"config.model.num_classes (or the data's label space) to match")
         self.ground_truth = coco_ground_truth(source, self.category_ids, self.class_names) \
             if jax.process_index() == 0 else None
         top_k = config.get("eval_top_k", None)

@@ -17,14 +17,13 @@ import flax
 import jax
 import jax.numpy as jnp
 import ml_collections
-import numpy as np
 import optax
 import orbax.checkpoint as ocp
 from jax.sharding import PartitionSpec as P
 
 from detr_jax import sharding
 from detr_jax.data import Loader, build_source, make_eval_transforms, make_train_transforms, recipe_buckets
-from detr_jax.losses import set_criterion
+from detr_jax.losses import encoder_dense_losses, set_criterion
 from detr_jax.matcher import hungarian_match
 from detr_jax.models.detr import DETR, parameter_groups
 
@@ -93,7 +92,7 @@ def build_optimizer(config: ml_collections.ConfigDict, params, total_steps: int,
     Returns (optax transform, {group: schedule}, labels pytree).
     """
     opt = config.optimizer
-    labels = parameter_groups(params)
+    labels = parameter_groups(params, train_stem=config.model.get("train_stem", False))
     schedules = {"transformer": learning_rate_schedule(opt.lr, config, total_steps, steps_per_epoch),
                  "backbone": learning_rate_schedule(opt.lr_backbone, config, total_steps, steps_per_epoch)}
     groups = {name: optax.adamw(schedule, b1=0.9, b2=0.999, eps=1e-8, weight_decay=opt.weight_decay)
@@ -116,7 +115,7 @@ def init_state(model: DETR, tx, config: ml_collections.ConfigDict, image_hw: Tup
     variables = jax.jit(model.init)(jax.random.PRNGKey(config.seed), x)
     variables = load_pretrained(config, model, variables)
     params = variables["params"]
-    return {"step": jnp.zeros((), jnp.int32), "params": params, "frozen": variables["frozen"],
+    return {"step": jnp.zeros((), jnp.int32), "params": params, "frozen": variables.get("frozen", {}),
             "opt_state": tx.init(params), "nonfinite_step": jnp.full((), -1, jnp.int32)}
 
 
@@ -139,7 +138,7 @@ def load_pretrained(config: ml_collections.ConfigDict, model: DETR, variables):
         ours = flax.traverse_util.flatten_dict(flax.core.unfreeze(variables))
         theirs = flax.traverse_util.flatten_dict(loaded)
         bad = [k for k in theirs if k not in ours or theirs[k].shape != ours[k].shape]
-        missing = [k for k in ours if k not in theirs and k[1] != "class_embed"]
+        missing = [k for k in ours if k not in theirs and k[1] not in ("class_embed", "group_query_embed")]
         if bad or missing:
             raise ValueError(f"{init.detr_checkpoint} does not match config.model: unexpected or mis-shaped "
                              f"{['/'.join(k) for k in bad][:6]}, missing {['/'.join(k) for k in missing][:6]}")
@@ -149,6 +148,28 @@ def load_pretrained(config: ml_collections.ConfigDict, model: DETR, variables):
 
 
 # ---- the step ----------------------------------------------------------------------------------------------
+def split_query_groups(outputs, targets, groups: int):
+    """Group DETR: make each query group its own image, with its own copy of the targets.
+
+    Args:
+        outputs: DETR training outputs, "pred_logits" [B, G * N, C + 1], "pred_boxes" [B, G * N, 4] (and the
+            same in every "aux_outputs" entry), group by group.
+        targets: "labels" [B, M], "boxes" [B, M, 4] cxcywh normalised, "mask" [B, M].
+        groups: G.
+    Returns:
+        (outputs, targets) with batch B * G (row b * G + g is group g of image b) and N queries, so that the
+        matcher assigns every group one-to-one on its own and the criterion averages over groups (num_boxes
+        counts every copy: the loss has the scale of a single-group DETR's).
+    """
+    def split(o):
+        return {k: v.reshape((v.shape[0] * groups, v.shape[1] // groups) + v.shape[2:]) for k, v in o.items()}
+
+    out = split({k: outputs[k] for k in ("pred_logits", "pred_boxes")})
+    if "aux_outputs" in outputs:
+        out["aux_outputs"] = [split(o) for o in outputs["aux_outputs"]]
+    return out, {k: jnp.repeat(v, groups, axis=0) for k, v in targets.items()}
+
+
 def make_train_step(model: DETR, tx, config: ml_collections.ConfigDict, mesh) -> Callable:
     """The jit-compiled `train_step(state, batch) -> (state, metrics)`, data parallel over `mesh`.
 
@@ -167,16 +188,24 @@ def make_train_step(model: DETR, tx, config: ml_collections.ConfigDict, mesh) ->
     def loss_fn(params, frozen, batch, rng):
         outputs = model.apply({"params": params, "frozen": frozen}, batch["images"], pixel_mask=batch["pixel_mask"],
                               train=True, rngs={"dropout": rng})
+        targets = {"labels": batch["labels"], "boxes": batch["boxes"], "mask": batch["mask"]}
+        enc_outputs = outputs.pop("enc_outputs", None)
+        if model.num_query_groups > 1:
+            outputs, targets = split_query_groups(outputs, targets, model.num_query_groups)
         layers = list(outputs.get("aux_outputs", [])) + [outputs]
         indices = match(jnp.stack([o["pred_logits"] for o in layers]), jnp.stack([o["pred_boxes"] for o in layers]),
-                        batch["labels"], batch["boxes"], batch["mask"])
-        targets = {"labels": batch["labels"], "boxes": batch["boxes"], "mask": batch["mask"]}
+                        targets["labels"], targets["boxes"], targets["mask"])
         # The loss is computed on the global batch: num_boxes is the global count (the official code's
         # all_reduce(num_boxes) / world_size combined with DDP's gradient averaging gives the same).
         losses = set_criterion(outputs, targets, indices=indices, num_classes=model.num_classes,
                                eos_coef=loss_cfg.eos_coef, bbox_loss_coef=loss_cfg.bbox_loss_coef,
                                giou_loss_coef=loss_cfg.giou_loss_coef, ce_loss_coef=loss_cfg.ce_loss_coef,
                                bbox_loss_type=loss_cfg.bbox_loss_type, **costs)
+        if enc_outputs is not None:  # the encoder tokens' one-to-many aid (model.encoder_aux_loss)
+            enc = encoder_dense_losses(enc_outputs, batch, num_classes=model.num_classes, eos_coef=loss_cfg.eos_coef,
+                                       ce_loss_coef=loss_cfg.ce_loss_coef, bbox_loss_coef=loss_cfg.bbox_loss_coef,
+                                       giou_loss_coef=loss_cfg.giou_loss_coef)
+            losses = dict(losses, **enc, loss=losses["loss"] + enc["loss_enc"])
         return losses["loss"], losses
 
     def train_step(state: TrainState, batch):

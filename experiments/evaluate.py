@@ -21,6 +21,9 @@ _CONFIG = config_flags.DEFINE_config_file(
 _CHECKPOINT = flags.DEFINE_string("checkpoint", None, "Training work directory or official .pth.", required=True)
 _OUT = flags.DEFINE_string("out", None, "Where to write results.json and metrics.json (default: beside the checkpoint).")
 _DILATION = flags.DEFINE_bool("dilation", False, "The official checkpoint is a DC5 model.")
+_COORDINATOR = flags.DEFINE_string("coordinator_address", None, "host:port of process 0, for multi-host CPU/GPU.")
+_NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Number of processes (multi-host).")
+_PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's id (multi-host).")
 
 
 def main(argv):
@@ -28,7 +31,11 @@ def main(argv):
     logging.getLogger("detr_jax").setLevel(logging.INFO)
     from detr_jax.evaluate import Evaluator, coco_metrics
     from detr_jax.inference import load_workdir_checkpoint
-    from detr_jax.sharding import make_mesh
+    from detr_jax.sharding import make_mesh, maybe_initialize_distributed
+
+    # Multi-host: every process predicts its share of the split; process 0 scores and writes.
+    maybe_initialize_distributed(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
+    import jax
 
     config = _CONFIG.value
     path = _CHECKPOINT.value
@@ -40,10 +47,12 @@ def main(argv):
             model, variables = load_official_checkpoint(path, dilation=_DILATION.value)
         else:
             raise FileNotFoundError(f"checkpoint not found: {path}")
+        evaluator = Evaluator(config, model, make_mesh())
     except (FileNotFoundError, ValueError, ImportError) as e:
         sys.exit(f"error: {e}")
-    evaluator = Evaluator(config, model, make_mesh())
     results = evaluator.predict(variables["params"], variables["frozen"])
+    if jax.process_index() != 0:
+        return
     metrics = coco_metrics(evaluator.ground_truth, results)
     out = _OUT.value or (path if os.path.isdir(path) else os.path.dirname(os.path.abspath(path)))
     os.makedirs(out, exist_ok=True)

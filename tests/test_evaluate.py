@@ -99,3 +99,70 @@ def test_predictions_do_not_depend_on_batch_size_or_padding(tmp_path):
     config4.eval_padding_invariant = False
     leaky = Evaluator(config4, model, mesh).predict(state["params"], state["frozen"])
     assert np.abs(np.array([r["score"] for r in leaky]) - [r["score"] for r in one]).max() > 1e-4
+
+
+_TWO_PROCESS_EVAL = r"""
+import json, sys
+import jax, jax.numpy as jnp
+sys.path.insert(0, sys.argv[4])
+from detr_jax.sharding import maybe_initialize_distributed, make_mesh
+maybe_initialize_distributed(sys.argv[1], 2, int(sys.argv[2]))
+from test_evaluate import _tiny_config
+from detr_jax.evaluate import Evaluator
+from detr_jax.train import build_model
+config = _tiny_config(4)
+model = build_model(config)
+variables = jax.jit(model.init)(jax.random.PRNGKey(0), jnp.zeros((1, 64, 64, 3)))
+results = Evaluator(config, model, make_mesh()).predict(variables["params"], variables["frozen"])
+with open(sys.argv[3] + f".{jax.process_index()}", "w") as f:
+    json.dump(results, f)
+"""
+
+
+def test_two_process_evaluation_equals_one_process(tmp_path):
+    """Multi-host evaluation: each process predicts its share of every batch, the image ids are gathered, and
+    every process ends with the predictions of the whole split, equal to a single process's."""
+    import json
+    import socket
+    import subprocess
+    import sys
+
+    from detr_jax.train import build_model
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    script = tmp_path / "two_process_eval.py"
+    script.write_text(_TWO_PROCESS_EVAL)
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("XLA_FLAGS", "DETR_JAX_", "JAX_"))}
+    env.update(JAX_PLATFORMS="cpu", PYTHONPATH=os.pathsep.join([os.path.dirname(os.path.dirname(__file__)),
+                                                                 env.get("PYTHONPATH", "")]))
+    out = str(tmp_path / "results")
+    procs = [subprocess.Popen([sys.executable, str(script), f"127.0.0.1:{port}", str(i), out,
+                               os.path.dirname(__file__)], env=env, stderr=subprocess.PIPE) for i in range(2)]
+    for p in procs:
+        _, err = p.communicate(timeout=300)
+        assert p.returncode == 0, err.decode()[-3000:]
+
+    config = _tiny_config(4)
+    model = build_model(config)
+    variables = jax.jit(model.init)(jax.random.PRNGKey(0), jnp.zeros((1, 64, 64, 3)))
+    single = Evaluator(config, model, make_mesh()).predict(variables["params"], variables["frozen"])
+    for i in range(2):
+        with open(f"{out}.{i}") as f:
+            multi = json.load(f)
+        assert sorted(r["image_id"] for r in multi) == sorted(r["image_id"] for r in single)
+        key = lambda r: (r["image_id"], -r["score"])
+        multi, ref = sorted(multi, key=key), sorted(single, key=key)
+        assert [r["category_id"] for r in multi] == [r["category_id"] for r in ref]
+        np.testing.assert_allclose([r["score"] for r in multi], [r["score"] for r in ref], atol=1e-5)
+        np.testing.assert_allclose([r["bbox"] for r in multi], [r["bbox"] for r in ref], atol=1e-3)
+
+
+def test_model_with_more_classes_than_the_data_is_refused_by_name():
+    from detr_jax.train import build_model
+
+    config = _tiny_config(4)
+    config.model.num_classes = 7
+    with pytest.raises(ValueError, match="the model has 7 classes but the evaluation data .* has only 5 categories"):
+        Evaluator(config, build_model(config), make_mesh())

@@ -180,3 +180,82 @@ def test_losses_equal_hf_transformers_detr_loss():
             np.testing.assert_allclose(float(ours[key]), float(value), rtol=1e-5, atol=1e-6, err_msg=key)
             compared += 1
     assert compared == 4 * num_layers
+
+
+def test_query_groups_loss_is_the_mean_of_each_group_alone(official):
+    """Group DETR: after `split_query_groups` every group is matched one-to-one on its own, and each loss term
+    is the mean over groups of what that group alone would give (a plain DETR loss when G = 1)."""
+    from detr_jax.train import split_query_groups
+
+    outputs, targets, _ = official
+    rng = np.random.default_rng(0)
+    groups = [outputs]
+    for _ in range(2):  # two more groups: other logits, boxes jittered
+        groups.append(jax.tree_util.tree_map(np.asarray, outputs))
+        for layer in [groups[-1]] + groups[-1]["aux_outputs"]:
+            layer["pred_logits"] = layer["pred_logits"] + rng.normal(size=layer["pred_logits"].shape).astype(np.float32)
+            layer["pred_boxes"] = np.clip(layer["pred_boxes"] + rng.uniform(-0.05, 0.05, layer["pred_boxes"].shape),
+                                          0.01, 0.99).astype(np.float32)
+    joined = jax.tree_util.tree_map(lambda *xs: np.concatenate(xs, axis=1), *groups)  # [B, 3 * N, ...]
+    split_outputs, split_targets = split_query_groups(joined, targets, 3)
+    assert split_outputs["pred_logits"].shape == (3 * outputs["pred_logits"].shape[0],) + outputs["pred_logits"].shape[1:]
+    losses = _criterion(split_outputs, split_targets)
+    alone = [_criterion(g, targets) for g in groups]
+    for name in ("loss", "loss_ce", "loss_bbox", "loss_giou", "loss_ce_0", "loss_giou_1"):
+        np.testing.assert_allclose(float(losses[name]), np.mean([float(a[name]) for a in alone]), rtol=1e-5,
+                                   err_msg=name)
+
+
+def _encoder_dense_reference(logits, pred_boxes, token_mask, centres, labels, boxes, mask, num_classes, eos):
+    """Loop-by-loop reference of `encoder_dense_losses` (the assignment rule written out per token)."""
+    ce_num = ce_den = l1 = giou_sum = positives = 0.0
+    for b in range(logits.shape[0]):
+        cell = 2 * centres[b, 0]
+        for s in range(logits.shape[1]):
+            if not token_mask[b, s]:
+                continue
+            best, best_area = None, np.inf
+            for m in range(labels.shape[1]):
+                if not mask[b, m]:
+                    continue
+                d = np.abs(centres[b, s] - boxes[b, m, :2])
+                if (np.all(d <= cell / 2) or np.all(d <= 0.25 * boxes[b, m, 2:])) and \
+                        boxes[b, m, 2] * boxes[b, m, 3] < best_area:
+                    best, best_area = m, boxes[b, m, 2] * boxes[b, m, 3]
+            cls = num_classes if best is None else labels[b, best]
+            logp = logits[b, s] - np.log(np.exp(logits[b, s]).sum())
+            w = eos if best is None else 1.0
+            ce_num, ce_den = ce_num - w * logp[cls], ce_den + w
+            if best is not None:
+                positives += 1
+                l1 += np.abs(pred_boxes[b, s] - boxes[b, best]).sum()
+                to_xyxy = lambda x: np.concatenate([x[:2] - x[2:] / 2, x[:2] + x[2:] / 2])
+                giou_sum += 1 - float(box_ops.generalized_box_iou(to_xyxy(pred_boxes[b, s])[None],
+                                                                  to_xyxy(boxes[b, best])[None])[0, 0])
+    return ce_num / ce_den, l1 / positives, giou_sum / positives
+
+
+def test_encoder_dense_losses_equal_the_per_token_reference():
+    from detr_jax.losses import encoder_dense_losses
+
+    rng = np.random.default_rng(0)
+    b, h, w, m, c = 3, 4, 5, 6, 5
+    token_mask = np.ones((b, h, w), bool)
+    token_mask[1, 3:] = False  # padded rows / columns: centres are relative to the real map
+    token_mask[2, :, 4:] = False
+    real_h, real_w = token_mask.any(2).sum(1), token_mask.any(1).sum(1)
+    ys, xs = np.meshgrid(np.arange(h) + 0.5, np.arange(w) + 0.5, indexing="ij")
+    centres = np.stack([np.stack([xs.ravel() / real_w[i], ys.ravel() / real_h[i]], -1) for i in range(b)])
+    boxes = np.concatenate([rng.uniform(0.1, 0.9, (b, m, 2)), rng.uniform(0.05, 0.6, (b, m, 2))], -1)
+    mask = rng.random((b, m)) < 0.7
+    labels = rng.integers(0, c, (b, m))
+    logits = rng.normal(size=(b, h * w, c + 1))
+    pred_boxes = np.concatenate([rng.uniform(0.1, 0.9, (b, h * w, 2)), rng.uniform(0.05, 0.5, (b, h * w, 2))], -1)
+    enc = {"pred_logits": jnp.asarray(logits, jnp.float32), "pred_boxes": jnp.asarray(pred_boxes, jnp.float32),
+           "token_mask": jnp.asarray(token_mask.reshape(b, -1)), "token_centres": jnp.asarray(centres, jnp.float32)}
+    targets = {"labels": jnp.asarray(labels), "boxes": jnp.asarray(boxes, jnp.float32), "mask": jnp.asarray(mask)}
+    got = encoder_dense_losses(enc, targets, num_classes=c, eos_coef=0.1)
+    ref = _encoder_dense_reference(logits, pred_boxes, token_mask.reshape(b, -1), centres, labels, boxes, mask, c, 0.1)
+    np.testing.assert_allclose([float(got[k]) for k in ("loss_ce_enc", "loss_bbox_enc", "loss_giou_enc")], ref,
+                               rtol=1e-5)
+    assert 0 < float(got["enc_positives"])

@@ -227,11 +227,12 @@ def test_padding_mask_excludes_padded_keys():
     assert np.all(attn[..., 2] == 0) and np.allclose(attn.sum(axis=(2, 3)), 1, atol=1e-5)
 
 
-@pytest.mark.parametrize("depth, dilation", [(18, False), (50, True)])
-def test_padding_invariant_backbone(depth, dilation):
+@pytest.mark.parametrize("depth, dilation, norm", [(18, False, "frozen_bn"), (50, True, "frozen_bn"),
+                                                   (18, False, "group")])
+def test_padding_invariant_backbone(depth, dilation, norm):
     """With padding_invariant, an image padded into a bigger canvas gives the outputs of the image alone;
     without it (the official behaviour), padding leaks into the border features and changes them."""
-    kw = dict(backbone_depth=depth, dilation=dilation)
+    kw = dict(backbone_depth=depth, dilation=dilation, backbone_norm=norm)
     x = jax.random.normal(jax.random.PRNGKey(1), (1, 72, 104, 3))  # not a multiple of the stride
     canvas = jnp.zeros((1, 128, 160, 3)).at[:, :72, :104].set(x)
     mask = jnp.zeros((1, 128, 160), bool).at[:, :72, :104].set(True)
@@ -242,3 +243,84 @@ def test_padding_invariant_backbone(depth, dilation):
         padded = apply(variables, canvas, pixel_mask=mask)["pred_boxes"]
         diff = float(np.abs(np.asarray(alone - padded)).max())
         assert (diff < 1e-5) == expect_equal, (invariant, diff)
+
+
+def test_parameter_groups_train_stem():
+    model = _tiny_detr(train_stem=True)
+    params = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), jnp.zeros((1, 64, 64, 3))))["params"]
+    labels = flax.traverse_util.flatten_dict(parameter_groups(params, train_stem=True), sep="/")
+    assert labels["backbone/conv1/kernel"] == "backbone"
+    assert labels["backbone/layer1_1/conv2/kernel"] == "backbone"
+    assert set(labels.values()) == {"backbone", "transformer"}
+
+
+def test_train_stem_lets_the_gradient_reach_the_stem():
+    images = jax.random.normal(jax.random.PRNGKey(1), (1, 64, 64, 3))
+
+    def stem_grad(model):
+        variables = model.init(jax.random.PRNGKey(0), images)
+        loss = lambda p: model.apply({**variables, "params": p}, images)["pred_boxes"].sum()
+        return np.abs(np.asarray(jax.grad(loss)(variables["params"])["backbone"]["conv1"]["kernel"])).max()
+
+    assert stem_grad(_tiny_detr()) == 0.0  # official: stop_gradient after stage 1
+    assert stem_grad(_tiny_detr(train_stem=True)) > 0.0
+
+
+def test_query_groups_decode_independently_and_evaluation_uses_group_zero():
+    """Group DETR: in training each group's outputs are what that group alone would give (no attention between
+    groups); in evaluation only group 0 runs, the outputs of a one-group DETR with the same parameters."""
+    groups, n = 3, 6
+    model = _tiny_detr(num_query_groups=groups, num_queries=n, dropout=0.0)
+    images = jax.random.normal(jax.random.PRNGKey(1), (2, 64, 64, 3))
+    mask = jnp.ones((2, 64, 64), bool).at[1, 40:].set(False)
+    variables = model.init(jax.random.PRNGKey(0), images)
+    assert variables["params"]["group_query_embed"].shape == (groups - 1, n, 32)
+    train_out = model.apply(variables, images, pixel_mask=mask, train=True)
+    assert train_out["pred_logits"].shape == (2, groups * n, 6)
+    assert len(train_out["aux_outputs"]) == 1 and train_out["aux_outputs"][0]["pred_boxes"].shape == (2, groups * n, 4)
+
+    single = _tiny_detr(num_queries=n, dropout=0.0)
+    params = {k: v for k, v in variables["params"].items() if k != "group_query_embed"}
+    eval_out = model.apply(variables, images, pixel_mask=mask)  # train=False
+    for g in range(groups):
+        if g:
+            params = dict(params, query_embed=variables["params"]["group_query_embed"][g - 1])
+        ref = single.apply({**variables, "params": params}, images, pixel_mask=mask)
+        for key in ("pred_logits", "pred_boxes"):
+            np.testing.assert_allclose(np.asarray(train_out[key][:, g * n:(g + 1) * n]), np.asarray(ref[key]),
+                                       atol=2e-5)
+            if g == 0:
+                np.testing.assert_allclose(np.asarray(eval_out[key]), np.asarray(ref[key]), atol=2e-5)
+
+
+def test_encoder_token_heads_give_cell_centres_of_the_real_map():
+    model = _tiny_detr(encoder_aux_loss=True, dropout=0.0)
+    images = jax.random.normal(jax.random.PRNGKey(1), (2, 128, 192, 3))
+    mask = jnp.ones((2, 128, 192), bool).at[1, :, 96:].set(False)  # image 1 is 128 x 96: a 4 x 3 real map
+    variables = model.init(jax.random.PRNGKey(0), images)
+    assert "enc_heads" in variables["params"]
+    enc = model.apply(variables, images, pixel_mask=mask, train=True)["enc_outputs"]
+    assert enc["pred_logits"].shape == (2, 4 * 6, 6) and enc["pred_boxes"].shape == (2, 24, 4)
+    centres = np.asarray(enc["token_centres"]).reshape(2, 4, 6, 2)
+    np.testing.assert_allclose(centres[0, 1, 2], [2.5 / 6, 1.5 / 4], rtol=1e-6)
+    np.testing.assert_allclose(centres[1, 3, 2], [2.5 / 3, 3.5 / 4], rtol=1e-6)
+    np.testing.assert_array_equal(np.asarray(enc["token_mask"]).reshape(2, 4, 6)[1].any(0), [1, 1, 1, 0, 0, 0])
+    assert "enc_outputs" not in model.apply(variables, images, pixel_mask=mask)  # inference: a plain DETR
+
+
+def test_group_norm_without_mask_equals_torch():
+    from detr_jax.models.backbone import MaskedGroupNorm
+
+    x = np.random.default_rng(0).normal(2.0, 3.0, (2, 5, 7, 64)).astype(np.float32)
+    module = MaskedGroupNorm()
+    variables = module.init(jax.random.PRNGKey(0), jnp.asarray(x))
+    scale = np.random.default_rng(1).normal(size=64).astype(np.float32)
+    bias = np.random.default_rng(2).normal(size=64).astype(np.float32)
+    ours = module.apply({"params": {"scale": jnp.asarray(scale), "bias": jnp.asarray(bias)}}, jnp.asarray(x))
+    gn = torch.nn.GroupNorm(32, 64, eps=1e-5)
+    with torch.no_grad():
+        gn.weight.copy_(torch.from_numpy(scale))
+        gn.bias.copy_(torch.from_numpy(bias))
+        ref = gn(torch.from_numpy(x).permute(0, 3, 1, 2)).permute(0, 2, 3, 1).numpy()
+    assert set(variables["params"]) == {"scale", "bias"}
+    np.testing.assert_allclose(np.asarray(ours), ref, atol=2e-5)

@@ -48,6 +48,43 @@ class FrozenBatchNorm(nn.Module):
         return x * s.astype(x.dtype) + b.astype(x.dtype)
 
 
+class MaskedGroupNorm(nn.Module):
+    """GroupNorm (32 groups, eps 1e-5, learned scale and bias) whose statistics skip padded pixels.
+
+    An option for training a backbone from scratch (`DETR.backbone_norm="group"`; there are no pretrained
+    statistics to freeze). With a pixel mask the mean and variance are taken over real pixels only, so padding
+    does not change an image's features; without one, over the whole map (as torch's GroupNorm).
+    """
+    num_groups: int = 32
+    eps: float = 1e-5
+
+    @nn.compact
+    def __call__(self, x, pixel_mask=None):  # [B, H, W, C], bool [B, H', W'] -> [B, H, W, C]
+        b, h, w, c = x.shape
+        g = min(self.num_groups, c)
+        scale = self.param("scale", nn.initializers.ones, (c,), jnp.float32)
+        bias = self.param("bias", nn.initializers.zeros, (c,), jnp.float32)
+        xg = x.astype(jnp.float32).reshape(b, h, w, g, c // g)
+        if pixel_mask is None:
+            m = jnp.ones((b, h, w, 1, 1), jnp.float32)
+        else:
+            m = downsample_mask(pixel_mask, (h, w))[..., None, None].astype(jnp.float32)
+        count = jnp.maximum(m.sum(axis=(1, 2, 4), keepdims=True) * (c // g), 1.0)
+        mean = (xg * m).sum(axis=(1, 2, 4), keepdims=True) / count
+        var = (jnp.square(xg - mean) * m).sum(axis=(1, 2, 4), keepdims=True) / count
+        y = ((xg - mean) * jax.lax.rsqrt(var + self.eps)).reshape(b, h, w, c)
+        return (y * scale + bias).astype(x.dtype)
+
+
+def _norm(kind: str, name: str):
+    """The backbone's normalisation layer: "frozen_bn" (official) or "group" (see MaskedGroupNorm)."""
+    if kind == "frozen_bn":
+        return lambda x, pixel_mask=None: FrozenBatchNorm(name=name)(x)
+    if kind == "group":
+        return lambda x, pixel_mask=None: MaskedGroupNorm(name=name)(x, pixel_mask)
+    raise ValueError(f"backbone norm must be 'frozen_bn' or 'group', got {kind!r}")
+
+
 _KAIMING_FAN_OUT = nn.initializers.variance_scaling(2.0, "fan_out", "normal")
 
 
@@ -164,16 +201,17 @@ class BasicBlock(nn.Module):
     dilation: int = 1
     downsample: bool = False
     dtype: jnp.dtype = jnp.float32
+    norm: str = "frozen_bn"
 
     @nn.compact
     def __call__(self, x, pixel_mask=None):  # [B, H, W, Cin] -> [B, H/s, W/s, planes]
         identity = x
-        out = nn.relu(FrozenBatchNorm(name="bn1")(_conv(self.planes, 3, self.stride, name="conv1", dtype=self.dtype)(x)))
-        out = mask_padding(out, pixel_mask)
-        out = FrozenBatchNorm(name="bn2")(_conv(self.planes, 3, name="conv2", dtype=self.dtype)(out))
+        out = _conv(self.planes, 3, self.stride, name="conv1", dtype=self.dtype)(x)
+        out = mask_padding(nn.relu(_norm(self.norm, "bn1")(out, pixel_mask)), pixel_mask)
+        out = _norm(self.norm, "bn2")(_conv(self.planes, 3, name="conv2", dtype=self.dtype)(out), pixel_mask)
         if self.downsample:
-            identity = FrozenBatchNorm(name="downsample_bn")(
-                    _conv(self.planes, 1, self.stride, name="downsample_conv", dtype=self.dtype)(x))
+            identity = _norm(self.norm, "downsample_bn")(
+                    _conv(self.planes, 1, self.stride, name="downsample_conv", dtype=self.dtype)(x), pixel_mask)
         return mask_padding(nn.relu(out + identity), pixel_mask)
 
 
@@ -183,20 +221,21 @@ class Bottleneck(nn.Module):
     dilation: int = 1
     downsample: bool = False
     dtype: jnp.dtype = jnp.float32
+    norm: str = "frozen_bn"
 
     @nn.compact
     def __call__(self, x, pixel_mask=None):  # [B, H, W, Cin] -> [B, H/s, W/s, 4 * planes]
         identity = x
-        out = nn.relu(FrozenBatchNorm(name="bn1")(_conv(self.planes, 1, name="conv1", dtype=self.dtype)(x)))
-        out = mask_padding(out, pixel_mask)
+        out = _norm(self.norm, "bn1")(_conv(self.planes, 1, name="conv1", dtype=self.dtype)(x), pixel_mask)
+        out = mask_padding(nn.relu(out), pixel_mask)
         # v1.5: the stride sits on the 3x3 conv, not on the first 1x1.
-        out = nn.relu(FrozenBatchNorm(name="bn2")(
-                _conv(self.planes, 3, self.stride, self.dilation, name="conv2", dtype=self.dtype)(out)))
-        out = mask_padding(out, pixel_mask)
-        out = FrozenBatchNorm(name="bn3")(_conv(self.planes * 4, 1, name="conv3", dtype=self.dtype)(out))
+        out = _norm(self.norm, "bn2")(
+                _conv(self.planes, 3, self.stride, self.dilation, name="conv2", dtype=self.dtype)(out), pixel_mask)
+        out = mask_padding(nn.relu(out), pixel_mask)
+        out = _norm(self.norm, "bn3")(_conv(self.planes * 4, 1, name="conv3", dtype=self.dtype)(out), pixel_mask)
         if self.downsample:
-            identity = FrozenBatchNorm(name="downsample_bn")(
-                    _conv(self.planes * 4, 1, self.stride, name="downsample_conv", dtype=self.dtype)(x))
+            identity = _norm(self.norm, "downsample_bn")(
+                    _conv(self.planes * 4, 1, self.stride, name="downsample_conv", dtype=self.dtype)(x), pixel_mask)
         return mask_padding(nn.relu(out + identity), pixel_mask)
 
 
@@ -211,11 +250,14 @@ class ResNet(nn.Module):
             stage 1), as in the official DETR, whose backbone has `requires_grad=False` there; DETR sets it, and
             `parameter_groups` never updates those parameters anyway. Saves their backward pass, the costliest
             part of the backbone's (the largest feature maps).
+        norm: "frozen_bn" (official, the statistics of a pretrained model) or "group" (`MaskedGroupNorm`, for
+            training from scratch; its parameters keep the batch-norm names, e.g. "bn1/scale").
     """
     depth: int = 50
     dilation: bool = False
     dtype: jnp.dtype = jnp.float32
     freeze_stem_and_layer1: bool = False
+    norm: str = "frozen_bn"
 
     @nn.compact
     def __call__(self, x, pixel_mask=None):  # [B, H, W, 3], bool [B, H, W] -> [B, H/32, W/32, C] (/16 with dilation)
@@ -229,7 +271,7 @@ class ResNet(nn.Module):
         expansion = 1 if kind == "basic" else 4
 
         x = _conv(64, 7, 2, name="conv1", dtype=self.dtype)(x)
-        x = mask_padding(nn.relu(FrozenBatchNorm(name="bn1")(x)), pixel_mask)
+        x = mask_padding(nn.relu(_norm(self.norm, "bn1")(x, pixel_mask)), pixel_mask)
         # Activations are >= 0 here, so the zeros of masked padding never win the max (like -inf padding).
         x = mask_padding(nn.max_pool(x, (3, 3), strides=(2, 2), padding=[(1, 1), (1, 1)]), pixel_mask)
 
@@ -248,6 +290,7 @@ class ResNet(nn.Module):
                         dilation=previous_dilation if first else current_dilation,
                         downsample=first and (stride != 1 or in_channels != planes * expansion),
                         dtype=self.dtype,
+                        norm=self.norm,
                         name=f"layer{i + 1}_{j}")(x, pixel_mask)
                 in_channels = planes * expansion
             if i == 0 and self.freeze_stem_and_layer1:

@@ -40,6 +40,18 @@ class DETR(nn.Module):
     Attributes:
         num_classes: object classes; the class head has num_classes + 1 logits, no-object LAST.
         num_queries: object queries N.
+        num_query_groups: Group DETR (Chen et al. 2023), a training-only convergence aid: with G > 1, training
+            decodes G independent groups of N queries (no self-attention between groups), each matched to the
+            targets on its own; evaluation and inference use group 0 only, so the deployed model is a plain DETR.
+            Groups 1..G-1 are the parameter "group_query_embed" [G - 1, N, D]; everything else is shared.
+        encoder_aux_loss: a training-only convergence aid in the spirit of Co-DETR's auxiliary heads (Zong et al.
+            2023): in training, extra heads on every encoder token predict a class and a box ("enc_outputs"), for
+            a dense one-to-many loss (`losses.encoder_dense_losses`) that teaches the backbone and encoder where
+            and what the objects are long before the decoder has learned to attend. Inference never runs them.
+        backbone_norm: "frozen_bn" (official) or "group" (GroupNorm with learned affine, for a backbone trained
+            from scratch; statistics over real pixels only when `padding_invariant`).
+        train_stem: also train the ResNet stem and stage 1 (frozen in the official DETR, which starts from
+            ImageNet weights); for training a backbone from scratch.
         dtype: compute dtype (bfloat16 for mixed precision); parameters and outputs stay float32.
     """
     num_classes: int = 91
@@ -57,6 +69,10 @@ class DETR(nn.Module):
     aux_loss: bool = True
     # True: padding does not change any image's outputs (see ResNet); False: the official behaviour.
     padding_invariant: bool = False
+    num_query_groups: int = 1
+    encoder_aux_loss: bool = False
+    backbone_norm: str = "frozen_bn"
+    train_stem: bool = False
     dtype: Any = jnp.float32
 
     @nn.compact
@@ -72,11 +88,18 @@ class DETR(nn.Module):
             "pred_logits": [B, N, num_classes + 1]; "pred_boxes": [B, N, 4] cxcywh normalised by the unpadded
             image size; "aux_outputs": list of L-1 dicts with the same keys, first decoder layer first (when
             aux_loss); with return_attention, "cross_attention": [B, N, h, w] and "feature_mask": bool [B, h, w].
+            With `num_query_groups` G > 1 and `train`, N is G * num_queries: group g is queries g*N .. (g+1)*N-1.
+            With `encoder_aux_loss` and `train`, "enc_outputs": "pred_logits" [B, S, C + 1] and "pred_boxes"
+            [B, S, 4] (cxcywh normalised) per encoder token (S = h * w, row-major), "token_mask" bool [B, S]
+            (True on real tokens) and "token_centres" [B, S, 2] (x, y of each token's cell centre, normalised by
+            the real feature-map size).
         """
         if pixel_mask is None:
             pixel_mask = jnp.ones(images.shape[:3], bool)
-        # The stem and stage 1 are frozen as in the official DETR (see `parameter_groups`): no gradient into them.
-        features = ResNet(self.backbone_depth, self.dilation, self.dtype, freeze_stem_and_layer1=True, name="backbone")(
+        # The stem and stage 1 are frozen as in the official DETR (see `parameter_groups`): no gradient into them,
+        # unless `train_stem`.
+        features = ResNet(self.backbone_depth, self.dilation, self.dtype, freeze_stem_and_layer1=not self.train_stem,
+                          norm=self.backbone_norm, name="backbone")(
             images.astype(self.dtype), pixel_mask if self.padding_invariant else None)
         b, h, w, c = features.shape
         mask = downsample_mask(pixel_mask, (h, w))  # bool [B, h, w]
@@ -91,9 +114,16 @@ class DETR(nn.Module):
         src = Conv1x1(self.hidden_dim, dtype=self.dtype, kernel_init=torch_default_kernel_init, use_bias=True,
                       bias_init=torch_default_bias_init(c), name="input_proj")(features)
         query_embed = self.param("query_embed", nn.initializers.normal(1.0), (self.num_queries, self.hidden_dim))
-        hs, attn = Transformer(self.num_heads, self.num_encoder_layers, self.num_decoder_layers, self.dim_feedforward,
-                                                      self.dropout, self.pre_norm, self.dtype, name="transformer")(
-                                                              src, mask, query_embed, pos.astype(self.dtype), train)
+        if self.num_query_groups < 1:
+            raise ValueError(f"num_query_groups must be >= 1, got {self.num_query_groups}")
+        if self.num_query_groups > 1 and (train or self.is_initializing()):  # evaluation never needs them
+            groups = self.param("group_query_embed", nn.initializers.normal(1.0),
+                                (self.num_query_groups - 1, self.num_queries, self.hidden_dim))
+            if train:
+                query_embed = jnp.concatenate([query_embed[None], groups])  # [G, N, D]
+        transformer = Transformer(self.num_heads, self.num_encoder_layers, self.num_decoder_layers,
+                                  self.dim_feedforward, self.dropout, self.pre_norm, self.dtype, name="transformer")
+        hs, attn, memory = transformer(src, mask, query_embed, pos.astype(self.dtype), train)
 
         logits = dense_2d(torch_linear(self.num_classes + 1, self.hidden_dim, "class_embed", self.dtype,
                                        xavier_weight=False), hs).astype(jnp.float32)  # [L, B, N, C + 1]
@@ -101,24 +131,55 @@ class DETR(nn.Module):
         out = {"pred_logits": logits[-1], "pred_boxes": boxes[-1]}
         if self.aux_loss:
             out["aux_outputs"] = [{"pred_logits": logits[i], "pred_boxes": boxes[i]} for i in range(len(hs) - 1)]
+        if self.encoder_aux_loss and (train or self.is_initializing()):
+            out["enc_outputs"] = EncoderTokenHeads(self.num_classes, self.dtype, name="enc_heads")(memory, mask)
         if return_attention:
-            out["cross_attention"] = attn[-1].reshape(b, self.num_queries, h, w)
+            out["cross_attention"] = attn[-1].reshape(b, -1, h, w)
             out["feature_mask"] = mask
         return out
 
 
-def parameter_groups(params) -> Dict:
+class EncoderTokenHeads(nn.Module):
+    """A class and a box for every encoder token (training-only heads, see `DETR.encoder_aux_loss`).
+
+    The box centre is the token's cell centre plus an offset in cells (memory has no absolute position: the
+    encodings only enter attention queries and keys), the size a sigmoid fraction of the image.
+    """
+    num_classes: int
+    dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, memory, mask):
+        """memory [B, h * w, D], mask bool [B, h, w] (True on real positions) -> dict, see `DETR.__call__`."""
+        d = memory.shape[-1]
+        logits = dense_2d(torch_linear(self.num_classes + 1, d, "class_embed", self.dtype, xavier_weight=False),
+                          memory).astype(jnp.float32)
+        raw = MLP(d, 4, 3, self.dtype, name="bbox_embed")(memory).astype(jnp.float32)  # [B, S, 4]
+        real_h = mask.any(axis=2).sum(axis=1).astype(jnp.float32)  # [B] real rows of the feature map
+        real_w = mask.any(axis=1).sum(axis=1).astype(jnp.float32)
+        h, w = mask.shape[1:]
+        ys, xs = jnp.meshgrid(jnp.arange(h, dtype=jnp.float32) + 0.5, jnp.arange(w, dtype=jnp.float32) + 0.5,
+                              indexing="ij")
+        cell = jnp.stack([1.0 / jnp.maximum(real_w, 1.0), 1.0 / jnp.maximum(real_h, 1.0)], -1)[:, None]  # [B, 1, 2]
+        centres = jnp.stack([xs.reshape(-1), ys.reshape(-1)], -1)[None] * cell  # [B, S, 2]
+        boxes = jnp.concatenate([centres + raw[..., :2] * cell, jax.nn.sigmoid(raw[..., 2:])], -1)
+        return {"pred_logits": logits, "pred_boxes": boxes, "token_mask": mask.reshape(mask.shape[0], -1),
+                "token_centres": centres}
+
+
+def parameter_groups(params, train_stem: bool = False) -> Dict:
     """Label each parameter for the optimizer, as the official training does.
 
     Returns a pytree like `params` with "frozen" (ResNet stem and stage 1: the official `train_backbone`
-    freezes everything but layer2-4), "backbone" (stages 2-4, trained with the backbone learning rate) or
-    "transformer" (everything else). Batch-norm statistics are not params (collection "frozen").
+    freezes everything but layer2-4; none with `train_stem`, see `DETR`), "backbone" (the other backbone
+    parameters, trained with the backbone learning rate) or "transformer" (everything else). Batch-norm
+    statistics are not params (collection "frozen").
     """
     flat = flax.traverse_util.flatten_dict(flax.core.unfreeze(params))
 
     def label(path):
         if path[0] != "backbone":
             return "transformer"
-        return "backbone" if path[1].split("_")[0] in ("layer2", "layer3", "layer4") else "frozen"
+        return "backbone" if train_stem or path[1].split("_")[0] in ("layer2", "layer3", "layer4") else "frozen"
 
     return flax.traverse_util.unflatten_dict({k: label(k) for k in flat})

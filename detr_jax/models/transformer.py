@@ -170,11 +170,15 @@ class Transformer(nn.Module):
         Args:
             src: [B, h, w, D] projected backbone features.
             mask: bool [B, h, w], True on real (unpadded) positions.
-            query_embed: [N, D] learned query position embeddings.
+            query_embed: [N, D] learned query position embeddings, or [G, N, D]: G independent groups of queries
+                (Group DETR), each decoded as its own set, with no self-attention between groups.
             pos: [B, h, w, D] position encodings.
         Returns:
-            hs: [L, B, N, D] normalised decoder outputs, first layer first;
-            cross_attn: [L, B, N, h * w] head-averaged cross-attention weights of each decoder layer.
+            hs: [L, B, N, D] normalised decoder outputs, first layer first ([L, B, G * N, D] for groups, group
+                by group);
+            cross_attn: [L, B, N, h * w] head-averaged cross-attention weights of each decoder layer ([L, B, G * N,
+                h * w] for groups);
+            memory: [B, h * w, D] the encoder's output.
         """
         b, h, w, d = src.shape
         src, pos, key_mask = src.reshape(b, h * w, d), pos.reshape(b, h * w, d), mask.reshape(b, h * w)
@@ -184,8 +188,15 @@ class Transformer(nn.Module):
                                                         name=f"encoder_layers_{i}")(memory, pos, key_mask, train)
         if self.pre_norm:  # the official encoder has a final norm only in the pre-norm variant
             memory = _layer_norm("encoder_norm")(memory)
+        encoded = memory
 
-        query_pos = jnp.broadcast_to(query_embed[None].astype(src.dtype), (b,) + query_embed.shape)
+        groups = 1
+        if query_embed.ndim == 3:  # groups decode as separate images: [B, S, D] -> [B * G, S, D], image-major
+            groups = query_embed.shape[0]
+            memory, pos, key_mask = (jnp.repeat(x, groups, axis=0) for x in (memory, pos, key_mask))
+            query_pos = jnp.tile(query_embed.astype(src.dtype), (b, 1, 1))  # row b * G + g: group g of image b
+        else:
+            query_pos = jnp.broadcast_to(query_embed[None].astype(src.dtype), (b,) + query_embed.shape)
         tgt = jnp.zeros_like(query_pos)  # decoder slots start at zero; the queries enter as positions
         decoder_norm = _layer_norm("decoder_norm")
         hs, attn = [], []
@@ -194,4 +205,7 @@ class Transformer(nn.Module):
                                                                     name=f"decoder_layers_{i}")(tgt, memory, pos, query_pos, key_mask, train)
             hs.append(decoder_norm(tgt))
             attn.append(weights)
-        return jnp.stack(hs), jnp.stack(attn)
+        hs, attn = jnp.stack(hs), jnp.stack(attn)  # [L, B * G, N, D], [L, B * G, N, S]
+        if groups > 1:
+            hs, attn = (x.reshape((x.shape[0], b, -1) + x.shape[3:]) for x in (hs, attn))
+        return hs, attn, encoded

@@ -29,7 +29,8 @@ def get_config():
     config.model = ml_collections.ConfigDict(dict(
         num_classes=5, num_queries=6, hidden_dim=32, num_heads=4, num_encoder_layers=1, num_decoder_layers=2,
         dim_feedforward=64, dropout=0.0, pre_norm=False, backbone_depth=18, dilation=False,
-        position_embedding="sine", aux_loss=True))
+        position_embedding="sine", aux_loss=True, train_stem=False, num_query_groups=1, encoder_aux_loss=False,
+        backbone_norm="frozen_bn"))
 
     config.data = ml_collections.ConfigDict(dict(
         source="synthetic",
