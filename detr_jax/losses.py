@@ -33,10 +33,7 @@ def _label_losses(pred_logits, indices, targets, *, num_classes, eos_coef):
 
     # Official: F.cross_entropy with class weights (1, ..., 1, eos_coef) is the weighted
     # mean sum(w * nll) / sum(w), so no-object queries count eos_coef times as much.
-    log_prob = jax.nn.log_softmax(pred_logits, axis=-1)
-    nll = -jnp.take_along_axis(log_prob, target_classes[..., None], axis=-1)[..., 0]
-    weight = jnp.where(target_classes == num_classes, eos_coef, 1.0)
-    loss_ce = (weight * nll).sum() / weight.sum()
+    loss_ce = _weighted_cross_entropy(pred_logits, target_classes, num_classes=num_classes, eos_coef=eos_coef)
 
     # Top-1 accuracy of matched queries; official `accuracy` gives 0 with no targets,
     # hence class_error 100.
@@ -70,16 +67,33 @@ def _box_losses(pred_boxes, indices, targets, *, num_boxes, bbox_loss_type):
     src_boxes = jnp.take_along_axis(pred_boxes, jnp.maximum(indices, 0)[..., None], axis=1)
     tgt_boxes = targets["boxes"]  # [B, M, 4]
 
+    return _paired_box_losses(src_boxes, tgt_boxes, matched, num_boxes, bbox_loss_type)
+
+
+def _weighted_cross_entropy(pred_logits, target_classes, *, num_classes, eos_coef, valid=None):
+    """The official class-weighted CE: sum(w * nll) / sum(w), no-object (index num_classes) weighted eos_coef.
+
+    pred_logits [..., C + 1], target_classes int [...]; `valid` bool [...] drops entries (weight 0).
+    """
+    log_prob = jax.nn.log_softmax(pred_logits, axis=-1)
+    nll = -jnp.take_along_axis(log_prob, target_classes[..., None], axis=-1)[..., 0]
+    weight = jnp.where(target_classes == num_classes, eos_coef, 1.0)
+    if valid is not None:
+        weight = weight * valid
+    return (weight * nll).sum() / jnp.maximum(weight.sum(), 1e-6)
+
+
+def _paired_box_losses(src_boxes, tgt_boxes, valid, normaliser, bbox_loss_type):
+    """L1 (or Smooth-L1) and 1 - GIoU of paired boxes [..., 4] cxcywh, summed where `valid` [...], / normaliser."""
     diff = jnp.abs(src_boxes - tgt_boxes)
     if bbox_loss_type == "smooth_l1":  # torch's F.smooth_l1_loss with beta=1
         bbox = jnp.where(diff < 1.0, 0.5 * diff ** 2, diff - 0.5)
     else:
         bbox = diff
-    loss_bbox = jnp.where(matched[..., None], bbox, 0.0).sum() / num_boxes
-
+    loss_bbox = jnp.where(valid[..., None], bbox, 0.0).sum() / normaliser
     giou = box_ops.elementwise_generalized_box_iou(
         box_ops.box_cxcywh_to_xyxy(src_boxes), box_ops.box_cxcywh_to_xyxy(tgt_boxes))
-    loss_giou = jnp.where(matched, 1.0 - giou, 0.0).sum() / num_boxes
+    loss_giou = jnp.where(valid, 1.0 - giou, 0.0).sum() / normaliser
     return loss_bbox, loss_giou
 
 
@@ -179,18 +193,12 @@ def encoder_dense_losses(enc_outputs, targets, *, num_classes=91, eos_coef=0.1, 
 
     labels = jnp.take_along_axis(targets["labels"].astype(jnp.int32), owner, axis=1)
     target_classes = jnp.where(positive, labels, num_classes)
-    log_prob = jax.nn.log_softmax(enc_outputs["pred_logits"], axis=-1)
-    nll = -jnp.take_along_axis(log_prob, target_classes[..., None], axis=-1)[..., 0]
-    weight = jnp.where(positive, 1.0, eos_coef) * token_mask
-    loss_ce = (weight * nll).sum() / jnp.maximum(weight.sum(), 1e-6)
+    loss_ce = _weighted_cross_entropy(enc_outputs["pred_logits"], target_classes, num_classes=num_classes,
+                                      eos_coef=eos_coef, valid=token_mask)
 
     num_positive = jnp.maximum(positive.sum(), 1).astype(jnp.float32)
     target_boxes = jnp.take_along_axis(boxes, owner[..., None], axis=1)  # [B, S, 4]
-    pred_boxes = enc_outputs["pred_boxes"]
-    loss_bbox = jnp.where(positive[..., None], jnp.abs(pred_boxes - target_boxes), 0.0).sum() / num_positive
-    giou = box_ops.elementwise_generalized_box_iou(box_ops.box_cxcywh_to_xyxy(pred_boxes),
-                                                   box_ops.box_cxcywh_to_xyxy(target_boxes))
-    loss_giou = jnp.where(positive, 1.0 - giou, 0.0).sum() / num_positive
+    loss_bbox, loss_giou = _paired_box_losses(enc_outputs["pred_boxes"], target_boxes, positive, num_positive, "l1")
     return {"loss_ce_enc": loss_ce, "loss_bbox_enc": loss_bbox, "loss_giou_enc": loss_giou,
             "loss_enc": ce_loss_coef * loss_ce + bbox_loss_coef * loss_bbox + giou_loss_coef * loss_giou,
             "enc_positives": positive.sum() / jnp.maximum(targets["mask"].sum(), 1)}
