@@ -25,6 +25,7 @@ from detr_jax import sharding
 from detr_jax.data import Loader, build_source, make_eval_transforms, make_train_transforms, recipe_buckets
 from detr_jax.losses import encoder_dense_losses, set_criterion
 from detr_jax.matcher import hungarian_match
+from detr_jax.models.backbone import FROZEN_COLLECTION
 from detr_jax.models.detr import DETR, parameter_groups
 
 logger = logging.getLogger(__name__)
@@ -185,9 +186,13 @@ def make_train_step(model: DETR, tx, config: ml_collections.ConfigDict, mesh) ->
     match = jax.shard_map(local_match, mesh=mesh, in_specs=(P(None, sharding.DATA_AXIS),) * 2 +
                           (P(sharding.DATA_AXIS),) * 3, out_specs=P(None, sharding.DATA_AXIS), check_vma=False)
 
+    # backbone_norm "batch": training updates the running statistics in the "frozen" collection.
+    mutable = [FROZEN_COLLECTION] if model.backbone_norm == "batch" else False
+
     def loss_fn(params, frozen, batch, rng):
-        outputs = model.apply({"params": params, "frozen": frozen}, batch["images"], pixel_mask=batch["pixel_mask"],
-                              train=True, rngs={"dropout": rng})
+        outputs = model.apply({"params": params, FROZEN_COLLECTION: frozen}, batch["images"],
+                              pixel_mask=batch["pixel_mask"], train=True, rngs={"dropout": rng}, mutable=mutable)
+        outputs, frozen = outputs if mutable else (outputs, {FROZEN_COLLECTION: frozen})
         targets = {"labels": batch["labels"], "boxes": batch["boxes"], "mask": batch["mask"]}
         enc_outputs = outputs.pop("enc_outputs", None)
         if model.num_query_groups > 1:
@@ -206,18 +211,18 @@ def make_train_step(model: DETR, tx, config: ml_collections.ConfigDict, mesh) ->
                                        ce_loss_coef=loss_cfg.ce_loss_coef, bbox_loss_coef=loss_cfg.bbox_loss_coef,
                                        giou_loss_coef=loss_cfg.giou_loss_coef)
             losses = dict(losses, **enc, loss=losses["loss"] + enc["loss_enc"])
-        return losses["loss"], losses
+        return losses["loss"], (losses, frozen[FROZEN_COLLECTION])
 
     def train_step(state: TrainState, batch):
         rng = jax.random.fold_in(jax.random.PRNGKey(config.seed), state["step"])
-        grads, losses = jax.grad(loss_fn, has_aux=True)(state["params"], state["frozen"], batch, rng)
+        grads, (losses, frozen) = jax.grad(loss_fn, has_aux=True)(state["params"], state["frozen"], batch, rng)
         updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
         params = optax.apply_updates(state["params"], updates)
         grad_norm = optax.tree.norm(grads)
         finite = jnp.isfinite(losses["loss"]) & jnp.isfinite(grad_norm)
         # A non-finite step leaves the parameters as they were and records the step; the loop stops on it.
         keep = lambda new, old: jax.tree_util.tree_map(lambda a, b: jnp.where(finite, a, b), new, old)
-        new_state = {"step": state["step"] + 1, "params": keep(params, state["params"]), "frozen": state["frozen"],
+        new_state = {"step": state["step"] + 1, "params": keep(params, state["params"]), "frozen": keep(frozen, state["frozen"]),
                      "opt_state": keep(opt_state, state["opt_state"]),
                      "nonfinite_step": jnp.where(finite | (state["nonfinite_step"] >= 0), state["nonfinite_step"],
                                                  state["step"])}

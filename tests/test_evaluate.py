@@ -8,8 +8,15 @@ import numpy as np
 import pytest
 
 from detr_jax.data import SyntheticDetection
-from detr_jax.evaluate import Evaluator, coco_ground_truth, coco_metrics, postprocess, to_coco_results
+from detr_jax.evaluate import (
+    Evaluator,
+    coco_ground_truth,
+    coco_metrics,
+    postprocess,
+    to_coco_results,
+)
 from detr_jax.sharding import make_mesh
+from tests.helpers import free_port, subprocess_env
 
 torch = pytest.importorskip("torch")
 
@@ -61,8 +68,9 @@ def test_to_coco_results_skips_padding_images_and_converts_boxes():
 
 
 def _tiny_config(eval_batch_size):
-    from ml_collections import config_flags  # noqa: F401  (the config file imports ml_collections)
     import importlib.util
+
+    from ml_collections import config_flags  # noqa: F401  (the config file imports ml_collections)
     spec = importlib.util.spec_from_file_location("tiny_config", TINY_CONFIG)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
@@ -123,20 +131,16 @@ def test_two_process_evaluation_equals_one_process(tmp_path):
     """Multi-host evaluation: each process predicts its share of every batch, the image ids are gathered, and
     every process ends with the predictions of the whole split, equal to a single process's."""
     import json
-    import socket
     import subprocess
     import sys
 
     from detr_jax.train import build_model
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     script = tmp_path / "two_process_eval.py"
     script.write_text(_TWO_PROCESS_EVAL)
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("XLA_FLAGS", "DETR_JAX_", "JAX_"))}
-    env.update(JAX_PLATFORMS="cpu", PYTHONPATH=os.pathsep.join([os.path.dirname(os.path.dirname(__file__)),
-                                                                 env.get("PYTHONPATH", "")]))
+    env = subprocess_env(PYTHONPATH=os.pathsep.join([os.path.dirname(os.path.dirname(__file__)),
+                                                     os.environ.get("PYTHONPATH", "")]))
     out = str(tmp_path / "results")
     procs = [subprocess.Popen([sys.executable, str(script), f"127.0.0.1:{port}", str(i), out,
                                os.path.dirname(__file__)], env=env, stderr=subprocess.PIPE) for i in range(2)]

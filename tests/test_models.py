@@ -18,7 +18,10 @@ F = torch.nn.functional
 
 from detr_jax.models.backbone import ResNet, downsample_mask  # noqa: E402
 from detr_jax.models.detr import DETR, parameter_groups  # noqa: E402
-from detr_jax.models.position_encoding import LearnedPositionEncoding, sine_position_encoding  # noqa: E402
+from detr_jax.models.position_encoding import (  # noqa: E402
+    LearnedPositionEncoding,
+    sine_position_encoding,
+)
 from detr_jax.models.transformer import DecoderLayer, EncoderLayer  # noqa: E402
 
 
@@ -228,7 +231,7 @@ def test_padding_mask_excludes_padded_keys():
 
 
 @pytest.mark.parametrize("depth, dilation, norm", [(18, False, "frozen_bn"), (50, True, "frozen_bn"),
-                                                   (18, False, "group")])
+                                                   (18, False, "group"), (18, False, "batch")])
 def test_padding_invariant_backbone(depth, dilation, norm):
     """With padding_invariant, an image padded into a bigger canvas gives the outputs of the image alone;
     without it (the official behaviour), padding leaks into the border features and changes them."""
@@ -324,3 +327,70 @@ def test_group_norm_without_mask_equals_torch():
         ref = gn(torch.from_numpy(x).permute(0, 3, 1, 2)).permute(0, 2, 3, 1).numpy()
     assert set(variables["params"]) == {"scale", "bias"}
     np.testing.assert_allclose(np.asarray(ours), ref, atol=2e-5)
+
+
+def _torch_batch_norm(x, scale, bias, train):
+    """torch.nn.BatchNorm2d (momentum 0.1) on NHWC numpy x; returns (output NHWC, running mean, running var)."""
+    bn = torch.nn.BatchNorm2d(x.shape[-1], eps=1e-5, momentum=0.1)
+    with torch.no_grad():
+        bn.weight.copy_(torch.from_numpy(scale))
+        bn.bias.copy_(torch.from_numpy(bias))
+        bn.train(train)
+        y = bn(torch.from_numpy(x).permute(0, 3, 1, 2)).permute(0, 2, 3, 1).numpy()
+    return y, bn.running_mean.numpy(), bn.running_var.numpy()
+
+
+def test_batch_norm_equals_torch_in_training_and_evaluation():
+    """backbone_norm "batch": in training, torch's BatchNorm2d in train mode (output and running statistics after
+    one step); in evaluation, FrozenBatchNorm with the same four arrays (torch's eval mode)."""
+    from detr_jax.models.backbone import (
+        FROZEN_COLLECTION,
+        FrozenBatchNorm,
+        MaskedBatchNorm,
+    )
+
+    rng = np.random.default_rng(0)
+    x = rng.normal(2.0, 3.0, (3, 5, 7, 16)).astype(np.float32)
+    scale, bias = rng.normal(size=16).astype(np.float32), rng.normal(size=16).astype(np.float32)
+    module = MaskedBatchNorm()
+    variables = module.init(jax.random.PRNGKey(0), jnp.asarray(x))
+    assert set(variables["params"]) == {"scale", "bias"} and set(variables[FROZEN_COLLECTION]) == {"mean", "var"}
+    variables = {"params": {"scale": jnp.asarray(scale), "bias": jnp.asarray(bias)},
+                 FROZEN_COLLECTION: variables[FROZEN_COLLECTION]}
+    ours, updated = module.apply(variables, jnp.asarray(x), train=True, mutable=[FROZEN_COLLECTION])
+    ref, ref_mean, ref_var = _torch_batch_norm(x, scale, bias, train=True)
+    np.testing.assert_allclose(np.asarray(ours), ref, atol=2e-5)
+    np.testing.assert_allclose(np.asarray(updated[FROZEN_COLLECTION]["mean"]), ref_mean, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(np.asarray(updated[FROZEN_COLLECTION]["var"]), ref_var, rtol=1e-5)
+
+    stats = {"mean": rng.normal(size=16).astype(np.float32), "var": rng.uniform(0.5, 2, 16).astype(np.float32)}
+    evaluated = module.apply({"params": variables["params"], FROZEN_COLLECTION: stats}, jnp.asarray(x))
+    frozen = FrozenBatchNorm().apply({FROZEN_COLLECTION: dict(stats, scale=scale, bias=bias)}, jnp.asarray(x))
+    np.testing.assert_allclose(np.asarray(evaluated), np.asarray(frozen), atol=1e-5)
+    bn = torch.nn.BatchNorm2d(16, eps=1e-5).eval()
+    with torch.no_grad():
+        for name, value in (("weight", scale), ("bias", bias), ("running_mean", stats["mean"]),
+                            ("running_var", stats["var"])):
+            getattr(bn, name).copy_(torch.from_numpy(value))
+        ref = bn(torch.from_numpy(x).permute(0, 3, 1, 2)).permute(0, 2, 3, 1).numpy()
+    np.testing.assert_allclose(np.asarray(evaluated), ref, atol=2e-5)
+
+
+def test_masked_batch_norm_takes_statistics_over_real_pixels_only():
+    """With a pixel mask the training statistics are torch's over the real pixels alone (padding excluded)."""
+    from detr_jax.models.backbone import FROZEN_COLLECTION, MaskedBatchNorm
+
+    rng = np.random.default_rng(0)
+    x = rng.normal(1.0, 2.0, (2, 6, 8, 4)).astype(np.float32)
+    mask = np.ones((2, 6, 8), bool)
+    mask[1, 4:], mask[1, :, 5:] = False, False
+    scale, bias = np.ones(4, np.float32), np.zeros(4, np.float32)
+    module = MaskedBatchNorm()
+    variables = module.init(jax.random.PRNGKey(0), jnp.asarray(x))
+    ours, updated = module.apply(variables, jnp.asarray(x), jnp.asarray(mask), train=True,
+                                 mutable=[FROZEN_COLLECTION])
+    real = x[mask][:, None, None, :]  # [P, 1, 1, C]: the real pixels as a batch of 1x1 maps
+    ref, ref_mean, ref_var = _torch_batch_norm(real, scale, bias, train=True)
+    np.testing.assert_allclose(np.asarray(ours)[mask], ref[:, 0, 0], atol=2e-5)
+    np.testing.assert_allclose(np.asarray(updated[FROZEN_COLLECTION]["var"]), ref_var, rtol=1e-5)
+    np.testing.assert_allclose(np.asarray(updated[FROZEN_COLLECTION]["mean"]), ref_mean, rtol=1e-5, atol=1e-6)

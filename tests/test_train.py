@@ -12,7 +12,6 @@ import importlib.util
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import time
@@ -23,6 +22,7 @@ import numpy as np
 import pytest
 
 from detr_jax import sharding, train
+from tests.helpers import free_port, subprocess_env
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY_CONFIG = os.path.join(REPO, "tests", "configs", "tiny.py")
@@ -38,12 +38,6 @@ def _tiny_config():
     return module.get_config()
 
 
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 class _Run:
     """`experiments/train.py --config tests/configs/tiny.py` started in `workdir`: one process, or
     `num_processes` joined by jax.distributed on 127.0.0.1, each with `devices` simulated CPU devices.
@@ -54,14 +48,13 @@ class _Run:
 
     def __init__(self, workdir, num_steps, *overrides, devices=1, num_processes=1, cache_dir=None, name="run"):
         self.workdir = str(workdir)
-        env = {k: v for k, v in os.environ.items() if not k.startswith(("XLA_FLAGS", "DETR_JAX_", "JAX_"))}
-        env.update(JAX_PLATFORMS="cpu", XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}")
+        env = subprocess_env(devices)
         if cache_dir:
             env.update(JAX_COMPILATION_CACHE_DIR=cache_dir, JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0")
         command = [sys.executable, os.path.join(REPO, "experiments", "train.py"), "--config", TINY_CONFIG,
                    "--workdir", self.workdir, f"--config.num_steps={num_steps}", "--config.log_every=1", *overrides]
         if num_processes > 1:
-            port = _free_port()
+            port = free_port()
             commands = [command + [f"--coordinator_address=127.0.0.1:{port}", f"--num_processes={num_processes}",
                                    f"--process_id={i}"] for i in range(num_processes)]
         else:
@@ -287,7 +280,12 @@ def test_overfits_a_fixed_batch_to_ap50_above_0_9(unit):
     AP50 = 1.0 on those images after 150 steps at the time of writing, through the evaluation post-processing
     and pycocotools). A broken loss, matcher, update or post-processing stalls far below."""
     from detr_jax.data import build_source
-    from detr_jax.evaluate import coco_ground_truth, coco_metrics, postprocess, to_coco_results
+    from detr_jax.evaluate import (
+        coco_ground_truth,
+        coco_metrics,
+        postprocess,
+        to_coco_results,
+    )
 
     state = unit.fresh_state()
     losses = []
@@ -414,3 +412,33 @@ def test_half_precision_step_is_close_to_float32(unit):
     assert state["params"]["class_embed"]["kernel"].dtype == np.float32  # parameters stay float32
     assert metrics["loss"].dtype == np.float32 and np.isfinite(float(metrics["loss"]))
     assert float(metrics["loss"]) == pytest.approx(float(ref["loss"]), rel=0.05)
+
+
+def test_batch_norm_backbone_step_updates_the_running_statistics(unit):
+    """backbone_norm "batch": the step's new "frozen" statistics are those of a training-mode forward on the
+    batch (momentum 0.1, torch's rule), the parameters still update, and a non-finite step keeps both."""
+    config = copy.deepcopy(unit.config)
+    config.model.update(backbone_norm="batch", train_stem=True)
+    model = train.build_model(config)
+    hw = tuple(config.data.buckets[0])
+    params_shape = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), np.zeros((1,) + hw + (3,))))["params"]
+    tx, _, _ = train.build_optimizer(config, params_shape, total_steps=1000, steps_per_epoch=1)
+    initial = jax.device_get(train.init_state(model, tx, config, hw))
+    step = train.make_train_step(model, tx, config, unit.mesh)
+    state, metrics = step(jax.device_put(initial, sharding.replicated(unit.mesh)), unit.batch)
+    assert np.isfinite(float(metrics["loss"]))
+
+    _, expected = model.apply({"params": initial["params"], "frozen": initial["frozen"]}, unit.local_batch["images"],
+                              pixel_mask=unit.local_batch["pixel_mask"], train=True, mutable=["frozen"],
+                              rngs={"dropout": jax.random.PRNGKey(0)})
+    got, want, before = _flat(state["frozen"]), _flat(expected["frozen"]), _flat(initial["frozen"])
+    assert got.keys() == want.keys() == before.keys() and len(got) == 2 * 20  # mean and var of 20 norms (R18)
+    for k in want:
+        assert np.abs(got[k] - before[k]).max() > 0, "/".join(k)
+        np.testing.assert_allclose(got[k], want[k], rtol=1e-4, atol=1e-5, err_msg="/".join(k))
+    assert _flat(state["params"])[("backbone", "bn1", "scale")].shape == (64,)
+
+    poisoned = dict(unit.local_batch, images=np.full_like(unit.local_batch["images"], np.nan))
+    bad, _ = step(state, sharding.global_batch(poisoned, unit.mesh))
+    for k, v in _flat(bad["frozen"]).items():
+        np.testing.assert_array_equal(v, got[k], err_msg="/".join(k))

@@ -76,13 +76,58 @@ class MaskedGroupNorm(nn.Module):
         return (y * scale + bias).astype(x.dtype)
 
 
-def _norm(kind: str, name: str):
-    """The backbone's normalisation layer: "frozen_bn" (official) or "group" (see MaskedGroupNorm)."""
+class MaskedBatchNorm(nn.Module):
+    """BatchNorm (eps 1e-5, learned scale and bias) trained on batch statistics, evaluated as a frozen batch norm.
+
+    An option for training a backbone from scratch (`DETR.backbone_norm="batch"`). With `train`, the mean and
+    (biased) variance are taken over the batch and the spatial positions, over real pixels only when a pixel mask
+    is given; under `jit` on a batch sharded over devices and hosts that mean is global (synchronised batch
+    norm, with no extra code). The running statistics, updated as torch's (momentum 0.1, unbiased variance), live
+    in the "frozen" collection under the names FrozenBatchNorm uses ("mean", "var"): the training step applies
+    the model with that collection mutable; evaluation reads them, so the evaluated model computes exactly what
+    a `FrozenBatchNorm` with these four arrays computes.
+    """
+    momentum: float = 0.1
+    eps: float = 1e-5
+
+    @nn.compact
+    def __call__(self, x, pixel_mask=None, train: bool = False):  # [B, H, W, C], bool [B, H', W'] -> [B, H, W, C]
+        c = x.shape[-1]
+        scale = self.param("scale", nn.initializers.ones, (c,), jnp.float32)
+        bias = self.param("bias", nn.initializers.zeros, (c,), jnp.float32)
+        running_mean = self.variable(FROZEN_COLLECTION, "mean", lambda: jnp.zeros((c,), jnp.float32))
+        running_var = self.variable(FROZEN_COLLECTION, "var", lambda: jnp.ones((c,), jnp.float32))
+        if not train:
+            mean, var = running_mean.value, running_var.value
+        else:
+            xf = x.astype(jnp.float32)
+            m = (jnp.ones(x.shape[:3], jnp.float32) if pixel_mask is None
+                 else downsample_mask(pixel_mask, x.shape[1:3]).astype(jnp.float32))[..., None]  # [B, H, W, 1]
+            count = jnp.maximum(m.sum(), 1.0)
+            mean = (xf * m).sum(axis=(0, 1, 2)) / count
+            var = (jnp.square(xf - mean) * m).sum(axis=(0, 1, 2)) / count
+            if not self.is_initializing():
+                unbiased = var * count / jnp.maximum(count - 1.0, 1.0)
+                mean_, var_ = jax.lax.stop_gradient(mean), jax.lax.stop_gradient(unbiased)
+                running_mean.value = (1 - self.momentum) * running_mean.value + self.momentum * mean_
+                running_var.value = (1 - self.momentum) * running_var.value + self.momentum * var_
+        s = scale * jax.lax.rsqrt(var + self.eps)
+        return (x.astype(jnp.float32) * s + (bias - mean * s)).astype(x.dtype)
+
+
+BACKBONE_NORMS = ("frozen_bn", "group", "batch")
+
+
+def _norm(kind: str, name: str, train: bool = False):
+    """The backbone's normalisation layer: "frozen_bn" (official), "group" (MaskedGroupNorm) or "batch"
+    (MaskedBatchNorm, batch statistics when `train`)."""
     if kind == "frozen_bn":
         return lambda x, pixel_mask=None: FrozenBatchNorm(name=name)(x)
     if kind == "group":
         return lambda x, pixel_mask=None: MaskedGroupNorm(name=name)(x, pixel_mask)
-    raise ValueError(f"backbone norm must be 'frozen_bn' or 'group', got {kind!r}")
+    if kind == "batch":
+        return lambda x, pixel_mask=None: MaskedBatchNorm(name=name)(x, pixel_mask, train)
+    raise ValueError(f"backbone norm must be one of {BACKBONE_NORMS}, got {kind!r}")
 
 
 _KAIMING_FAN_OUT = nn.initializers.variance_scaling(2.0, "fan_out", "normal")
@@ -204,13 +249,15 @@ class BasicBlock(nn.Module):
     norm: str = "frozen_bn"
 
     @nn.compact
-    def __call__(self, x, pixel_mask=None):  # [B, H, W, Cin] -> [B, H/s, W/s, planes]
+    def __call__(self, x, pixel_mask=None, train: bool = False):  # [B, H, W, Cin] -> [B, H/s, W/s, planes]
+        norm = lambda name: _norm(self.norm, name, train)  # noqa: E731
         identity = x
         out = _conv(self.planes, 3, self.stride, name="conv1", dtype=self.dtype)(x)
-        out = mask_padding(nn.relu(_norm(self.norm, "bn1")(out, pixel_mask)), pixel_mask)
-        out = _norm(self.norm, "bn2")(_conv(self.planes, 3, name="conv2", dtype=self.dtype)(out), pixel_mask)
+        out = mask_padding(nn.relu(norm("bn1")(out, pixel_mask)), pixel_mask)
+        out = norm("bn2")(
+                _conv(self.planes, 3, name="conv2", dtype=self.dtype)(out), pixel_mask)
         if self.downsample:
-            identity = _norm(self.norm, "downsample_bn")(
+            identity = norm("downsample_bn")(
                     _conv(self.planes, 1, self.stride, name="downsample_conv", dtype=self.dtype)(x), pixel_mask)
         return mask_padding(nn.relu(out + identity), pixel_mask)
 
@@ -224,17 +271,18 @@ class Bottleneck(nn.Module):
     norm: str = "frozen_bn"
 
     @nn.compact
-    def __call__(self, x, pixel_mask=None):  # [B, H, W, Cin] -> [B, H/s, W/s, 4 * planes]
+    def __call__(self, x, pixel_mask=None, train: bool = False):  # [B, H, W, Cin] -> [B, H/s, W/s, 4 * planes]
+        norm = lambda name: _norm(self.norm, name, train)  # noqa: E731
         identity = x
-        out = _norm(self.norm, "bn1")(_conv(self.planes, 1, name="conv1", dtype=self.dtype)(x), pixel_mask)
+        out = norm("bn1")(_conv(self.planes, 1, name="conv1", dtype=self.dtype)(x), pixel_mask)
         out = mask_padding(nn.relu(out), pixel_mask)
         # v1.5: the stride sits on the 3x3 conv, not on the first 1x1.
-        out = _norm(self.norm, "bn2")(
+        out = norm("bn2")(
                 _conv(self.planes, 3, self.stride, self.dilation, name="conv2", dtype=self.dtype)(out), pixel_mask)
         out = mask_padding(nn.relu(out), pixel_mask)
-        out = _norm(self.norm, "bn3")(_conv(self.planes * 4, 1, name="conv3", dtype=self.dtype)(out), pixel_mask)
+        out = norm("bn3")(_conv(self.planes * 4, 1, name="conv3", dtype=self.dtype)(out), pixel_mask)
         if self.downsample:
-            identity = _norm(self.norm, "downsample_bn")(
+            identity = norm("downsample_bn")(
                     _conv(self.planes * 4, 1, self.stride, name="downsample_conv", dtype=self.dtype)(x), pixel_mask)
         return mask_padding(nn.relu(out + identity), pixel_mask)
 
@@ -250,8 +298,9 @@ class ResNet(nn.Module):
             stage 1), as in the official DETR, whose backbone has `requires_grad=False` there; DETR sets it, and
             `parameter_groups` never updates those parameters anyway. Saves their backward pass, the costliest
             part of the backbone's (the largest feature maps).
-        norm: "frozen_bn" (official, the statistics of a pretrained model) or "group" (`MaskedGroupNorm`, for
-            training from scratch; its parameters keep the batch-norm names, e.g. "bn1/scale").
+        norm: "frozen_bn" (official, the statistics of a pretrained model), "group" (`MaskedGroupNorm`) or "batch"
+            (`MaskedBatchNorm`), both for training from scratch; their parameters keep the batch-norm names, e.g.
+            "bn1/scale".
     """
     depth: int = 50
     dilation: bool = False
@@ -260,7 +309,9 @@ class ResNet(nn.Module):
     norm: str = "frozen_bn"
 
     @nn.compact
-    def __call__(self, x, pixel_mask=None):  # [B, H, W, 3], bool [B, H, W] -> [B, H/32, W/32, C] (/16 with dilation)
+    def __call__(self, x, pixel_mask=None, train: bool = False):
+        # [B, H, W, 3], bool [B, H, W] -> [B, H/32, W/32, C] (/16 with dilation); train: batch statistics ("batch")
+        norm = lambda name: _norm(self.norm, name, train)  # noqa: E731
         if self.depth not in RESNET_SPECS:
             raise ValueError(f"ResNet depth must be one of {sorted(RESNET_SPECS)}, got depth={self.depth}")
         kind, stages = RESNET_SPECS[self.depth]
@@ -271,7 +322,7 @@ class ResNet(nn.Module):
         expansion = 1 if kind == "basic" else 4
 
         x = _conv(64, 7, 2, name="conv1", dtype=self.dtype)(x)
-        x = mask_padding(nn.relu(_norm(self.norm, "bn1")(x, pixel_mask)), pixel_mask)
+        x = mask_padding(nn.relu(norm("bn1")(x, pixel_mask)), pixel_mask)
         # Activations are >= 0 here, so the zeros of masked padding never win the max (like -inf padding).
         x = mask_padding(nn.max_pool(x, (3, 3), strides=(2, 2), padding=[(1, 1), (1, 1)]), pixel_mask)
 
@@ -291,7 +342,7 @@ class ResNet(nn.Module):
                         downsample=first and (stride != 1 or in_channels != planes * expansion),
                         dtype=self.dtype,
                         norm=self.norm,
-                        name=f"layer{i + 1}_{j}")(x, pixel_mask)
+                        name=f"layer{i + 1}_{j}")(x, pixel_mask, train)
                 in_channels = planes * expansion
             if i == 0 and self.freeze_stem_and_layer1:
                 x = jax.lax.stop_gradient(x)

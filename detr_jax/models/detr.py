@@ -48,8 +48,11 @@ class DETR(nn.Module):
             2023): in training, extra heads on every encoder token predict a class and a box ("enc_outputs"), for
             a dense one-to-many loss (`losses.encoder_dense_losses`) that teaches the backbone and encoder where
             and what the objects are long before the decoder has learned to attend. Inference never runs them.
-        backbone_norm: "frozen_bn" (official) or "group" (GroupNorm with learned affine, for a backbone trained
-            from scratch; statistics over real pixels only when `padding_invariant`).
+        backbone_norm: "frozen_bn" (official), "group" (GroupNorm with learned affine) or "batch" (batch norm on
+            batch statistics in training, synchronised over devices, and on its running statistics in evaluation;
+            training applies the model with the "frozen" collection mutable, see `backbone.MaskedBatchNorm`). The
+            last two are for a backbone trained from scratch; their statistics skip padding when
+            `padding_invariant`.
         train_stem: also train the ResNet stem and stage 1 (frozen in the official DETR, which starts from
             ImageNet weights); for training a backbone from scratch.
         dtype: compute dtype (bfloat16 for mixed precision); parameters and outputs stay float32.
@@ -82,7 +85,7 @@ class DETR(nn.Module):
         Args:
             images: float32 [B, H, W, 3], already normalised, zero-padded bottom/right.
             pixel_mask: bool [B, H, W], True on real pixels; None means no padding.
-            train: enables dropout (needs a "dropout" rng).
+            train: enables dropout (needs a "dropout" rng), and batch statistics with `backbone_norm="batch"`.
             return_attention: also return the last decoder layer's cross-attention.
         Returns:
             "pred_logits": [B, N, num_classes + 1]; "pred_boxes": [B, N, 4] cxcywh normalised by the unpadded
@@ -100,7 +103,7 @@ class DETR(nn.Module):
         # unless `train_stem`.
         features = ResNet(self.backbone_depth, self.dilation, self.dtype, freeze_stem_and_layer1=not self.train_stem,
                           norm=self.backbone_norm, name="backbone")(
-            images.astype(self.dtype), pixel_mask if self.padding_invariant else None)
+            images.astype(self.dtype), pixel_mask if self.padding_invariant else None, train)
         b, h, w, c = features.shape
         mask = downsample_mask(pixel_mask, (h, w))  # bool [B, h, w]
         if self.position_embedding == "sine":

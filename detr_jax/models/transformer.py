@@ -130,20 +130,31 @@ class DecoderLayer(nn.Module):
     dtype: jnp.dtype = jnp.float32
 
     @nn.compact
-    def __call__(self, tgt, memory, pos, query_pos, memory_mask, train: bool):
-        """tgt, query_pos: [B, N, D]; memory, pos: [B, S, D]; memory_mask: bool [B, S] -> ([B, N, D], [B, N, S])."""
+    def __call__(self, tgt, memory, pos, query_pos, memory_mask, train: bool, groups: int = 1):
+        """tgt, query_pos: [B, N, D]; memory, pos: [B, S, D]; memory_mask: bool [B, S] -> ([B, N, D], [B, N, S]).
+
+        With `groups` G > 1 the N queries are G independent groups of N / G (group by group): the self-attention
+        runs within each group only; the cross-attention and the feed-forward are per query anyway.
+        """
         self_attn = MultiheadAttention(self.num_heads, self.dropout, self.dtype, name="self_attn")
         cross_attn = MultiheadAttention(self.num_heads, self.dropout, self.dtype, name="multihead_attn")
         ffn = FeedForward(self.dim_feedforward, self.dropout, self.dtype, name="ffn")
         drop = lambda x: nn.Dropout(self.dropout)(x, deterministic=not train)
         norm1, norm2, norm3 = _layer_norm("norm1"), _layer_norm("norm2"), _layer_norm("norm3")
+
+        def self_attention(x):  # [B, N, D], attending within each group: [B * G, N / G, D] inside
+            b, n, d = x.shape
+            split = lambda t: t.reshape(b * groups, n // groups, d)
+            q = split(x + query_pos)
+            return self_attn(q, q, split(x), None, train).reshape(b, n, d)
+
         if self.pre_norm:
-            x = norm1(tgt)
-            tgt = tgt + drop(self_attn(x + query_pos, x + query_pos, x, None, train))
-            x, weights = cross_attn(norm2(tgt) + query_pos, memory + pos, memory, memory_mask, train, return_weights=True)
+            tgt = tgt + drop(self_attention(norm1(tgt)))
+            x, weights = cross_attn(norm2(tgt) + query_pos, memory + pos, memory, memory_mask, train,
+                                    return_weights=True)
             tgt = tgt + drop(x)
             return tgt + drop(ffn(norm3(tgt), train)), weights
-        tgt = norm1(tgt + drop(self_attn(tgt + query_pos, tgt + query_pos, tgt, None, train)))
+        tgt = norm1(tgt + drop(self_attention(tgt)))
         x, weights = cross_attn(tgt + query_pos, memory + pos, memory, memory_mask, train, return_weights=True)
         tgt = norm2(tgt + drop(x))
         return norm3(tgt + drop(ffn(tgt, train))), weights
@@ -190,22 +201,17 @@ class Transformer(nn.Module):
             memory = _layer_norm("encoder_norm")(memory)
         encoded = memory
 
-        groups = 1
-        if query_embed.ndim == 3:  # groups decode as separate images: [B, S, D] -> [B * G, S, D], image-major
-            groups = query_embed.shape[0]
-            memory, pos, key_mask = (jnp.repeat(x, groups, axis=0) for x in (memory, pos, key_mask))
-            query_pos = jnp.tile(query_embed.astype(src.dtype), (b, 1, 1))  # row b * G + g: group g of image b
-        else:
-            query_pos = jnp.broadcast_to(query_embed[None].astype(src.dtype), (b,) + query_embed.shape)
+        groups = query_embed.shape[0] if query_embed.ndim == 3 else 1
+        query_embed = query_embed.reshape(-1, d)  # [G * N, D], group by group
+        query_pos = jnp.broadcast_to(query_embed[None].astype(src.dtype), (b,) + query_embed.shape)
         tgt = jnp.zeros_like(query_pos)  # decoder slots start at zero; the queries enter as positions
         decoder_norm = _layer_norm("decoder_norm")
         hs, attn = [], []
         for i in range(self.num_decoder_layers):
-            tgt, weights = DecoderLayer(self.num_heads, self.dim_feedforward, self.dropout, self.pre_norm, self.dtype,
-                                                                    name=f"decoder_layers_{i}")(tgt, memory, pos, query_pos, key_mask, train)
+            layer = DecoderLayer(self.num_heads, self.dim_feedforward, self.dropout, self.pre_norm, self.dtype,
+                                 name=f"decoder_layers_{i}")
+            tgt, weights = layer(tgt, memory, pos, query_pos, key_mask, train, groups)
             hs.append(decoder_norm(tgt))
             attn.append(weights)
-        hs, attn = jnp.stack(hs), jnp.stack(attn)  # [L, B * G, N, D], [L, B * G, N, S]
-        if groups > 1:
-            hs, attn = (x.reshape((x.shape[0], b, -1) + x.shape[3:]) for x in (hs, attn))
+        hs, attn = jnp.stack(hs), jnp.stack(attn)  # [L, B, G * N, D], [L, B, G * N, S]
         return hs, attn, encoded
