@@ -8,6 +8,7 @@ the batches an uninterrupted run would have seen), metrics.jsonl, TensorBoard, p
 import json
 import logging
 import os
+import re
 import signal
 import sys
 import time
@@ -120,6 +121,16 @@ def init_state(model: DETR, tx, config: ml_collections.ConfigDict, image_hw: Tup
             "opt_state": tx.init(params), "nonfinite_step": jnp.full((), -1, jnp.int32)}
 
 
+# Parameters an official checkpoint does not have: the class head (re-initialised for other classes) and the
+# training-only aids (Group DETR queries, token heads), which start fresh.
+# (the stage heads are "stage{i}_proj", "stage{i}_norm", "stage{i}_heads").
+TRAINING_ONLY = ("class_embed", "group_query_embed", "enc_heads")
+
+
+def _training_only(name: str) -> bool:
+    return name in TRAINING_ONLY or re.fullmatch(r"stage\d_(proj|norm|heads)", name) is not None
+
+
 def load_pretrained(config: ml_collections.ConfigDict, model: DETR, variables):
     """Apply `config.init`: a torchvision ImageNet backbone and/or an official DETR checkpoint.
 
@@ -139,7 +150,7 @@ def load_pretrained(config: ml_collections.ConfigDict, model: DETR, variables):
         ours = flax.traverse_util.flatten_dict(flax.core.unfreeze(variables))
         theirs = flax.traverse_util.flatten_dict(loaded)
         bad = [k for k in theirs if k not in ours or theirs[k].shape != ours[k].shape]
-        missing = [k for k in ours if k not in theirs and k[1] not in ("class_embed", "group_query_embed")]
+        missing = [k for k in ours if k not in theirs and not _training_only(k[1])]
         if bad or missing:
             raise ValueError(f"{init.detr_checkpoint} does not match config.model: unexpected or mis-shaped "
                              f"{['/'.join(k) for k in bad][:6]}, missing {['/'.join(k) for k in missing][:6]}")
@@ -194,7 +205,9 @@ def make_train_step(model: DETR, tx, config: ml_collections.ConfigDict, mesh) ->
                               pixel_mask=batch["pixel_mask"], train=True, rngs={"dropout": rng}, mutable=mutable)
         outputs, frozen = outputs if mutable else (outputs, {FROZEN_COLLECTION: frozen})
         targets = {"labels": batch["labels"], "boxes": batch["boxes"], "mask": batch["mask"]}
-        enc_outputs = outputs.pop("enc_outputs", None)
+        dense = {suffix: outputs.pop(key) for key, suffix in
+                 [("enc_outputs", "enc")] + [(f"stage{i}_outputs", f"s{i}") for i in model.backbone_aux_stages]
+                 if key in outputs}
         if model.num_query_groups > 1:
             outputs, targets = split_query_groups(outputs, targets, model.num_query_groups)
         layers = list(outputs.get("aux_outputs", [])) + [outputs]
@@ -206,11 +219,12 @@ def make_train_step(model: DETR, tx, config: ml_collections.ConfigDict, mesh) ->
                                eos_coef=loss_cfg.eos_coef, bbox_loss_coef=loss_cfg.bbox_loss_coef,
                                giou_loss_coef=loss_cfg.giou_loss_coef, ce_loss_coef=loss_cfg.ce_loss_coef,
                                bbox_loss_type=loss_cfg.bbox_loss_type, **costs)
-        if enc_outputs is not None:  # the encoder tokens' one-to-many aid (model.encoder_aux_loss)
-            enc = encoder_dense_losses(enc_outputs, batch, num_classes=model.num_classes, eos_coef=loss_cfg.eos_coef,
-                                       ce_loss_coef=loss_cfg.ce_loss_coef, bbox_loss_coef=loss_cfg.bbox_loss_coef,
-                                       giou_loss_coef=loss_cfg.giou_loss_coef)
-            losses = dict(losses, **enc, loss=losses["loss"] + enc["loss_enc"])
+        for suffix, dense_outputs in dense.items():  # one-to-many token aids: encoder_aux_loss, backbone_aux_stages
+            extra = encoder_dense_losses(dense_outputs, batch, num_classes=model.num_classes,
+                                         eos_coef=loss_cfg.eos_coef, ce_loss_coef=loss_cfg.ce_loss_coef,
+                                         bbox_loss_coef=loss_cfg.bbox_loss_coef, giou_loss_coef=loss_cfg.giou_loss_coef)
+            extra = {(k[:-3] + suffix if k.endswith("enc") else suffix + k[3:]): v for k, v in extra.items()}
+            losses = dict(losses, **extra, loss=losses["loss"] + extra["loss_" + suffix])
         return losses["loss"], (losses, frozen[FROZEN_COLLECTION])
 
     def train_step(state: TrainState, batch):
@@ -222,8 +236,8 @@ def make_train_step(model: DETR, tx, config: ml_collections.ConfigDict, mesh) ->
         finite = jnp.isfinite(losses["loss"]) & jnp.isfinite(grad_norm)
         # A non-finite step leaves the parameters as they were and records the step; the loop stops on it.
         keep = lambda new, old: jax.tree_util.tree_map(lambda a, b: jnp.where(finite, a, b), new, old)
-        new_state = {"step": state["step"] + 1, "params": keep(params, state["params"]), "frozen": keep(frozen, state["frozen"]),
-                     "opt_state": keep(opt_state, state["opt_state"]),
+        new_state = {"step": state["step"] + 1, "params": keep(params, state["params"]),
+                     "frozen": keep(frozen, state["frozen"]), "opt_state": keep(opt_state, state["opt_state"]),
                      "nonfinite_step": jnp.where(finite | (state["nonfinite_step"] >= 0), state["nonfinite_step"],
                                                  state["step"])}
         metrics = dict(losses, grad_norm=grad_norm, num_boxes=batch["mask"].sum())
@@ -434,5 +448,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Dict[
         manager.close()
     summary = dict(last_metrics, **final)
     if is_main:
-        print("final: " + " ".join(f"{k} {v:.4f}" for k, v in summary.items()), file=sys.stdout, flush=True)
+        shown = {k: v for k, v in summary.items() if not re.search(r"_\d+$", k)}  # per decoder layer: metrics.jsonl
+        print("final: " + " ".join(f"{k} {v:.4f}" for k, v in shown.items()), file=sys.stdout, flush=True)
     return summary

@@ -124,3 +124,37 @@ def test_torchvision_backbone_loads(tiny, tmp_path):
         load_torchvision_backbone(str(tmp_path / "resnet18.pth"),
                                   jax.eval_shape(lambda: wrong.init(jax.random.PRNGKey(0), jnp.zeros((1, 64, 64, 3)))),
                                   depth=50)
+
+
+def test_finetuning_init_loads_all_but_the_class_head_and_the_training_aids(tiny):
+    """config.init.detr_checkpoint with reinit_class_head (the finetune config): every official weight is loaded
+    into a model for 5 classes with the training-only aids on; the class head, the extra query groups and the
+    token heads keep their fresh initialisation. A checkpoint that does not fit is refused by name."""
+    import flax
+    import ml_collections
+
+    from detr_jax import train
+
+    path, _ = tiny
+    official = infer_detr_config(load_torch_state_dict(str(path)))
+    config = ml_collections.ConfigDict({
+        "seed": 0, "model": dict(official, num_classes=5, num_heads=4, num_query_groups=2, encoder_aux_loss=True,
+                                 backbone_aux_stages=(2, 3)),
+        "init": {"backbone_checkpoint": "", "detr_checkpoint": str(path), "reinit_class_head": True}})
+    model = train.build_model(config)
+    variables = jax.jit(model.init)(jax.random.PRNGKey(0), jnp.zeros((1, 64, 64, 3)))
+    loaded = flax.traverse_util.flatten_dict(train.load_pretrained(config, model, variables))
+    _, reference = load_official_checkpoint(str(path), num_heads=4)
+    reference, fresh = flax.traverse_util.flatten_dict(reference), flax.traverse_util.flatten_dict(variables)
+    for key, value in loaded.items():
+        if key[1] == "class_embed" or key[1] not in {k[1] for k in reference}:
+            np.testing.assert_array_equal(value, fresh[key], err_msg="/".join(key))
+        else:
+            np.testing.assert_array_equal(value, reference[key], err_msg="/".join(key))
+    assert {k[1] for k in loaded if k not in reference} == {"group_query_embed", "enc_heads", "stage2_proj",
+                                                            "stage2_norm", "stage2_heads", "stage3_proj",
+                                                            "stage3_norm", "stage3_heads"}
+
+    config.init.reinit_class_head = False  # 91-class head into a 5-class model
+    with pytest.raises(ValueError, match="does not match config.model.*class_embed"):
+        train.load_pretrained(config, model, variables)

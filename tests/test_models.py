@@ -394,3 +394,32 @@ def test_masked_batch_norm_takes_statistics_over_real_pixels_only():
     np.testing.assert_allclose(np.asarray(ours)[mask], ref[:, 0, 0], atol=2e-5)
     np.testing.assert_allclose(np.asarray(updated[FROZEN_COLLECTION]["var"]), ref_var, rtol=1e-5)
     np.testing.assert_allclose(np.asarray(updated[FROZEN_COLLECTION]["mean"]), ref_mean, rtol=1e-5, atol=1e-6)
+
+
+def test_stage3_token_heads_are_on_the_stride_16_map_and_training_only():
+    """backbone_aux_stages=(3,): the token heads see the backbone's stage 3 (its 1x1 projection and LayerNorm), with cell
+    centres of the real stride-16 map; evaluation neither runs nor needs them, and the detections do not change."""
+    model = _tiny_detr(backbone_aux_stages=(3,), dropout=0.0)
+    images = jax.random.normal(jax.random.PRNGKey(1), (2, 128, 192, 3))
+    mask = jnp.ones((2, 128, 192), bool).at[1, :, 96:].set(False)  # image 1: a 8 x 6 real stage-3 map
+    variables = model.init(jax.random.PRNGKey(0), images)
+    assert {"stage3_proj", "stage3_norm", "stage3_heads"} <= set(variables["params"])
+    s3 = model.apply(variables, images, pixel_mask=mask, train=True)["stage3_outputs"]
+    assert s3["pred_logits"].shape == (2, 8 * 12, 6) and s3["pred_boxes"].shape == (2, 96, 4)
+    centres = np.asarray(s3["token_centres"]).reshape(2, 8, 12, 2)
+    np.testing.assert_allclose(centres[1, 7, 5], [5.5 / 6, 7.5 / 8], rtol=1e-6)
+    np.testing.assert_array_equal(np.asarray(s3["token_mask"]).reshape(2, 8, 12)[1].any(0), [1] * 6 + [0] * 6)
+
+    def head_grad_of(name):  # does the stage-3 heads' output depend on this backbone stage? (4 comes after 3)
+        def loss(p):
+            return model.apply({**variables, "params": p}, images, pixel_mask=mask,
+                               train=True)["stage3_outputs"]["pred_logits"].sum()
+        return np.abs(np.asarray(jax.grad(loss)(variables["params"])["backbone"][name]["conv1"]["kernel"])).max()
+
+    assert head_grad_of("layer3_0") > 0 and head_grad_of("layer4_0") == 0
+    plain = _tiny_detr(dropout=0.0)
+    params = {k: v for k, v in variables["params"].items() if not k.startswith("stage3")}
+    ours, ref = model.apply(variables, images, pixel_mask=mask), plain.apply({**variables, "params": params}, images,
+                                                                             pixel_mask=mask)
+    assert "stage3_outputs" not in ours
+    np.testing.assert_array_equal(np.asarray(ours["pred_boxes"]), np.asarray(ref["pred_boxes"]))

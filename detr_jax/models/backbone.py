@@ -301,16 +301,19 @@ class ResNet(nn.Module):
         norm: "frozen_bn" (official, the statistics of a pretrained model), "group" (`MaskedGroupNorm`) or "batch"
             (`MaskedBatchNorm`), both for training from scratch; their parameters keep the batch-norm names, e.g.
             "bn1/scale".
+        return_stages: also return every stage's output (for `DETR.backbone_aux_stages`).
     """
     depth: int = 50
     dilation: bool = False
     dtype: jnp.dtype = jnp.float32
     freeze_stem_and_layer1: bool = False
     norm: str = "frozen_bn"
+    return_stages: bool = False
 
     @nn.compact
     def __call__(self, x, pixel_mask=None, train: bool = False):
         # [B, H, W, 3], bool [B, H, W] -> [B, H/32, W/32, C] (/16 with dilation); train: batch statistics ("batch")
+        # With return_stages: (that, [the outputs of stages 1..4]), stage 3 being [B, H/16, W/16, C/2].
         norm = lambda name: _norm(self.norm, name, train)  # noqa: E731
         if self.depth not in RESNET_SPECS:
             raise ValueError(f"ResNet depth must be one of {sorted(RESNET_SPECS)}, got depth={self.depth}")
@@ -327,6 +330,7 @@ class ResNet(nn.Module):
         x = mask_padding(nn.max_pool(x, (3, 3), strides=(2, 2), padding=[(1, 1), (1, 1)]), pixel_mask)
 
         in_channels, current_dilation = 64, 1
+        stage_outputs = []
         for i, (num_blocks, planes) in enumerate(zip(stages, (64, 128, 256, 512))):
             stride = 1 if i == 0 else 2
             previous_dilation = current_dilation
@@ -346,7 +350,8 @@ class ResNet(nn.Module):
                 in_channels = planes * expansion
             if i == 0 and self.freeze_stem_and_layer1:
                 x = jax.lax.stop_gradient(x)
-        return x
+            stage_outputs.append(x)
+        return (x, stage_outputs) if self.return_stages else x
 
 
 def mask_padding(x, pixel_mask):

@@ -1,6 +1,6 @@
 """DETR: backbone -> 1x1 projection -> transformer -> class and box heads (official `models/detr.py`)."""
 
-from typing import Any, Dict
+from typing import Any, Dict, Sequence
 
 import flax
 import flax.linen as nn
@@ -48,6 +48,10 @@ class DETR(nn.Module):
             2023): in training, extra heads on every encoder token predict a class and a box ("enc_outputs"), for
             a dense one-to-many loss (`losses.encoder_dense_losses`) that teaches the backbone and encoder where
             and what the objects are long before the decoder has learned to attend. Inference never runs them.
+        backbone_aux_stages: a training-only aid like `encoder_aux_loss`, lower down: the same kind of token heads
+            on each listed backbone stage (1-4; stage 3 has stride 16, stage 2 stride 8), each through its own 1x1
+            projection and LayerNorm ("stage{i}_outputs", same keys as "enc_outputs"), so that the backbone learns
+            what the objects are where small objects are still several cells wide.
         backbone_norm: "frozen_bn" (official), "group" (GroupNorm with learned affine) or "batch" (batch norm on
             batch statistics in training, synchronised over devices, and on its running statistics in evaluation;
             training applies the model with the "frozen" collection mutable, see `backbone.MaskedBatchNorm`). The
@@ -75,6 +79,7 @@ class DETR(nn.Module):
     num_query_groups: int = 1
     encoder_aux_loss: bool = False
     backbone_norm: str = "frozen_bn"
+    backbone_aux_stages: Sequence[int] = ()
     train_stem: bool = False
     dtype: Any = jnp.float32
 
@@ -95,15 +100,21 @@ class DETR(nn.Module):
             With `encoder_aux_loss` and `train`, "enc_outputs": "pred_logits" [B, S, C + 1] and "pred_boxes"
             [B, S, 4] (cxcywh normalised) per encoder token (S = h * w, row-major), "token_mask" bool [B, S]
             (True on real tokens) and "token_centres" [B, S, 2] (x, y of each token's cell centre, normalised by
-            the real feature-map size).
+            the real feature-map size). With `backbone_aux_stages` and `train`, "stage{i}_outputs": the same on
+            the map of stage i (S = H/16 * W/16 for stage 3).
         """
         if pixel_mask is None:
             pixel_mask = jnp.ones(images.shape[:3], bool)
         # The stem and stage 1 are frozen as in the official DETR (see `parameter_groups`): no gradient into them,
         # unless `train_stem`.
+        if any(i not in (1, 2, 3, 4) for i in self.backbone_aux_stages):
+            raise ValueError(f"backbone_aux_stages are ResNet stages 1..4, got {tuple(self.backbone_aux_stages)}")
+        stage_heads = bool(self.backbone_aux_stages) and (train or self.is_initializing())
         features = ResNet(self.backbone_depth, self.dilation, self.dtype, freeze_stem_and_layer1=not self.train_stem,
-                          norm=self.backbone_norm, name="backbone")(
+                          norm=self.backbone_norm, return_stages=stage_heads, name="backbone")(
             images.astype(self.dtype), pixel_mask if self.padding_invariant else None, train)
+        if stage_heads:
+            features, stages = features
         b, h, w, c = features.shape
         mask = downsample_mask(pixel_mask, (h, w))  # bool [B, h, w]
         if self.position_embedding == "sine":
@@ -136,6 +147,15 @@ class DETR(nn.Module):
             out["aux_outputs"] = [{"pred_logits": logits[i], "pred_boxes": boxes[i]} for i in range(len(hs) - 1)]
         if self.encoder_aux_loss and (train or self.is_initializing()):
             out["enc_outputs"] = EncoderTokenHeads(self.num_classes, self.dtype, name="enc_heads")(memory, mask)
+        for i in self.backbone_aux_stages if stage_heads else ():  # the token heads on stage i, own projection
+            f = stages[i - 1]
+            bi, hi, wi, ci = f.shape
+            tokens = Conv1x1(self.hidden_dim, dtype=self.dtype, kernel_init=torch_default_kernel_init, use_bias=True,
+                             bias_init=torch_default_bias_init(ci), name=f"stage{i}_proj")(f)
+            tokens = nn.LayerNorm(epsilon=1e-5, dtype=jnp.float32, name=f"stage{i}_norm")(
+                tokens.reshape(bi, hi * wi, -1))
+            out[f"stage{i}_outputs"] = EncoderTokenHeads(self.num_classes, self.dtype, name=f"stage{i}_heads")(
+                tokens.astype(self.dtype), downsample_mask(pixel_mask, (hi, wi)))
         if return_attention:
             out["cross_attention"] = attn[-1].reshape(b, -1, h, w)
             out["feature_mask"] = mask

@@ -33,7 +33,8 @@ def get_config(arg: str = ""):
         dim_feedforward=2048, dropout=0.1, pre_norm=False, backbone_depth=50, dilation=False,
         position_embedding="sine", aux_loss=True,
         # Options for training from scratch, off in the official recipe (see DETR in detr_jax/models/detr.py):
-        num_query_groups=1, encoder_aux_loss=False, backbone_norm="frozen_bn", train_stem=False))
+        num_query_groups=1, encoder_aux_loss=False, backbone_aux_stages=(), backbone_norm="frozen_bn",
+        train_stem=False))
 
     config.data = ml_collections.ConfigDict(dict(
         source="tfds",

@@ -30,6 +30,7 @@ def get_config():
         num_classes=5, num_queries=6, hidden_dim=32, num_heads=4, num_encoder_layers=1, num_decoder_layers=2,
         dim_feedforward=64, dropout=0.0, pre_norm=False, backbone_depth=18, dilation=False,
         position_embedding="sine", aux_loss=True, train_stem=False, num_query_groups=1, encoder_aux_loss=False,
+        backbone_aux_stages=(),
         backbone_norm="frozen_bn"))
 
     config.data = ml_collections.ConfigDict(dict(
