@@ -27,6 +27,7 @@ import argparse
 import contextlib
 import datetime
 import json
+import math
 import os
 import platform
 import resource
@@ -38,10 +39,13 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)  # run from a checkout
 BENCHMARKS_MD = os.path.join(REPO, "BENCHMARKS.md")
 
-# XLA CPU flags used by default (ignored on GPU). Region analysis lets XLA's copy insertion see that the AdamW
-# update may overwrite the donated optimizer state in place: without it every step copies all of mu and nu first
-# (472 copies, ~5% of a CPU step). The other flags tried are in FLAG_VARIANTS (--sweep) and BENCHMARKS.md.
-DEFAULT_XLA_CPU_FLAGS = "--xla_cpu_copy_insertion_use_region_analysis=true"
+# The XLA flags the entry points set (detr_jax/xla_flags.py), used here by default. On CPU, region analysis lets
+# XLA's copy insertion see that the AdamW update may overwrite the donated optimizer state in place: without it
+# every step copies all of mu and nu first (472 copies, ~5% of a CPU step). On GPU, Triton GEMM fusions are off.
+# The other flags tried are in FLAG_VARIANTS (--sweep) and BENCHMARKS.md.
+from detr_jax.xla_flags import default_xla_flags_string  # noqa: E402 (no jax import)
+
+DEFAULT_XLA_FLAGS = default_xla_flags_string()
 
 HF_ARCH = dict(d_model=256, encoder_layers=6, decoder_layers=6, encoder_attention_heads=8, decoder_attention_heads=8,
                encoder_ffn_dim=2048, decoder_ffn_dim=2048, num_queries=100, num_labels=91)
@@ -62,7 +66,7 @@ def parse_args(argv=None):
     p.add_argument("--match-batch", type=int, default=64, help="images for the large-batch matcher measurement")
     p.add_argument("--bf16", action="store_true", help="bfloat16 compute (JAX dtype, torch autocast)")
     p.add_argument("--xla-flags", default=None,
-                   help=f"extra XLA_FLAGS for JAX (default: {DEFAULT_XLA_CPU_FLAGS!r}); appended to $XLA_FLAGS")
+                   help=f"extra XLA_FLAGS for JAX (default: {DEFAULT_XLA_FLAGS!r}); appended to $XLA_FLAGS")
     p.add_argument("--cpus", type=int, default=None, help="pin this process (and its children) to the first N "
                    "CPUs before JAX and torch start: both then use N threads (default: all)")
     p.add_argument("--no-malloc-tuning", action="store_true", help=f"do not re-run under GLIBC_TUNABLES="
@@ -99,7 +103,7 @@ def pin_cpus(n):
 
 
 def set_xla_flags(extra):
-    flags = DEFAULT_XLA_CPU_FLAGS if extra is None else extra
+    flags = DEFAULT_XLA_FLAGS if extra is None else extra
     if flags:
         os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " " + flags).strip()
 
@@ -201,6 +205,7 @@ def jax_config():
     import ml_collections
     return ml_collections.ConfigDict(dict(
         seed=0,
+        model=dict(train_stem=False),  # the official trainable set: stem and stage 1 frozen
         loss=dict(eos_coef=0.1, cost_class=1.0, cost_bbox=5.0, cost_giou=2.0, ce_loss_coef=1.0, bbox_loss_coef=5.0,
                   giou_loss_coef=2.0, bbox_loss_type="l1"),
         optimizer=dict(lr=LR, lr_backbone=LR_BACKBONE, weight_decay=WEIGHT_DECAY, grad_clip=GRAD_CLIP,
@@ -237,6 +242,7 @@ def make_jax_train_step(model, variables, batch):
         jax.block_until_ready((holder["state"], metrics))
         return float(metrics["loss"])
 
+    step.flops = lambda: lowered_flops(train_step, holder["state"], device_batch)
     return step
 
 
@@ -250,7 +256,28 @@ def make_jax_infer(model, variables, batch):
         out = apply(variables, images, pixel_mask)
         return float(jax.block_until_ready(out["pred_logits"])[0, 0, 0])
 
+    infer.flops = lambda: lowered_flops(apply, variables, images, pixel_mask)
     return infer
+
+
+def lowered_flops(jitted, *args):
+    """Floating-point operations of one call of `jitted`, by XLA's cost analysis of the lowered (unoptimised)
+    program: convolutions, matmuls and elementwise work, forward and backward; the host matcher counts 0."""
+    cost = jitted.lower(*args).cost_analysis()
+    cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+    return float(cost.get("flops", float("nan"))) if cost else float("nan")
+
+
+# Dense bf16 tensor-core peaks (TFLOP/s, vendor datasheets, SXM parts) for the MFU column: model FLOP/s over
+# this peak, whatever precision the run used (float32 matmuls run as TF32 on these GPUs under JAX's defaults).
+BF16_PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0, "L4": 121.0, "A10": 125.0}
+
+
+def bf16_peak_tflops(device_kind):
+    for name, peak in BF16_PEAK_TFLOPS.items():
+        if name in device_kind:
+            return peak
+    return None
 
 
 # ---- timing ------------------------------------------------------------------------------------------------
@@ -351,6 +378,10 @@ def system_info():
                     f"python {platform.python_version()}",
         "jax_device": f"{dev.platform}: {dev.device_kind} (x{jax.device_count()})",
         "torch_device": torch_dev,
+        "device_kind": dev.device_kind,
+        "precision": f"JAX jax_default_matmul_precision={jax.config.jax_default_matmul_precision}; torch "
+                     f"matmul.allow_tf32={torch.backends.cuda.matmul.allow_tf32}, "
+                     f"cudnn.allow_tf32={torch.backends.cudnn.allow_tf32}",
         "xla_flags": os.environ.get("XLA_FLAGS", ""),
         "glibc_tunables": os.environ.get("GLIBC_TUNABLES", ""),
     }
@@ -380,6 +411,14 @@ def child_main(args):
     kind = args._child
     batch = make_batch(args.batch, args.height, args.width, args.slots)
     result = {"kind": kind}
+    if kind == "flops":  # lowering only (no compile, no run): the FLOP counts of the two programs
+        import jax
+        model = jax_detr(args.bf16)
+        variables = jax.jit(model.init)(jax.random.PRNGKey(0), np.zeros((1, 64, 64, 3), np.float32))
+        result["train"] = make_jax_train_step(model, variables, batch).flops()
+        result["infer"] = make_jax_infer(model, variables, batch).flops()
+        print("CHILD_RESULT " + json.dumps(result), flush=True)
+        return
     if kind.startswith("jax"):
         import jax
         rss0 = rss_mb("VmRSS")
@@ -503,7 +542,7 @@ CODE_VARIANTS = {  # name -> (patches, description)
 }
 _YNN = "--xla_cpu_experimental_ynn_fusion_type="
 FLAG_VARIANTS = {  # name -> (XLA_FLAGS appended after the defaults (the last setting wins), CPUs, description)
-    "flags:default": ("", None, f"default flags `{DEFAULT_XLA_CPU_FLAGS or '(none)'}`"),
+    "flags:default": ("", None, f"default flags `{DEFAULT_XLA_FLAGS or '(none)'}`"),
     "flags:no-region-analysis": ("--xla_cpu_copy_insertion_use_region_analysis=false", None,
                                  "XLA's default copy insertion (472 optimizer-state copies per step)"),
     "flags:ynn-no-dot": (_YNN + "-individual_dot", None, "dots by Eigen instead of YNNPACK"),
@@ -685,6 +724,16 @@ def main(argv=None):
     match_64_100 = time_match(args.match_batch, 100)
     step_64 = t_jax / B * args.match_batch  # linear in images: an upper bound (the optimizer update is fixed)
     compile_s = first - t_jax
+    train_flops, infer_flops = jax_step.flops(), jax_infer.flops()
+    if math.isnan(train_flops) or math.isnan(infer_flops):  # no cost analysis before compiling here (GPU): count
+        counted = run_child(args, "flops", env={"JAX_PLATFORMS": "cpu"})  # the same programs lowered for the CPU
+        train_flops, infer_flops = counted["train"], counted["infer"]
+    peak = bf16_peak_tflops(info["device_kind"]) if on_gpu else None
+
+    def mfu(flops, seconds):
+        if peak is None or math.isnan(flops):
+            return "-"
+        return f"{100 * flops / seconds / (peak * 1e12):.1f}%"
 
     memory = {}
     if not args.no_memory:
@@ -694,10 +743,12 @@ def main(argv=None):
 
     rows = [
         ("train step (fwd + match + loss + bwd + AdamW)", f"{B / t_jax:.3f}", f"{B / t_torch:.3f}",
-         f"**{t_torch / t_jax:.2f}x**", f"{t_jax:.2f} s vs {t_torch:.2f} s per step; CPU time {c_jax:.2f} s vs "
-         f"{c_torch:.2f} s ({c_torch / c_jax:.2f}x)"),
+         f"**{t_torch / t_jax:.2f}x**", f"{train_flops / t_jax / 1e12:.2f}", mfu(train_flops, t_jax),
+         f"{t_jax:.3f} s vs {t_torch:.3f} s per step; CPU time {c_jax:.2f} s vs {c_torch:.2f} s "
+         f"({c_torch / c_jax:.2f}x)"),
         ("inference (forward)", f"{B / i_jax:.3f}", f"{B / i_torch:.3f}", f"**{i_torch / i_jax:.2f}x**",
-         f"{i_jax:.2f} s vs {i_torch:.2f} s per batch; CPU time {ic_jax:.2f} s vs {ic_torch:.2f} s "
+         f"{infer_flops / i_jax / 1e12:.2f}", mfu(infer_flops, i_jax),
+         f"{i_jax:.3f} s vs {i_torch:.3f} s per batch; CPU time {ic_jax:.2f} s vs {ic_torch:.2f} s "
          f"({ic_torch / ic_jax:.2f}x)"),
     ]
     lines = [f"\n## Train step and inference: detr_jax vs HF DetrForObjectDetection ({info['date']})\n",
@@ -710,9 +761,14 @@ def main(argv=None):
              "(a shared machine: read the ratios)",
              f"- devices: JAX {info['jax_device']}; torch {info['torch_device']}",
              f"- {info['versions']}",
+             f"- precision: {info['precision']}",
+             f"- model FLOPs per call (XLA cost analysis of the lowered JAX program): train step "
+             f"{train_flops / 1e9:.0f} GFLOP, inference {infer_flops / 1e9:.0f} GFLOP; MFU = JAX model FLOP/s over "
+             f"the dense bf16 peak ({peak if peak else '-'} TFLOP/s)",
              f"- XLA_FLAGS: `{info['xla_flags'] or '(none)'}`; "
              f"GLIBC_TUNABLES: `{info['glibc_tunables'] or '(none)'}`\n",
-             "| measurement | JAX img/s | PyTorch img/s | JAX / PyTorch | notes |", "|---|---|---|---|---|"]
+             "| measurement | JAX img/s | PyTorch img/s | JAX / PyTorch | JAX TFLOP/s | JAX MFU | notes |",
+             "|---|---|---|---|---|---|---|"]
     lines += [f"| {' | '.join(r)} |" for r in rows]
     lines += ["",
               "| JAX detail | value |", "|---|---|",

@@ -15,6 +15,10 @@ from ml_collections import config_flags
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # run from a checkout
 
+from detr_jax.xla_flags import set_default_xla_flags  # noqa: E402 (no jax import)
+
+set_default_xla_flags()  # before jax is imported; flags the user set in XLA_FLAGS win
+
 _CONFIG = config_flags.DEFINE_config_file(
     "config", os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs", "default.py"),
     "Config giving the evaluation data (and the model, for a work directory without config.json).")

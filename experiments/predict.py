@@ -14,6 +14,10 @@ from absl import app, flags
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # run from a checkout
 
+from detr_jax.xla_flags import set_default_xla_flags  # noqa: E402 (no jax import)
+
+set_default_xla_flags()  # before jax is imported; flags the user set in XLA_FLAGS win
+
 _CHECKPOINT = flags.DEFINE_string("checkpoint", None, "Official .pth or a training work directory.", required=True)
 _OUT = flags.DEFINE_string("out", "predictions", "Output folder.")
 _THRESHOLD = flags.DEFINE_float("threshold", 0.7, "Keep detections scoring at least this.")

@@ -15,10 +15,9 @@ from ml_collections import config_flags
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # run from a checkout
 
-# XLA:CPU copy insertion with region analysis: 1.06x on the CPU train step (BENCHMARKS.md, optimisation sweep);
-# other backends ignore it. Set before jax is imported; a flag the user passed wins.
-if "xla_cpu_copy_insertion_use_region_analysis" not in os.environ.get("XLA_FLAGS", ""):
-    os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_cpu_copy_insertion_use_region_analysis=true").strip()
+from detr_jax.xla_flags import set_default_xla_flags  # noqa: E402 (no jax import)
+
+set_default_xla_flags()  # before jax is imported; flags the user set in XLA_FLAGS win
 
 _CONFIG = config_flags.DEFINE_config_file(
     "config", os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs", "default.py"),

@@ -5,6 +5,8 @@ added to queries and keys, never to values, in every attention layer. Parameter 
 official state dict (`self_attn`, `multihead_attn`, `linear1`, `norm1`, ...) for one-to-one conversion.
 """
 
+from typing import Callable
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -36,6 +38,25 @@ def dense_2d(fn, x):
     """
     y = fn(x.reshape(-1, x.shape[-1]))
     return y.reshape(x.shape[:-1] + y.shape[-1:])
+
+
+def masked_attention(q, k, v, key_mask=None, dropout: Callable = lambda w: w):
+    """Softmax attention per head, the core of `MultiheadAttention` (softmax in float32).
+
+    Args:
+        q: [B, Sq, H, hd], already scaled by hd ** -0.5; k, v: [B, Sk, H, hd].
+        key_mask: bool [B, Sk], True on keys that may be attended; None for all.
+        dropout: applied to the weights before they multiply v (identity by default).
+    Returns:
+        out [B, Sq, H, hd] in v's dtype, weights float32 [B, H, Sq, Sk] (before dropout).
+    """
+    logits = jnp.einsum("bqhd,bkhd->bhqk", q, k).astype(jnp.float32)
+    if key_mask is not None:
+        # A large finite negative instead of -inf: a fully padded row stays finite (torch would give NaN).
+        logits = jnp.where(key_mask[:, None, None, :], logits, jnp.finfo(jnp.float32).min)
+    weights = jax.nn.softmax(logits, axis=-1)
+    out = jnp.einsum("bhqk,bkhd->bqhd", dropout(weights).astype(v.dtype), v)
+    return out, weights
 
 
 class MultiheadAttention(nn.Module):
@@ -71,14 +92,10 @@ class MultiheadAttention(nn.Module):
         def heads(x):  # [B, S, D] -> [B, S, H, hd]
             return x.reshape(x.shape[:2] + (self.num_heads, head_dim))
 
-        q, k, v = heads(q) * head_dim ** -0.5, heads(k), heads(v)
-        logits = jnp.einsum("bqhd,bkhd->bhqk", q, k).astype(jnp.float32)
-        if key_mask is not None:
-            # A large finite negative instead of -inf: a fully padded row stays finite (torch would give NaN).
-            logits = jnp.where(key_mask[:, None, None, :], logits, jnp.finfo(jnp.float32).min)
-        weights = jax.nn.softmax(logits, axis=-1)
-        attn = nn.Dropout(self.dropout)(weights, deterministic=not train).astype(self.dtype)
-        out = jnp.einsum("bhqk,bkhd->bqhd", attn, v).reshape(query.shape[:2] + (d,))
+        dropout = nn.Dropout(self.dropout)
+        out, weights = masked_attention(heads(q) * head_dim ** -0.5, heads(k), heads(v), key_mask,
+                                        lambda w: dropout(w, deterministic=not train))
+        out = out.reshape(query.shape[:2] + (d,))
         out = dense_2d(nn.Dense(d, kernel_init=xavier, bias_init=nn.initializers.zeros, name="out_proj",
                                 dtype=self.dtype), out)
         return (out, weights.mean(axis=1)) if return_weights else out
