@@ -20,6 +20,7 @@
 """
 
 import argparse
+import contextlib
 import datetime
 import os
 import platform
@@ -61,15 +62,15 @@ def parity_rows(fixtures):
     if not os.path.isdir(folder):
         raise SystemExit(f"fixtures folder {folder} not found: pass --fixtures or set DETR_JAX_FIXTURES")
     ref = dict(np.load(os.path.join(folder, "forward.npz")))
-    path = os.path.join(folder, "detr_random.pth")
-    settings = [("float32, default precision", None, None), ("float32, precision 'high'", "high", None),
-                ("float32, precision 'highest'", "highest", None), ("bfloat16 model", None, jnp.bfloat16)]
+    model, variables = load_official_checkpoint(os.path.join(folder, "detr_random.pth"), num_heads=4)
+    settings = [("float32, default precision", None, model), ("float32, precision 'high'", "high", model),
+                ("float32, precision 'highest'", "highest", model),
+                ("bfloat16 model", None, model.clone(dtype=jnp.bfloat16))]
     rows = []
-    for name, precision, dtype in settings:
-        model, variables = load_official_checkpoint(path, num_heads=4, **({"dtype": dtype} if dtype else {}))
-        with jax.default_matmul_precision(precision) if precision else _nullcontext():
-            out = jax.jit(lambda v, x, m: model.apply(v, x, pixel_mask=m))(variables, ref["images"],
-                                                                           ref["pixel_mask"])
+    for name, precision, setting_model in settings:
+        with jax.default_matmul_precision(precision) if precision else contextlib.nullcontext():
+            out = jax.jit(lambda v, x, m: setting_model.apply(v, x, pixel_mask=m))(variables, ref["images"],
+                                                                                   ref["pixel_mask"])
             out = jax.device_get(out)
         outs = [out] + list(out["aux_outputs"])
         names = [""] + [f"aux{i}_" for i in range(len(out["aux_outputs"]))]
@@ -81,14 +82,6 @@ def parity_rows(fixtures):
         rows.append((name, d_logits, d_boxes, agree))
         print(f"parity {name}: logits {d_logits:.2e}, boxes {d_boxes:.2e}, best class agrees {agree:.0%}", flush=True)
     return rows
-
-
-class _nullcontext:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return False
 
 
 # ---- 2. attention kernels ----------------------------------------------------------------------------------

@@ -163,7 +163,7 @@ def set_criterion(outputs, targets, *, num_classes=91, eos_coef=0.1,
 
 
 def encoder_dense_losses(enc_outputs, targets, *, num_classes=91, eos_coef=0.1, ce_loss_coef=1.0,
-                         bbox_loss_coef=5.0, giou_loss_coef=2.0, center_fraction=0.5):
+                         bbox_loss_coef=5.0, giou_loss_coef=2.0, center_fraction=0.5, name="enc"):
     """One-to-many losses on the encoder tokens (training-only aid, see `DETR.encoder_aux_loss`).
 
     Assignment, fixed and on device (no matcher): a token is positive for an object if the object's centre
@@ -175,10 +175,11 @@ def encoder_dense_losses(enc_outputs, targets, *, num_classes=91, eos_coef=0.1, 
       enc_outputs: "pred_logits" [B, S, num_classes + 1], "pred_boxes" [B, S, 4] cxcywh normalised,
         "token_mask" bool [B, S], "token_centres" [B, S, 2] (x, y normalised; see `DETR.__call__`).
       targets: "labels" int32 [B, M], "boxes" [B, M, 4] cxcywh normalised, "mask" bool [B, M].
+      name: the suffix of the returned keys ("enc" for the encoder tokens, "s3" for the stage-3 heads, ...).
     Returns:
-      dict of scalars: "loss_ce_enc" (weighted CE over real tokens, no-object weight `eos_coef`, as the
-      decoder's), "loss_bbox_enc" and "loss_giou_enc" (mean over positive tokens), "loss_enc" (their sum
-      with the loss coefficients), "enc_positives" (positive tokens per object).
+      dict of scalars, for name "enc": "loss_ce_enc" (weighted CE over real tokens, no-object weight
+      `eos_coef`, as the decoder's), "loss_bbox_enc" and "loss_giou_enc" (mean over positive tokens),
+      "loss_enc" (their sum with the loss coefficients), "enc_positives" (positive tokens per object).
     """
     centres, token_mask = enc_outputs["token_centres"], enc_outputs["token_mask"]  # [B, S, 2], [B, S]
     cell = 2.0 * centres[:, :1]  # [B, 1, 2]: the first token's centre is half a cell from the corner
@@ -199,6 +200,6 @@ def encoder_dense_losses(enc_outputs, targets, *, num_classes=91, eos_coef=0.1, 
     num_positive = jnp.maximum(positive.sum(), 1).astype(jnp.float32)
     target_boxes = jnp.take_along_axis(boxes, owner[..., None], axis=1)  # [B, S, 4]
     loss_bbox, loss_giou = _paired_box_losses(enc_outputs["pred_boxes"], target_boxes, positive, num_positive, "l1")
-    return {"loss_ce_enc": loss_ce, "loss_bbox_enc": loss_bbox, "loss_giou_enc": loss_giou,
-            "loss_enc": ce_loss_coef * loss_ce + bbox_loss_coef * loss_bbox + giou_loss_coef * loss_giou,
-            "enc_positives": positive.sum() / jnp.maximum(targets["mask"].sum(), 1)}
+    return {f"loss_ce_{name}": loss_ce, f"loss_bbox_{name}": loss_bbox, f"loss_giou_{name}": loss_giou,
+            f"loss_{name}": ce_loss_coef * loss_ce + bbox_loss_coef * loss_bbox + giou_loss_coef * loss_giou,
+            f"{name}_positives": positive.sum() / jnp.maximum(targets["mask"].sum(), 1)}

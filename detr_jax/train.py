@@ -222,8 +222,8 @@ def make_train_step(model: DETR, tx, config: ml_collections.ConfigDict, mesh) ->
         for suffix, dense_outputs in dense.items():  # one-to-many token aids: encoder_aux_loss, backbone_aux_stages
             extra = encoder_dense_losses(dense_outputs, batch, num_classes=model.num_classes,
                                          eos_coef=loss_cfg.eos_coef, ce_loss_coef=loss_cfg.ce_loss_coef,
-                                         bbox_loss_coef=loss_cfg.bbox_loss_coef, giou_loss_coef=loss_cfg.giou_loss_coef)
-            extra = {(k[:-3] + suffix if k.endswith("enc") else suffix + k[3:]): v for k, v in extra.items()}
+                                         bbox_loss_coef=loss_cfg.bbox_loss_coef, giou_loss_coef=loss_cfg.giou_loss_coef,
+                                         name=suffix)
             losses = dict(losses, **extra, loss=losses["loss"] + extra["loss_" + suffix])
         return losses["loss"], (losses, frozen[FROZEN_COLLECTION])
 
