@@ -1,10 +1,14 @@
-"""The XLA flags the entry points set before JAX starts."""
+"""The XLA flags and glibc malloc options the entry points set before JAX starts."""
 
 import os
+import platform
 import subprocess
 import sys
 
-from detr_jax.xla_flags import DEFAULT_XLA_FLAGS, default_xla_flags_string, set_default_xla_flags
+import pytest
+
+from detr_jax.xla_flags import (DEFAULT_XLA_FLAGS, NO_MALLOC_OPTIONS_ENV, default_xla_flags_string,
+                                set_default_malloc_options, set_default_xla_flags)
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -25,13 +29,45 @@ def test_the_entry_points_set_them_before_jax_starts_and_jax_accepts_them():
     """Each entry point, imported in a fresh process, leaves the defaults in XLA_FLAGS; jax then runs (an unknown
     flag would abort it) and reports the user's flag untouched."""
     code = ("import os, runpy; runpy.run_path({path!r}, run_name='not_main'); "
-            "import jax; jax.numpy.ones(2).block_until_ready(); print(os.environ['XLA_FLAGS'])")
+            "import jax; jax.numpy.ones(2).block_until_ready(); print(os.environ['XLA_FLAGS'])" + _PRINT_MMAPPED)
     for script in ("train.py", "evaluate.py", "predict.py"):
         path = os.path.join(REPO, "experiments", script)
         env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2")
         out = subprocess.run([sys.executable, "-c", code.format(path=path)], capture_output=True, text=True,
                              env=env, cwd=REPO, check=False)
         assert out.returncode == 0, (script, out.stderr[-2000:])
-        flags = out.stdout.strip().splitlines()[-1].split()
+        flags = out.stdout.strip().splitlines()[-2].split()
         assert flags[0] == "--xla_force_host_platform_device_count=2", script
         assert set(f"--{n}={v}" for n, v in DEFAULT_XLA_FLAGS) <= set(flags), script
+        if _GLIBC:  # the malloc options are set too: a 64 MiB block comes from the heap, not from its own mmap
+            assert out.stdout.strip().splitlines()[-1] == "mmapped blocks 0", script
+
+
+_GLIBC = platform.system() == "Linux" and platform.libc_ver()[0] == "glibc"
+# Allocates a 64 MiB block with malloc and prints whether glibc served it with its own mmap (the change in
+# mallinfo2's count of mmapped blocks).
+_PRINT_MMAPPED = ("; import ctypes; libc = ctypes.CDLL(None)\n"
+                  "class Info(ctypes.Structure): _fields_ = [(n, ctypes.c_size_t) for n in "
+                  "'arena ordblks smblks hblks hblkhd usmblks fsmblks uordblks fordblks keepcost'.split()]\n"
+                  "libc.malloc.restype = ctypes.c_void_p; libc.mallinfo2.restype = Info\n"
+                  "before = libc.mallinfo2().hblks; block = libc.malloc(64 << 20)\n"
+                  "print('mmapped blocks', libc.mallinfo2().hblks - before)")
+
+
+@pytest.mark.skipif(not _GLIBC, reason="glibc malloc options")
+def test_malloc_options_serve_big_blocks_from_the_heap_unless_the_user_chose():
+    def run(env, set_options):
+        code = ("from detr_jax.xla_flags import set_default_malloc_options as s; print(s())" if set_options
+                else "print(None)") + _PRINT_MMAPPED
+        out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, check=True,
+                             env=dict({k: v for k, v in os.environ.items()
+                                       if k not in ("GLIBC_TUNABLES", NO_MALLOC_OPTIONS_ENV)}, **env))
+        return out.stdout.strip().splitlines()
+
+    assert run({}, set_options=False) == ["None", "mmapped blocks 1"]  # glibc's default: its own mmap
+    done, mmapped = run({}, set_options=True)
+    assert done.startswith("mmap_max=0") and mmapped == "mmapped blocks 0"
+    assert run({NO_MALLOC_OPTIONS_ENV: "1"}, set_options=True) == ["None", "mmapped blocks 1"]
+    assert run({"GLIBC_TUNABLES": "glibc.malloc.trim_threshold=1000000"}, set_options=True) == \
+        ["None", "mmapped blocks 1"]
+    assert set_default_malloc_options({NO_MALLOC_OPTIONS_ENV: "1"}) is None
