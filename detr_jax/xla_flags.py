@@ -2,7 +2,7 @@
 
 XLA flags: a flag already named in $XLA_FLAGS wins. Each backend reads only its own flags (`xla_cpu_*` on CPU,
 `xla_gpu_*` on GPU), so one list serves all.
-This module does not import jax: call `set_default_xla_flags()` before the first `import jax`.
+This module does not import jax: entry points call `set_process_defaults()` before the first `import jax`.
 """
 
 import ctypes
@@ -52,9 +52,9 @@ def set_default_malloc_options(environ: Mapping[str, str] = os.environ) -> Optio
     XLA:CPU allocates its temporaries afresh at every call of a compiled program. With glibc's defaults every
     big one is a new mmap, which the kernel zero-fills page by page on first touch and which is unmapped again
     at the end of the call. With these options the default config's train step alone takes 0.30-0.32 s instead
-    of 0.35 s (a 400-step default run: 166 s instead of 178 s end to end), and DETR-R50 at
-    512 px is 1.14x faster (BENCHMARKS.md). The same as
-    `GLIBC_TUNABLES=glibc.malloc.mmap_max=0:glibc.malloc.trim_threshold=...`, set from inside the process.
+    of 0.35 s (a 400-step default run: 166 s instead of 178 s end to end), and DETR-R50 at 512 px is 1.14x
+    faster (BENCHMARKS.md). The same as `GLIBC_TUNABLES=glibc.malloc.mmap_max=0:glibc.malloc.trim_threshold=...`,
+    set from inside the process.
 
     The cost: freed memory stays in the process (its resident size stays near its peak), which suits a training
     or evaluation job. Not done when `$DETR_JAX_NO_MALLOC_OPTIONS` is set, when `$GLIBC_TUNABLES` already sets a
@@ -73,3 +73,9 @@ def set_default_malloc_options(environ: Mapping[str, str] = os.environ) -> Optio
         logger.info("glibc malloc options not set: %s", e)
         return None
     return f"mmap_max=0 trim_threshold={MALLOC_TRIM_THRESHOLD}" if ok else None
+
+
+def set_process_defaults(environ: MutableMapping[str, str] = os.environ) -> None:
+    """What every entry point does before jax is imported: `set_default_xla_flags` and `set_default_malloc_options`."""
+    set_default_xla_flags(environ)
+    set_default_malloc_options(environ)

@@ -15,10 +15,9 @@ from ml_collections import config_flags
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # run from a checkout
 
-from detr_jax.xla_flags import set_default_malloc_options, set_default_xla_flags  # noqa: E402 (no jax import)
+from detr_jax.xla_flags import set_process_defaults  # noqa: E402 (no jax import)
 
-set_default_xla_flags()  # before jax is imported; flags the user set in XLA_FLAGS win
-set_default_malloc_options()  # XLA:CPU's temporaries from the reused heap (glibc; $DETR_JAX_NO_MALLOC_OPTIONS=1: off)
+set_process_defaults()  # before jax is imported: XLA flags (the user's XLA_FLAGS win) and glibc malloc options
 
 _CONFIG = config_flags.DEFINE_config_file(
     "config", os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs", "default.py"),
