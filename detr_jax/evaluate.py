@@ -148,7 +148,9 @@ class Evaluator:
         repl = sharding.replicated(mesh)
 
         def predict(params, frozen, batch):
-            out = model.apply({"params": params, "frozen": frozen}, batch["images"], pixel_mask=batch["pixel_mask"])
+            from detr_jax.data.transforms import normalize_images
+            images = normalize_images(batch["images"], batch["pixel_mask"])  # uint8 from the loader
+            out = model.apply({"params": params, "frozen": frozen}, images, pixel_mask=batch["pixel_mask"])
             return postprocess(out["pred_logits"], out["pred_boxes"], batch["orig_size"], top_k)
 
         self._predict = jax.jit(predict, in_shardings=(repl, repl, sharding.batch_sharded(mesh)), out_shardings=repl)

@@ -18,12 +18,14 @@ import flax
 import jax
 import jax.numpy as jnp
 import ml_collections
+import numpy as np
 import optax
 import orbax.checkpoint as ocp
 from jax.sharding import PartitionSpec as P
 
 from detr_jax import sharding
 from detr_jax.data import Loader, build_source, make_eval_transforms, make_train_transforms, recipe_buckets
+from detr_jax.data.transforms import normalize_images
 from detr_jax.losses import encoder_dense_losses, set_criterion
 from detr_jax.matcher import hungarian_match
 from detr_jax.models.backbone import FROZEN_COLLECTION
@@ -46,27 +48,32 @@ def build_model(config: ml_collections.ConfigDict) -> DETR:
 
 def build_data(config: ml_collections.ConfigDict, split: str, *, train: bool, process_index: int = 0,
                process_count: int = 1, batch_size: Optional[int] = None) -> Loader:
-    """The loader of `split` for this process: train augmentation and shuffling when `train`."""
+    """The loader of `split` for this process: train augmentation and shuffling when `train`.
+
+    Batches carry uint8 images; the jitted steps normalise them on the device (`normalize_images`).
+    """
     d = config.data
     # The split's own kwargs (e.g. its image_dir) override the shared ones.
     source = build_source(d.source, **dict(d.source_kwargs.to_dict(), **d.get(f"{split}_kwargs", {}).to_dict()))
     if train:
         transforms = make_train_transforms(tuple(d.train_scales), d.max_size, tuple(d.crop_resize_scales),
-                                           tuple(d.crop_size))
+                                           tuple(d.crop_size), normalize_pixels=False)
     else:
-        transforms = make_eval_transforms(d.eval_size, d.max_size)
+        transforms = make_eval_transforms(d.eval_size, d.max_size, normalize_pixels=False)
     global_batch = batch_size or config.batch_size
     if global_batch % process_count:
         raise ValueError(f"batch_size {global_batch} must be divisible by the process count {process_count}")
     group_by_size = int(d.get("group_by_size", 0)) if train else 0
     buckets = d.get("buckets")
     if buckets == "recipe":  # fitted to the simulated output sizes of this pipeline (see data/batching.py)
-        buckets = recipe_buckets(transforms, batch_size=global_batch, max_side=d.max_size, group_by_size=group_by_size)
+        buckets = recipe_buckets(transforms, batch_size=global_batch, max_side=d.max_size, group_by_size=group_by_size,
+                                 max_buckets=d.max_buckets)
         logger.info("%s buckets for the %s recipe: %s", len(buckets), split, buckets)
     return Loader(source, transforms, global_batch // process_count, seed=config.seed, max_objects=d.max_objects,
                   buckets=[tuple(b) for b in buckets] if buckets else None, shuffle=train,
                   num_workers=d.num_workers, process_index=process_index, process_count=process_count,
-                  drop_remainder=train, num_epochs=None if train else 1, group_by_size=group_by_size)
+                  drop_remainder=train, num_epochs=None if train else 1, group_by_size=group_by_size,
+                  worker_type=d.worker_type)
 
 
 def learning_rate_schedule(base_lr: float, config: ml_collections.ConfigDict, total_steps: int,
@@ -201,7 +208,8 @@ def make_train_step(model: DETR, tx, config: ml_collections.ConfigDict, mesh) ->
     mutable = [FROZEN_COLLECTION] if model.backbone_norm == "batch" else False
 
     def loss_fn(params, frozen, batch, rng):
-        outputs = model.apply({"params": params, FROZEN_COLLECTION: frozen}, batch["images"],
+        images = normalize_images(batch["images"], batch["pixel_mask"])  # uint8 from the loader
+        outputs = model.apply({"params": params, FROZEN_COLLECTION: frozen}, images,
                               pixel_mask=batch["pixel_mask"], train=True, rngs={"dropout": rng}, mutable=mutable)
         outputs, frozen = outputs if mutable else (outputs, {FROZEN_COLLECTION: frozen})
         targets = {"labels": batch["labels"], "boxes": batch["boxes"], "mask": batch["mask"]}
@@ -339,10 +347,26 @@ def _check_finite(state: TrainState, manager) -> None:
             "Lower the learning rate, check the data, or enable gradient clipping.")
 
 
+def enable_compilation_cache(config: ml_collections.ConfigDict, workdir: str) -> Optional[str]:
+    """JAX's persistent compilation cache, so that a restarted run (preemption) does not compile its step shapes
+    again: `config.compilation_cache_dir`, "" for <workdir>/jax_cache, "none" for off. A cache directory the
+    user set for jax (JAX_COMPILATION_CACHE_DIR) wins. Returns the directory in use (None: off)."""
+    user = jax.config.jax_compilation_cache_dir
+    if user:
+        return user
+    path = config.compilation_cache_dir
+    if path == "none":
+        return None
+    path = path or os.path.join(workdir, "jax_cache")
+    jax.config.update("jax_compilation_cache_dir", path)
+    return path
+
+
 # ---- the loop ----------------------------------------------------------------------------------------------
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Dict[str, float]:
     """Train `config` in `workdir`, resuming from its latest checkpoint; returns the final metrics."""
     os.makedirs(workdir, exist_ok=True)
+    cache_dir = enable_compilation_cache(config, workdir)
     mesh = sharding.make_mesh()
     is_main = jax.process_index() == 0
     train_loader = build_data(config, "train", train=True, process_index=jax.process_index(),
@@ -376,8 +400,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Dict[
             f.write(config.to_json(indent=2))
         n_params = sum(x.size for x in jax.tree_util.tree_leaves(state["params"]))
         logger.info("DETR with %.2fM parameters; %d devices on %d processes; %d steps (%d per epoch), "
-                    "global batch %d", n_params / 1e6, jax.device_count(), jax.process_count(), total_steps,
-                    steps_per_epoch, config.batch_size)
+                    "global batch %d; compilation cache %s", n_params / 1e6, jax.device_count(), jax.process_count(),
+                    total_steps, steps_per_epoch, config.batch_size, cache_dir or "off")
     train_step = make_train_step(model, tx, config, mesh)
     metric_logger = MetricLogger(workdir, total_steps, is_main)
     evaluator = None
@@ -393,6 +417,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Dict[
     seen_shapes = set()
     step, last_metrics, final = start_step, {}, {}
     t_log, images_since_log, t_start = time.time(), 0, time.time()
+    real_pixels = all_pixels = 0  # this process's batches since the last row: the padded_fraction metric
     try:
         iterator = iter(train_loader)
         while step < total_steps:
@@ -403,6 +428,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Dict[
             if shape not in seen_shapes:
                 seen_shapes.add(shape)
                 logger.info("compiling the train step for image shape %s (%d shapes so far)", shape, len(seen_shapes))
+            real_pixels += int(np.prod(local["size"], axis=1, dtype=np.int64).sum())
+            all_pixels += int(np.prod(local["images"].shape[:3], dtype=np.int64))
             batch = sharding.global_batch(local, mesh)
             state, metrics = train_step(state, batch)
             step += 1
@@ -414,7 +441,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Dict[
                 last_metrics = {k: float(v) for k, v in metrics.items()}
                 last_metrics.update(images_per_sec=images_since_log / (now - t_log), epoch=step / steps_per_epoch,
                                     lr=float(schedules["transformer"](step - 1)),
-                                    lr_backbone=float(schedules["backbone"](step - 1)))
+                                    lr_backbone=float(schedules["backbone"](step - 1)),
+                                    padded_fraction=1.0 - real_pixels / max(all_pixels, 1))
+                real_pixels = all_pixels = 0
                 metric_logger.write(step, last_metrics, _progress(step, total_steps, last_metrics, now - t_start,
                                                                   start_step))
                 t_log, images_since_log = now, 0
@@ -444,6 +473,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Dict[
         for sig, handler in previous_handlers.items():
             signal.signal(sig, handler)
         train_loader.close()
+        if evaluator is not None:
+            evaluator.loader.close()
         metric_logger.close()
         manager.close()
     summary = dict(last_metrics, **final)

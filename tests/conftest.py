@@ -19,3 +19,15 @@ def fixtures_dir():
                     "Set DETR_JAX_FIXTURES to the folder holding official_detr_r18_tiny/, "
                     "or place it at <repo>/../shared/fixtures.")
     return path
+
+
+@pytest.fixture(scope="session")
+def coco_like_dir(tmp_path_factory):
+    """A TFDS data_dir holding the built-in COCO-like set (256 train / 64 validation JPEGs at COCO's sizes,
+    ArrayRecord, coco/2017's features), prepared once per session (~3 s). Skips without tensorflow_datasets."""
+    pytest.importorskip("tensorflow_datasets")
+    pytest.importorskip("array_record")
+    from detr_jax.data import coco_like
+    path = tmp_path_factory.mktemp("tfds")
+    coco_like.prepare(str(path))
+    return str(path)

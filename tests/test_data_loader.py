@@ -232,3 +232,72 @@ def test_group_by_size_loader():
     for step in range(3):
         np.testing.assert_array_equal(np.concatenate([parts[0][step]["image_id"], parts[1][step]["image_id"]]),
                                       full[step]["image_id"])
+
+
+def _by_image(batches):
+    """{image_id: (image cropped to its size, boxes of its real objects)} over batches (padding examples skipped)."""
+    out = {}
+    for b in batches:
+        for i, image_id in enumerate(b["image_id"]):
+            if image_id >= 0:
+                h, w = b["size"][i]
+                out[int(image_id)] = (b["images"][i, :h, :w], b["boxes"][i][b["mask"][i]])
+    return out
+
+
+def test_augmentation_changes_with_the_epoch_and_only_with_it():
+    # 6 batches per epoch: batches 0-5 are epoch 0, 6-11 epoch 1; every image appears once in each.
+    batches = _take(_loader(num_workers=2), 12)
+    epoch0, epoch1 = _by_image(batches[:6]), _by_image(batches[6:])
+    assert sorted(epoch0) == sorted(epoch1) == list(range(1, 25))
+    same = [i for i in epoch0 if epoch0[i][0].shape == epoch1[i][0].shape and np.array_equal(epoch0[i][0], epoch1[i][0])]
+    # Flip x resize-or-crop x 3 scales: an image keeps its epoch-0 augmentation in epoch 1 by chance only.
+    assert len(same) <= 6, f"{len(same)} of 24 images got the same augmentation in epochs 0 and 1"
+    # Within an epoch the augmentation is the example's own: the same with other workers and after a resume.
+    resumed = _loader(num_workers=1)
+    resumed.set_state({"epoch": 0, "position": 4})
+    again = _take(resumed, 5)  # epoch 0 positions 4-5, then epoch 1 positions 0-2
+    for part, expected in ((again[:2], epoch0), (again[2:], epoch1)):
+        for image_id, (image, boxes) in _by_image(part).items():
+            np.testing.assert_array_equal(image, expected[image_id][0])
+            np.testing.assert_array_equal(boxes, expected[image_id][1])
+
+
+def test_uint8_images_are_the_host_normalisation_on_the_device():
+    import jax
+    from detr_jax.data.transforms import normalize_images
+
+    def loader(normalize_pixels):
+        transforms = make_train_transforms(scales=(40, 48, 56), max_size=80, crop_resize_scales=(32, 40, 48),
+                                           crop_size=(24, 48), normalize_pixels=normalize_pixels)
+        return _loader(transforms=transforms)
+
+    host, raw = _take(loader(True), 3), _take(loader(False), 3)
+    for a, b in zip(host, raw):
+        assert a["images"].dtype == np.float32 and b["images"].dtype == np.uint8
+        assert b["images"].nbytes * 4 == a["images"].nbytes
+        for key in a:
+            if key != "images":
+                np.testing.assert_array_equal(a[key], b[key], err_msg=key)
+        on_device = np.asarray(jax.jit(normalize_images)(b["images"], b["pixel_mask"]))
+        np.testing.assert_array_equal(on_device, a["images"])  # bit for bit, padding included
+
+
+@pytest.mark.parametrize("group_by_size", [0, 3])
+def test_worker_processes_give_the_same_batches_and_resume(group_by_size):
+    buckets = batching.recipe_buckets(_train(), SIZES, batch_size=4, max_buckets=4, max_side=80, stride=16,
+                                      group_by_size=group_by_size)
+    kwargs = dict(group_by_size=group_by_size, buckets=buckets, max_objects=3)  # 3: objects get dropped
+    expected = _take(_loader(**kwargs), 9)
+    inline = _loader(**kwargs)
+    _take(inline, 5)
+    processes = _loader(num_workers=2, worker_type="process", **kwargs)
+    with processes:
+        got = [next(processes) for _ in range(5)]
+        state = processes.get_state()
+        # Counted in the workers and summed here: what this process counts making the same 5 batches.
+        assert processes.counters() == inline.counters() and inline.counters()["objects_dropped"] > 0
+    _assert_batches_equal(expected[:5], got)
+    resumed = _loader(num_workers=2, worker_type="process", **kwargs)
+    resumed.set_state(state)
+    _assert_batches_equal(expected[5:], _take(resumed, 4))

@@ -58,16 +58,45 @@ def test_clear_error_without_tfds():
         build_source("tfds", split="train")
 
 
-@pytest.mark.skipif(not _HAS_TF, reason="tensorflow / tensorflow_datasets not importable")
-def test_tfds_source_on_mock_data():
-    import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
-    with tfds.testing.mock_data(num_examples=4):
-        src = build_source("tfds", split="train", process_index=0, process_count=1, label_space="official91")
-        assert len(src) == 4 and src.num_classes == 91 and src.process_sharded
-        ex = src[0]
-    assert ex["image"].dtype == np.uint8 and ex["image"].shape[2] == 3
-    k = len(ex["labels"])
-    assert ex["boxes"].shape == (k, 4) and ex["iscrowd"].shape == (k,)
-    assert np.all(np.isin(ex["labels"], COCO_CATEGORY_IDS))
-    h, w = ex["orig_size"]
-    assert np.all(ex["boxes"] >= 0) and np.all(ex["boxes"][:, [0, 2]] <= w) and np.all(ex["boxes"][:, [1, 3]] <= h)
+def test_encoded_image_size_names_a_bad_record():
+    from detr_jax.data.tfds_coco import _encoded_image_size
+    with pytest.raises(ValueError, match=r"train record 7 \(image id 42\): the image does not decode"):
+        _encoded_image_size({"image": b"not a jpeg", "image/id": 42}, "tfds coco/2017 train record 7")
+
+
+@pytest.mark.skipif(not _HAS_TF, reason="tensorflow_datasets not importable")
+def test_tfds_source_on_the_coco_like_set(coco_like_dir, monkeypatch):
+    src = build_source("tfds", name="coco_like", data_dir=coco_like_dir, split="validation", label_space="official91",
+                       keep_crowd=True)
+    assert len(src) == 64 and src.num_classes == 91
+    for i in (0, 5, 63):
+        ex = src[i]
+        assert ex["image"].dtype == np.uint8 and ex["image"].shape[2] == 3
+        # The size index (JPEG headers only) agrees with the decoded image; target() with the full example.
+        assert src.image_size(i) == ex["image"].shape[:2] == ex["orig_size"]
+        target = src.target(i)
+        assert "image" not in target and target["orig_size"] == ex["orig_size"]
+        for key in ("boxes", "labels", "iscrowd"):
+            np.testing.assert_array_equal(target[key], ex[key])
+        assert np.all(np.isin(ex["labels"], COCO_CATEGORY_IDS))
+        h, w = ex["orig_size"]
+        assert np.all(ex["boxes"] >= 0) and np.all(ex["boxes"][:, [0, 2]] <= w) and np.all(ex["boxes"][:, [1, 3]] <= h)
+    assert len({src.image_size(i) for i in range(len(src))}) >= 5  # COCO's mix of sizes and orientations
+    # A second start reads the cached index: no header is parsed again.
+    from detr_jax.data import tfds_coco
+    monkeypatch.setattr(tfds_coco, "_encoded_image_size", lambda *a: pytest.fail("size index not cached"))
+    again = build_source("tfds", name="coco_like", data_dir=coco_like_dir, split="validation")
+    assert [again.image_size(i) for i in range(64)] == [src.image_size(i) for i in range(64)]
+
+
+@pytest.mark.skipif(not _HAS_TF, reason="tensorflow_datasets not importable")
+def test_unreadable_record_is_named(coco_like_dir):
+    src = build_source("tfds", name="coco_like", data_dir=coco_like_dir, split="validation")
+
+    class Broken:
+        def __getitem__(self, index):
+            raise OSError("truncated file")
+
+    src._source = Broken()
+    with pytest.raises(ValueError, match=r"tfds coco_like validation: cannot read record 3: OSError: truncated file"):
+        src[3]

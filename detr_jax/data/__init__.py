@@ -21,19 +21,19 @@ __all__ = ["AnnotationError", "CocoFolder", "ImageReadError", "Loader", "Synthet
 SOURCES = ("synthetic", "coco_folder", "tfds")
 
 
-def build_source(name: str, **kwargs):
+def build_source(kind: str, /, **kwargs):
     """A detection source by name.
 
     "synthetic": SyntheticDetection(split, num_examples, image_size, ..., seed).
     "coco_folder": CocoFolder(ann_file, image_dir, label_space, keep_crowd, num_classes, skip_bad_images).
-    "tfds": tfds_coco.TfdsCoco(split, data_dir, label_space, keep_crowd, ...); imports tensorflow_datasets
-      only here, so the other sources work without TensorFlow installed.
+    "tfds": tfds_coco.TfdsCoco(split, data_dir, label_space, keep_crowd, num_classes, name, ...); imports
+      tensorflow_datasets only here, so the other sources work without it installed.
     """
-    if name == "synthetic":
+    if kind == "synthetic":
         return SyntheticDetection(**kwargs)
-    if name == "coco_folder":
+    if kind == "coco_folder":
         return CocoFolder(**kwargs)
-    if name == "tfds":
-        from detr_jax.data import tfds_coco  # lazy: pulls in tensorflow
+    if kind == "tfds":
+        from detr_jax.data import tfds_coco  # lazy: pulls in tensorflow_datasets
         return tfds_coco.TfdsCoco(**kwargs)
-    raise ValueError(f"unknown data source {name!r}; known: {SOURCES}")
+    raise ValueError(f"unknown data source {kind!r}; known: {SOURCES}")

@@ -4,7 +4,9 @@ Images are padded bottom/right with zeros (zero in normalised space, as the offi
 the smallest bucket that holds every image of the batch; `pixel_mask` is True on real pixels. Targets are
 padded to a fixed `max_objects` with a `mask`. The batch format, consumed by the model and the loss:
 
-  "images":     float32 [B, H, W, 3]  normalised (ImageNet mean/std), zero padding
+  "images":     uint8 [B, H, W, 3]    raw pixels, zero padding; the train and eval steps normalise them on
+                                      the device (`transforms.normalize_images`). float32 normalised (ImageNet
+                                      mean/std) when the transforms normalise on the host (`Normalize()`)
   "pixel_mask": bool    [B, H, W]     True on real pixels
   "labels":     int32   [B, M]        0 where mask is False
   "boxes":      float32 [B, M, 4]     cxcywh normalised by the unpadded size (h, w); padding rows hold the
@@ -200,7 +202,7 @@ def collate(examples: Sequence[Tuple[np.ndarray, Dict]], max_objects: int,
     """Stack transformed examples into one padded batch (format in the module docstring).
 
     Args:
-      examples: (image float32 [h, w, 3] normalised, target) pairs; target has "boxes" float32 [K, 4] cxcywh
+      examples: (image [h, w, 3], uint8 or float32 normalised, target) pairs; target has "boxes" float32 [K, 4] cxcywh
         normalised, "labels" int [K], "image_id", "orig_size" (h, w), "size" (h, w) (as `Normalize` leaves it).
       max_objects: M; objects beyond it are dropped (the first M are kept), counted in `stats` and logged.
       buckets: static (H, W) shapes; the batch takes the smallest one holding every image and `min_size`.
@@ -224,7 +226,7 @@ def collate(examples: Sequence[Tuple[np.ndarray, Dict]], max_objects: int,
                        "(%d such batches so far)", max_h, max_w, list(buckets), height, width, stats.unbucketed_batches)
 
     batch = {
-        "images": np.zeros((batch_size, height, width, 3), np.float32),
+        "images": np.zeros((batch_size, height, width, 3), examples[0][0].dtype if examples else np.uint8),
         "pixel_mask": np.zeros((batch_size, height, width), bool),
         "labels": np.zeros((batch_size, max_objects), np.int32),
         "boxes": np.tile(np.asarray(PADDING_BOX, np.float32), (batch_size, max_objects, 1)),

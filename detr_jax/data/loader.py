@@ -1,4 +1,4 @@
-"""A deterministic, resumable batch loader: source -> transforms (thread pool) -> padded batches.
+"""A deterministic, resumable batch loader: source -> transforms (threads or worker processes) -> padded batches.
 
 Determinism: the order of epoch e is a permutation drawn from (seed, e), and example i's augmentation draws
 from a generator seeded with (seed, e, i). A batch is therefore a function of (seed, epoch, position) alone,
@@ -10,10 +10,16 @@ rows [p * batch_size, (p + 1) * batch_size). All processes must feed one jit ste
 the bucket is chosen from the sizes of the whole global batch: each process predicts them without decoding
 other processes' images, from `source.image_size(index)` and the transforms' `output_size` with the same
 per-example generator.
+
+Workers: threads (`worker_type="thread"`, one example per job, GIL-bound beyond a few cores) or processes
+(`worker_type="process"`, one whole batch per job, through grain's `mp_prefetch`: spawned workers, batches
+handed over in shared memory, round-robin so the order is the workers' order). Either way a batch is a pure
+function of (seed, epoch, position), so every worker type and count gives the same batches.
 """
 
 import collections
 import concurrent.futures
+import copy
 import logging
 import math
 import queue
@@ -30,6 +36,7 @@ logger = logging.getLogger(__name__)
 # Random streams are seeded with 4 words [seed, epoch, index or 0, stream tag]. The tag keeps them apart:
 # SeedSequence pads short entropy with zeros, so [seed, epoch] and [seed, epoch, 0] would be the same stream.
 _ORDER, _GROUPING, _EXAMPLE = 1, 2, 3
+WORKER_TYPES = ("thread", "process")
 
 
 class _Failure:
@@ -52,10 +59,13 @@ class Loader:
       buckets: static (H, W) pad shapes (see `batching.recipe_buckets`); None pads to each batch's size
         rounded up to 32 (dynamic shapes; single-process only).
       shuffle: permute each epoch (False: source order, e.g. for evaluation).
-      num_workers: threads running source + transforms; 0 runs everything in the calling thread.
-      prefetch: batches prepared ahead of the consumer (at most 2 * prefetch batches held in memory).
-      process_index, process_count: this process's slice of the global batch. A source with
-        `process_sharded = True` (TfdsCoco) is this process's shard already and is iterated whole.
+      num_workers: threads or processes running source + transforms; 0 runs everything in the calling thread.
+      worker_type: "thread" (a thread pool, one example per job) or "process" (grain worker processes, one
+        batch per job; the source and transforms must pickle).
+      prefetch: batches prepared ahead of the consumer (threads: at most 2 * prefetch batches held in memory;
+        processes: `prefetch` per worker).
+      process_index, process_count: this process's slice of every global batch (every process holds the whole
+        source and reads only its slice).
       drop_remainder: drop the last incomplete global batch; False pads it with padding examples
         (image_id -1, all masks False), so evaluation sees every image exactly once.
       num_epochs: stop after this many epochs; None iterates forever.
@@ -68,13 +78,13 @@ class Loader:
     def __init__(self, source, transforms: Optional[Callable], batch_size: int, seed: int, max_objects: int,
                  buckets: Optional[Sequence[Tuple[int, int]]], shuffle: bool = True, num_workers: int = 2,
                  prefetch: int = 2, process_index: int = 0, process_count: int = 1, drop_remainder: bool = True,
-                 num_epochs: Optional[int] = None, group_by_size: int = 0):
+                 num_epochs: Optional[int] = None, group_by_size: int = 0, worker_type: str = "thread"):
         if batch_size < 1 or max_objects < 1:
             raise ValueError(f"batch_size and max_objects must be >= 1, got {batch_size}, {max_objects}")
+        if worker_type not in WORKER_TYPES:
+            raise ValueError(f"worker_type must be one of {WORKER_TYPES}, got {worker_type!r}")
         if not 0 <= process_index < process_count:
             raise ValueError(f"need 0 <= process_index < process_count, got {process_index}, {process_count}")
-        # A process-sharded source (TFDS) already holds only this process's examples: iterate it whole.
-        self.process_sharded = bool(getattr(source, "process_sharded", False))
         if buckets is None and process_count > 1:
             raise ValueError("buckets=None gives each process its own batch shape; pass static buckets with "
                              "process_count > 1 (see batching.recipe_buckets)")
@@ -86,27 +96,27 @@ class Loader:
         self.buckets = None if buckets is None else [tuple(int(v) for v in b) for b in buckets]
         self.shuffle = shuffle
         self.num_workers = int(num_workers)
+        self.worker_type = worker_type
         self.prefetch = max(1, int(prefetch))
         self.process_index = int(process_index)
         self.process_count = int(process_count)
         self.drop_remainder = drop_remainder
         self.num_epochs = num_epochs
-        self.global_batch_size = self.batch_size * (1 if self.process_sharded else self.process_count)
+        self.global_batch_size = self.batch_size * self.process_count
         n = len(source)
         self.batches_per_epoch = (n // self.global_batch_size if drop_remainder
                                   else math.ceil(n / self.global_batch_size))
         if self.batches_per_epoch == 0:
             raise ValueError(f"the source has {n} examples, fewer than one global batch of {self.global_batch_size} "
                              "with drop_remainder=True")
-        self._predict_sizes = (hasattr(source, "image_size") and hasattr(self.transforms, "output_size")
-                               and not self.process_sharded)
+        self._predict_sizes = hasattr(source, "image_size") and hasattr(self.transforms, "output_size")
         if process_count > 1 and not self._predict_sizes:
             logger.info("source has no image_size(): every batch is padded to the largest bucket %s so that all "
                         "processes agree on the shape", max(self.buckets, key=lambda b: b[0] * b[1]))
         self.group_by_size = int(group_by_size)
         if self.group_by_size and not self._predict_sizes:
-            raise ValueError("group_by_size needs a source with image_size(index), transforms with output_size(), "
-                             "and a source that is not process-sharded; set group_by_size=0")
+            raise ValueError("group_by_size needs a source with image_size(index) and transforms with output_size(); "
+                             "set group_by_size=0")
         self._orders = {}  # epoch -> order, the last two epochs (the producer may run one epoch ahead)
         self._orders_lock = threading.Lock()
         self.stats = batching.BatchStats()
@@ -115,6 +125,8 @@ class Loader:
         self._thread = None
         self._queue = None
         self._stop = None
+        self._grain_iter = None
+        self._worker_counters: Dict[str, int] = {}  # what worker processes counted, summed from their batches
 
     # ---- determinism --------------------------------------------------------------------------------------
     def epoch_order(self, epoch: int) -> np.ndarray:
@@ -155,7 +167,10 @@ class Loader:
         """What the data layer dropped or changed so far: the source's `stats` (crowd / zero-area boxes, bad
         images) and batching's (objects over max_objects, batches outside the buckets). Prefetching counts
         batches before they are consumed."""
-        return {**getattr(self.source, "stats", {}), **self.stats.as_dict()}
+        counters = {**getattr(self.source, "stats", {}), **self.stats.as_dict()}
+        for k, v in self._worker_counters.items():
+            counters[k] = counters.get(k, 0) + v
+        return counters
 
     # ---- state --------------------------------------------------------------------------------------------
     def get_state(self) -> Dict[str, int]:
@@ -179,7 +194,7 @@ class Loader:
     def _plan(self, epoch: int, position: int):
         """(local indices, min_size) of a batch; min_size is the global batch's predicted max (h, w)."""
         indices = self.global_indices(epoch, position)
-        first = 0 if self.process_sharded else self.process_index * self.batch_size
+        first = self.process_index * self.batch_size
         local = indices[first:first + self.batch_size]
         min_size = None
         if self._predict_sizes and self.buckets is not None:
@@ -192,6 +207,11 @@ class Loader:
     def _collate(self, examples, min_size):
         return batching.collate(examples, self.max_objects, self.buckets, self.batch_size, min_size,
                                 stats=self.stats)
+
+    def make_batch(self, epoch: int, position: int) -> Dict[str, np.ndarray]:
+        """This process's batch at (epoch, position), computed in the calling thread."""
+        local, min_size = self._plan(epoch, position)
+        return self._collate([self._load_example(epoch, i) for i in local], min_size)
 
     def _advance(self, epoch: int, position: int):
         position += 1
@@ -207,10 +227,21 @@ class Loader:
 
     def __next__(self) -> Dict[str, np.ndarray]:
         if self._finished(self._epoch):
+            self._stop_producer()  # workers (threads or processes) are not left idle behind a finished pass
             raise StopIteration
         if self.num_workers == 0:
-            local, min_size = self._plan(self._epoch, self._position)
-            batch = self._collate([self._load_example(self._epoch, i) for i in local], min_size)
+            batch = self.make_batch(self._epoch, self._position)
+        elif self.worker_type == "process":
+            if self._grain_iter is None:
+                self._start_processes()
+            (epoch, position), shared, counters = next(self._grain_iter)
+            # Out of grain's shared memory into plain arrays: the shared block is released now, not whenever
+            # (or, at interpreter exit, never) the last reference to it goes.
+            batch = {k: np.array(v) for k, v in shared.items()}
+            del shared
+            assert (epoch, position) == (self._epoch, self._position), "loader pipeline out of order"
+            for k, v in counters.items():
+                self._worker_counters[k] = self._worker_counters.get(k, 0) + v
         else:
             if self._thread is None:
                 self._start_producer()
@@ -268,11 +299,44 @@ class Loader:
                 for f in futures:
                     f.cancel()
 
+    def _start_processes(self):
+        """grain: a map over global batch numbers (epoch * batches_per_epoch + position) from the current one,
+        each mapped to its batch by a worker process; `mp_prefetch` gives worker w the numbers w, w + k, ...
+        and yields them back in order."""
+        import grain  # pylint: disable=g-import-not-at-top
+
+        _mark_absl_flags_parsed()  # grain reads its absl flags; outside app.run nobody parsed them
+        start = self._epoch * self.batches_per_epoch + self._position
+        stop = self.num_epochs * self.batches_per_epoch if self.num_epochs is not None else start + 2 ** 40
+        dataset = grain.MapDataset.range(start, stop).map(_BatchJob(self))
+        # One batch at a time inside a worker: the parallelism is across workers.
+        dataset = dataset.to_iter_dataset(grain.ReadOptions(num_threads=1, prefetch_buffer_size=1))
+        dataset = dataset.mp_prefetch(grain.MultiprocessingOptions(num_workers=self.num_workers,
+                                                                   per_worker_buffer_size=self.prefetch),
+                                      worker_init_fn=_init_worker)
+        self._grain_iter = iter(dataset)
+
     def _stop_producer(self):
         if self._thread is not None:
             self._stop.set()
             self._thread.join()
         self._thread = self._queue = self._stop = None
+        if self._grain_iter is not None:
+            close = getattr(self._grain_iter, "close", None)
+            if close is not None:
+                close()
+            self._grain_iter = None
+
+    def __getstate__(self):
+        """What a worker process needs to make batches: no threads, queues or iterators."""
+        state = dict(self.__dict__)
+        state.update(_pool=None, _thread=None, _queue=None, _stop=None, _grain_iter=None, _orders={},
+                     _orders_lock=None)
+        return state
+
+    def __setstate__(self, state):
+        self.__dict__.update(state)
+        self._orders_lock = threading.Lock()
 
     def close(self) -> None:
         """Stop the background threads (also done on leaving a `with` block)."""
@@ -293,5 +357,41 @@ class Loader:
                 self._stop.set()
             if self._pool is not None:
                 self._pool.shutdown(wait=False, cancel_futures=True)
+            if self._grain_iter is not None and hasattr(self._grain_iter, "close"):
+                self._grain_iter.close()
         except Exception:  # interpreter shutdown
             pass
+
+
+def _counter_snapshot(loader: Loader) -> Dict[str, int]:
+    return {**getattr(loader.source, "stats", {}), **loader.stats.as_dict()}
+
+
+class _BatchJob:
+    """In a worker process: global batch number -> ((epoch, position), batch, counters counted making it)."""
+
+    def __init__(self, loader: Loader):
+        self.loader = copy.copy(loader)  # pickled without threads (Loader.__getstate__)
+
+    def __call__(self, number: int):
+        loader = self.loader
+        epoch, position = divmod(int(number), loader.batches_per_epoch)
+        before = _counter_snapshot(loader)
+        batch = loader.make_batch(epoch, position)
+        after = _counter_snapshot(loader)
+        counters = {k: int(v) - int(before.get(k, 0)) for k, v in after.items() if v != before.get(k, 0)}
+        return (epoch, position), batch, counters
+
+
+def _init_worker(worker_index: int, worker_count: int) -> None:
+    """Spawned grain workers: absl flags parsed (libraries read them outside app.run); quiet TensorFlow."""
+    del worker_index, worker_count
+    import os  # pylint: disable=g-import-not-at-top
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    _mark_absl_flags_parsed()
+
+
+def _mark_absl_flags_parsed() -> None:
+    from absl import flags  # pylint: disable=g-import-not-at-top
+    if not flags.FLAGS.is_parsed():
+        flags.FLAGS.mark_as_parsed()

@@ -2,20 +2,30 @@
 
 Reads through `tfds.data_source`, which needs the dataset prepared in the ArrayRecord format:
   tfds.builder("coco/2017", data_dir=...).download_and_prepare(file_format="array_record")
-Each process reads only its own shard (`tfds.split_for_jax_process`), so the source is `process_sharded`:
-the Loader then iterates the shard whole on every process instead of slicing a global batch, and pads
-every batch to the largest bucket when there are several processes (they cannot see each other's sizes).
+Every process opens the whole split (ArrayRecord reads any record directly) and the Loader gives each process
+its slice of every global batch, as for the other sources: all processes then share one global order, one size
+grouping and one bucket per step, with no padding to the largest bucket and no per-step exchange.
+
+Size grouping and the bucket choice need each image's (h, w) before it is decoded, and TFDS COCO stores no
+image size: the size index reads every record once with the image left encoded (only the JPEG header is
+parsed), split across processes and gathered, then cached next to the prepared data (or under
+~/.cache/detr_jax when that folder is read-only), so later starts load it.
 
 TFDS labels are 0..79 in COCO category-id order; label_space "contiguous" keeps them, "official91" maps them
 to the raw COCO category ids (the official DETR 91-class space of the released checkpoints).
-tensorflow_datasets is imported here only, so the other sources never need TensorFlow.
+tensorflow_datasets is imported here only, so the other sources never need TensorFlow. name="coco_like" is
+the built-in COCO-like set (`detr_jax.data.coco_like`), prepared on first use.
 """
 
+import io
 import logging
+import os
+import re
 import threading
-from typing import Dict, Optional
+from typing import Dict, Optional, Tuple
 
 import numpy as np
+from PIL import Image
 
 from detr_jax.data.coco_categories import COCO_CATEGORY_IDS, COCO_CLASS_NAMES, OFFICIAL91_CLASS_NAMES
 
@@ -33,7 +43,7 @@ def _import_tfds():
 
 
 class TfdsCoco:
-    """COCO detection examples from TFDS, this process's shard of `split`.
+    """COCO detection examples from TFDS, the whole of `split` (random access).
 
     Args:
       split: TFDS split ("train", "validation", "train[:1000]", ...).
@@ -41,31 +51,37 @@ class TfdsCoco:
       label_space: "contiguous" (labels 0..79) or "official91" (label = COCO category id, num_classes 91).
       keep_crowd: keep is_crowd objects (flagged in "iscrowd"), for evaluation; False drops them (training).
       num_classes: labels >= num_classes raise ValueError naming the annotation id. Default: the space's size.
-      process_index, process_count: this process's shard (default: jax's).
-      drop_remainder: make every shard the same length (needed so all processes run the same number of steps).
-      name: TFDS dataset name.
+      name: TFDS dataset name ("coco/2017"; "coco_like" is prepared on first use).
+      size_cache_dir: where the image-size index is cached (default: next to the prepared data).
 
     Examples: as SyntheticDetection/CocoFolder: "image" uint8 [H, W, 3], "boxes" float32 [K, 4] xyxy absolute,
     "labels" int32 [K], "image_id" int, "orig_size" (H, W), "iscrowd" bool [K].
     """
 
-    process_sharded = True
 
     def __init__(self, split: str = "train", data_dir: Optional[str] = None, label_space: str = "contiguous",
-                 keep_crowd: bool = False, num_classes: Optional[int] = None, process_index: Optional[int] = None,
-                 process_count: Optional[int] = None, drop_remainder: bool = True, name: str = "coco/2017"):
+                 keep_crowd: bool = False, num_classes: Optional[int] = None, name: str = "coco/2017",
+                 size_cache_dir: Optional[str] = None):
         if label_space not in ("contiguous", "official91"):
             raise ValueError(f"label_space must be 'contiguous' or 'official91', got {label_space!r}")
         tfds = _import_tfds()
-        self.split = tfds.split_for_jax_process(split, process_index=process_index, process_count=process_count,
-                                                drop_remainder=drop_remainder)
+        data_dir = data_dir or None
+        if name == "coco_like":
+            from detr_jax.data import coco_like  # pylint: disable=g-import-not-at-top
+            coco_like.prepare(data_dir, any_prepared=True)
+        self.name, self.split, self.data_dir = name, split, data_dir
         try:
-            self._source = tfds.data_source(name, split=self.split, data_dir=data_dir)
+            self._source = tfds.data_source(name, split=split, data_dir=data_dir)
+            # The same records with the image left encoded: sizes from the JPEG header, targets without decoding.
+            self._encoded = tfds.data_source(name, split=split, data_dir=data_dir,
+                                             decoders={"image": tfds.decode.SkipDecoding()})
         except Exception as e:
-            raise RuntimeError(f"cannot open {name} split {self.split!r} as a random-access TFDS data source; "
-                               f"prepare it with file_format='array_record' "
+            raise RuntimeError(f"cannot open {name} split {split!r} (data_dir {data_dir}) as a random-access TFDS "
+                               f"data source; prepare it with file_format='array_record' "
                                f"(tfds.builder({name!r}).download_and_prepare(file_format='array_record')): {e}"
                                ) from e
+        self.where = f"tfds {name} {split}"
+        self._length = len(self._source)
         self.label_space = label_space
         self.keep_crowd = keep_crowd
         if label_space == "contiguous":
@@ -79,20 +95,144 @@ class TfdsCoco:
         self.num_classes = len(self.class_names) if num_classes is None else int(num_classes)
         self.stats: Dict[str, int] = {"crowd_dropped": 0, "zero_area_dropped": 0}
         self._lock = threading.Lock()
+        # Before any batch: a record whose image header cannot be read fails here, naming it.
+        self._sizes = image_size_index(self, size_cache_dir)  # int32 [N, 2] (h, w)
 
     def __len__(self) -> int:
-        return len(self._source)
+        return self._length
+
+    def image_size(self, index: int) -> Tuple[int, int]:
+        """(h, w) of record `index` from the size index, without decoding it."""
+        h, w = self._sizes[int(index)]
+        return int(h), int(w)
+
+    def _record(self, source, index: int) -> Dict:
+        index = int(index)
+        if not 0 <= index < len(self):
+            raise IndexError(f"index {index} out of range for {len(self)} records of {self.where}")
+        try:
+            return source[index]
+        except Exception as e:  # a corrupt record or an image that does not decode
+            raise ValueError(f"{self.where}: cannot read record {index}: {type(e).__name__}: {e}") from None
 
     def __getitem__(self, index: int) -> Dict:
+        record = self._record(self._source, index)
         example, crowd_dropped, zero_area_dropped = convert_record(
-            self._source[int(index)], self._label_map, self.num_classes, self.keep_crowd, where=self.split)
+            record, self._label_map, self.num_classes, self.keep_crowd, where=f"{self.where} record {index}")
         with self._lock:  # counted per read, so one pass over the split counts each object once
             self.stats["crowd_dropped"] += crowd_dropped
             self.stats["zero_area_dropped"] += zero_area_dropped
         return example
 
+    def target(self, index: int) -> Dict:
+        """Example `index` without its image (for ground truth): the image stays encoded, sizes from the index."""
+        record = dict(self._record(self._encoded, index))
+        record["image"] = None
+        example, _, _ = convert_record(record, self._label_map, self.num_classes, self.keep_crowd,
+                                       where=f"{self.where} record {index}", image_hw=self.image_size(index))
+        return example
 
-def convert_record(record: Dict, label_map: np.ndarray, num_classes: int, keep_crowd: bool, where: str = "tfds"):
+    def __getstate__(self):  # for worker processes: a lock does not pickle
+        state = dict(self.__dict__)
+        state["_lock"] = None
+        return state
+
+    def __setstate__(self, state):
+        self.__dict__.update(state)
+        self._lock = threading.Lock()
+
+
+def _encoded_image_size(record: Dict, where: str) -> Tuple[int, int]:
+    """(h, w) from the header of an encoded image (PIL reads the header only)."""
+    data = record["image"]
+    try:
+        with Image.open(io.BytesIO(bytes(data))) as im:
+            w, h = im.size
+    except Exception as e:  # pylint: disable=broad-except
+        raise ValueError(f"{where} (image id {int(record.get('image/id', -1))}): the image does not decode: "
+                         f"{type(e).__name__}: {e}") from None
+    return h, w
+
+
+def image_size_index(source: TfdsCoco, cache_dir: Optional[str] = None) -> np.ndarray:
+    """int32 [N, 2] (h, w) of every record of `source`'s split, cached.
+
+    With several jax processes each reads 1/P of the records' headers and the parts are gathered (so this is a
+    collective: every process calls it, as `build_data` does); process 0 writes the cache.
+    """
+    n = len(source)
+    path = _size_cache_path(source, cache_dir)
+    sizes = _load_sizes(path, n)
+    count, index = _jax_processes()
+    if count > 1:
+        from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+        have = multihost_utils.process_allgather(np.asarray([sizes is not None], np.int32))
+        if not np.all(have):
+            sizes = None
+    if sizes is not None:
+        return sizes
+    per = -(-n // count)
+    mine = range(index * per, min(n, (index + 1) * per))
+    logger.info("%s: reading the image sizes of %d records (once; cached in %s)", source.where, len(mine), path)
+    local = np.zeros((per, 2), np.int32)
+    for row, i in enumerate(mine):
+        local[row] = _encoded_image_size(source._record(source._encoded, i), f"{source.where} record {i}")  # pylint: disable=protected-access
+    if count > 1:
+        from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+        sizes = np.asarray(multihost_utils.process_allgather(local, tiled=True))[:n]
+    else:
+        sizes = local[:n]
+    if index == 0:
+        _save_sizes(path, sizes)
+    return sizes
+
+
+def _jax_processes() -> Tuple[int, int]:
+    """(process count, index) of a running multi-process jax, else (1, 0); never starts a jax backend itself."""
+    import sys  # pylint: disable=g-import-not-at-top
+    if "jax" not in sys.modules:
+        return 1, 0
+    import jax  # pylint: disable=g-import-not-at-top
+    from jax._src import distributed  # pylint: disable=g-import-not-at-top
+    if distributed.global_state.client is None:
+        return 1, 0
+    return jax.process_count(), jax.process_index()
+
+
+def _size_cache_path(source: TfdsCoco, cache_dir: Optional[str]) -> str:
+    split = re.sub(r"[^A-Za-z0-9_.-]+", "_", source.split)
+    name = f"detr_jax_image_sizes.{split}.{len(source)}.npy"
+    if cache_dir:
+        return os.path.join(cache_dir, name)
+    info = getattr(source._source, "dataset_info", None)  # pylint: disable=protected-access
+    data_dir = str(getattr(info, "data_dir", "") or "")
+    if data_dir and not data_dir.startswith(("gs://", "s3://")) and os.access(data_dir, os.W_OK):
+        return os.path.join(data_dir, name)
+    safe = re.sub(r"[^A-Za-z0-9_.-]+", "_", f"{source.name}_{data_dir}")
+    return os.path.join(os.path.expanduser("~/.cache/detr_jax"), safe, name)
+
+
+def _load_sizes(path: str, n: int) -> Optional[np.ndarray]:
+    try:
+        sizes = np.load(path)
+    except (OSError, ValueError):
+        return None
+    return sizes.astype(np.int32) if sizes.shape == (n, 2) else None
+
+
+def _save_sizes(path: str, sizes: np.ndarray) -> None:
+    try:
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        tmp = f"{path}.tmp{os.getpid()}"
+        with open(tmp, "wb") as f:
+            np.save(f, sizes)
+        os.replace(tmp, path)  # readers never see half a file
+    except OSError as e:
+        logger.warning("could not cache the image sizes in %s (%s); they will be read again next start", path, e)
+
+
+def convert_record(record: Dict, label_map: np.ndarray, num_classes: int, keep_crowd: bool, where: str = "tfds",
+                   image_hw: Optional[Tuple[int, int]] = None):
     """One TFDS coco/2017 record -> (example dict, crowd objects dropped, zero-area objects dropped).
 
     Args:
@@ -101,12 +241,18 @@ def convert_record(record: Dict, label_map: np.ndarray, num_classes: int, keep_c
       label_map: int [80], the label of each TFDS label (identity, or COCO_CATEGORY_IDS for official91).
       num_classes: labels >= num_classes raise ValueError naming the annotation id.
       keep_crowd: keep is_crowd objects (flagged) instead of dropping them.
-    Returns the example with "boxes" float32 [K', 4] xyxy absolute (clipped; zero-area ones dropped).
+      image_hw: (h, w) when record["image"] is None (targets only; the example then has no "image").
+    Returns the example with "boxes" float32 [K', 4] xyxy absolute (clipped to the image, as the official
+    ConvertCocoPolysToMask does; zero-area ones dropped).
     """
-    image = np.asarray(record["image"], np.uint8)
-    if image.ndim == 2 or image.shape[-1] == 1:
-        image = np.repeat(image.reshape(image.shape[0], image.shape[1], 1), 3, axis=-1)
-    h, w = image.shape[:2]
+    if record["image"] is None:
+        image = None
+        h, w = image_hw
+    else:
+        image = np.asarray(record["image"], np.uint8)
+        if image.ndim == 2 or image.shape[-1] == 1:
+            image = np.repeat(image.reshape(image.shape[0], image.shape[1], 1), 3, axis=-1)
+        h, w = image.shape[:2]
     objects = record["objects"]
     image_id = int(record.get("image/id", -1))
     bbox = np.asarray(objects["bbox"], np.float32).reshape(-1, 4)
@@ -138,4 +284,6 @@ def convert_record(record: Dict, label_map: np.ndarray, num_classes: int, keep_c
     keep = kept_crowd & nonzero
     example = {"image": image, "boxes": boxes[keep], "labels": labels[keep], "image_id": image_id,
                "orig_size": (h, w), "iscrowd": crowd[keep]}
+    if image is None:
+        del example["image"]
     return example, int(np.sum(~kept_crowd)), int(np.sum(kept_crowd & ~nonzero))

@@ -231,10 +231,13 @@ class Normalize:
     """uint8 [H, W, 3] -> float32 (x / 255 - mean) / std; boxes xyxy absolute -> cxcywh normalised by (w, h).
 
     The normalising size is the image size here, i.e. the final unpadded size: padding happens later in
-    batching and does not change the targets.
+    batching and does not change the targets. With `pixels=False` the image stays uint8 (a quarter of the
+    bytes to batch and ship) and `normalize_images` does the same arithmetic on the device.
     """
 
-    def __init__(self, mean: Sequence[float] = IMAGENET_MEAN, std: Sequence[float] = IMAGENET_STD):
+    def __init__(self, mean: Sequence[float] = IMAGENET_MEAN, std: Sequence[float] = IMAGENET_STD,
+                 pixels: bool = True):
+        self.pixels = pixels
         self.mean = np.asarray(mean, np.float32)
         self.std = np.asarray(std, np.float32)
         # One fused multiply-add per pixel: x * (1 / (255 std)) - mean / std.
@@ -242,12 +245,17 @@ class Normalize:
         self._offset = (self.mean / self.std).astype(np.float32)
 
     def __call__(self, image, target, rng: Optional[np.random.Generator] = None):
-        if image.dtype == np.uint8:
+        if not self.pixels:
+            if image.dtype != np.uint8:
+                raise ValueError(f"Normalize(pixels=False) keeps uint8 images for the device; got {image.dtype}")
+            out = image
+        elif image.dtype == np.uint8:
             out = image.astype(np.float32)
             out *= self._scale
+            out -= self._offset
         else:  # float input is taken to be in [0, 1], like torchvision's ToTensor output.
             out = image.astype(np.float32) * (self._scale * 255.0)
-        out -= self._offset
+            out -= self._offset
         if target is None:
             return out, None
         target = dict(target)
@@ -264,16 +272,37 @@ class Normalize:
         return size_hw
 
     def __repr__(self):
-        return f"Normalize(mean={self.mean.tolist()}, std={self.std.tolist()})"
+        return f"Normalize(mean={self.mean.tolist()}, std={self.std.tolist()}, pixels={self.pixels})"
+
+
+def normalize_images(images, pixel_mask):
+    """On the device (inside jit): uint8 images [B, H, W, 3] -> float32 (x / 255 - mean) / std with exactly the
+    host numbers of `Normalize`, padding (pixel_mask False, [B, H, W]) zero. Float images are taken as
+    normalised already and returned unchanged.
+
+    A lookup in the 256 x 3 table of the host's values rather than the multiply-subtract: XLA contracts that
+    into one FMA, whose single rounding differs from the host's two in the last bit of ~half the pixels.
+    """
+    import jax.numpy as jnp  # pylint: disable=g-import-not-at-top  (the host pipeline never needs jax)
+
+    if images.dtype != jnp.uint8:
+        return images
+    host = Normalize()
+    table = np.arange(256, dtype=np.float32)[:, None] * host._scale  # pylint: disable=protected-access
+    table -= host._offset  # pylint: disable=protected-access
+    index = images.astype(jnp.int32) * 3 + jnp.arange(3, dtype=jnp.int32)  # [B, H, W, 3] into the flat table
+    out = jnp.take(jnp.asarray(table.reshape(-1)), index, mode="clip")
+    return jnp.where(pixel_mask[..., None], out, 0.0)
 
 
 def make_train_transforms(scales: Sequence[int] = COCO_TRAIN_SCALES, max_size: int = COCO_MAX_SIZE,
                           crop_resize_scales: Sequence[int] = (400, 500, 600),
-                          crop_size: Tuple[int, int] = (384, 600)) -> Compose:
+                          crop_size: Tuple[int, int] = (384, 600), normalize_pixels: bool = True) -> Compose:
     """The official DETR train augmentation (defaults: the COCO recipe).
 
     flip -> 50/50 [resize(scales, max_size)] or [resize(crop_resize_scales) -> crop(crop_size) ->
-    resize(scales, max_size)] -> normalise. Output: float32 [h, w, 3] and boxes cxcywh normalised by (w, h).
+    resize(scales, max_size)] -> normalise. Output: float32 [h, w, 3] (uint8 with normalize_pixels=False, for
+    `normalize_images` on the device) and boxes cxcywh normalised by (w, h).
     Small configs shrink all sizes, e.g. scales=(96, 112, 128), max_size=213, crop_resize_scales=(80, 100, 120),
     crop_size=(64, 120).
     """
@@ -286,10 +315,11 @@ def make_train_transforms(scales: Sequence[int] = COCO_TRAIN_SCALES, max_size: i
                 RandomSizeCrop(*crop_size),
                 RandomResize(list(scales), max_size=max_size),
             ])),
-        Normalize(),
+        Normalize(pixels=normalize_pixels),
     ])
 
 
-def make_eval_transforms(size: int = 800, max_size: int = COCO_MAX_SIZE) -> Compose:
-    """The official DETR eval transform: shorter side to `size`, longer at most `max_size`, then normalise."""
-    return Compose([RandomResize([size], max_size=max_size), Normalize()])
+def make_eval_transforms(size: int = 800, max_size: int = COCO_MAX_SIZE, normalize_pixels: bool = True) -> Compose:
+    """The official DETR eval transform: shorter side to `size`, longer at most `max_size`, then normalise
+    (boxes always; pixels unless normalize_pixels=False)."""
+    return Compose([RandomResize([size], max_size=max_size), Normalize(pixels=normalize_pixels)])

@@ -1,6 +1,13 @@
 """The official DETR-R50 recipe on COCO 2017 (TFDS `coco/2017`): 300 epochs, 42.0 AP in the paper.
 
   python experiments/train.py --config experiments/configs/coco_r50.py --workdir gs://bucket/detr_r50
+  python experiments/train.py --config experiments/configs/coco_r50.py:smoke --workdir /tmp/smoke
+
+`:smoke` runs this recipe's exact data path (TFDS ArrayRecord, the official multi-scale augmentation, recipe
+buckets, size grouping, worker processes, sharded over every process) on the built-in COCO-like set
+(`detr_jax.data.coco_like`, prepared into TFDS's data_dir on first use) with a tiny model, a few dozen steps
+and a final evaluation: a few minutes on a 2-core CPU. It also runs as several processes
+(--coordinator_address=127.0.0.1:PORT --num_processes=2 --process_id=I).
 
 Global batch 64 (the paper: 16 V100 x 4), AdamW lr 1e-4, backbone 1e-5, weight decay 1e-4, grad-norm clip 0.1,
 lr x0.1 at epoch 200, aux losses, 100 queries. The backbone starts from torchvision's ImageNet ResNet-50
@@ -27,6 +34,7 @@ def get_config(arg: str = ""):
     config.eval_at_end = True
     config.eval_top_k = None
     config.half_precision = False
+    config.compilation_cache_dir = ""  # jax's persistent compilation cache: "" = <workdir>/jax_cache, "none" = off
 
     config.model = ml_collections.ConfigDict(dict(
         num_classes=91, num_queries=100, hidden_dim=256, num_heads=8, num_encoder_layers=6, num_decoder_layers=6,
@@ -45,8 +53,9 @@ def get_config(arg: str = ""):
         crop_size=(384, 600), eval_size=800,
         # 12 static shapes fitted to the recipe's simulated sizes; with size grouping the padded share is ~23%
         # at global batch 64 instead of ~62% (BENCHMARKS.md, bench_loader.py).
-        buckets="recipe", group_by_size=32,
-        max_objects=100, num_workers=8))
+        buckets="recipe", max_buckets=12, group_by_size=32,
+        max_objects=100, num_workers=8,
+        worker_type="process"))
 
     config.loss = ml_collections.ConfigDict(dict(
         eos_coef=0.1, cost_class=1.0, cost_bbox=5.0, cost_giou=2.0, ce_loss_coef=1.0, bbox_loss_coef=5.0,
@@ -57,4 +66,24 @@ def get_config(arg: str = ""):
         lr_drop_epochs=200, grad_accum_steps=1))
 
     config.init = ml_collections.ConfigDict(dict(backbone_checkpoint="", detr_checkpoint="", reinit_class_head=False))
+    if arg == "smoke":
+        smoke(config)
+    elif arg:
+        raise ValueError(f"unknown config argument {arg!r} for coco_r50.py: use ':smoke' or nothing")
     return config
+
+
+def smoke(config: ml_collections.ConfigDict) -> None:
+    """The recipe's data path with a tiny model and the COCO-like TFDS set, in place (see the module docstring)."""
+    config.batch_size = 4
+    config.eval_batch_size = 4
+    config.num_epochs = 0
+    config.num_steps = 24
+    config.log_every = 4
+    config.checkpoint_every = 12
+    config.eval_every = 0
+    config.model.update(num_classes=91, num_queries=10, hidden_dim=32, num_heads=4, num_encoder_layers=1,
+                        num_decoder_layers=2, dim_feedforward=64, backbone_depth=18)
+    config.data.source_kwargs = dict(label_space="official91", name="coco_like", data_dir="")
+    config.data.val_kwargs = dict(split="validation[:16]")
+    config.data.update(num_workers=2, max_buckets=3)

@@ -31,6 +31,7 @@ def get_config():
     config.eval_at_end = True
     config.eval_top_k = None
     config.half_precision = False
+    config.compilation_cache_dir = ""  # jax's persistent compilation cache: "" = <workdir>/jax_cache, "none" = off
 
     config.model = ml_collections.ConfigDict(dict(
         num_classes=5, num_queries=20, hidden_dim=128, num_heads=8, num_encoder_layers=3, num_decoder_layers=3,
@@ -44,7 +45,8 @@ def get_config():
         train_kwargs=dict(split="train", num_examples=20000),
         val_kwargs=dict(split="val", num_examples=200),
         train_scales=(96, 112, 128), max_size=128, crop_resize_scales=(96, 112, 128), crop_size=(64, 112),
-        eval_size=128, buckets=((128, 128),), max_objects=10, num_workers=2))
+        eval_size=128, buckets=((128, 128),), max_buckets=12, max_objects=10, num_workers=2,
+        worker_type="thread"))
 
     # Classification weighs twice the official 1 in the loss and in the matching cost: with the box terms of the
     # decoder and of every token head, the class term's share of the update was too small to train from scratch

@@ -25,6 +25,7 @@ def get_config():
     config.eval_at_end = False
     config.eval_top_k = None
     config.half_precision = False
+    config.compilation_cache_dir = ""  # jax's persistent compilation cache: "" = <workdir>/jax_cache, "none" = off
 
     config.model = ml_collections.ConfigDict(dict(
         num_classes=5, num_queries=6, hidden_dim=32, num_heads=4, num_encoder_layers=1, num_decoder_layers=2,
@@ -39,7 +40,8 @@ def get_config():
         train_kwargs=dict(split="train", num_examples=64),
         val_kwargs=dict(split="val", num_examples=8),
         train_scales=(64,), max_size=64, crop_resize_scales=(64,), crop_size=(48, 64),
-        eval_size=64, buckets=((64, 64),), max_objects=8, num_workers=1))
+        eval_size=64, buckets=((64, 64),), max_buckets=12, max_objects=8, num_workers=1,
+        worker_type="thread"))
 
     config.loss = ml_collections.ConfigDict(dict(
         eos_coef=0.1, cost_class=1.0, cost_bbox=5.0, cost_giou=2.0, ce_loss_coef=1.0, bbox_loss_coef=5.0,
