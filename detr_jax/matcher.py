@@ -1,8 +1,14 @@
 """Hungarian matching between predictions and padded targets.
 
-The cost matrices are computed on device, inside jit. The assignment itself runs on the
-host with scipy's `linear_sum_assignment`, through one `jax.pure_callback`: this is the
-single host/device boundary of the training step. Why the host:
+The cost matrices are computed on device, inside jit. The assignment is exact (Hungarian) with either of two
+solvers, which give the same optimum (equal total cost; the same assignment wherever it is unique):
+  "host": scipy's `linear_sum_assignment` through one `jax.pure_callback`, the single host/device boundary of
+    the training step;
+  "device": `optax.assignment.hungarian_algorithm`, vmapped over layers and images, no host round trip.
+    On accelerators the device then never waits for the host, and a step without a host callback can be
+    stored in jax's persistent compilation cache (jax never stores programs with callbacks).
+`resolve_solver("auto")` picks "device" on GPU and TPU and "host" on CPU, where scipy is ~10x faster than the
+vmapped while loops (BENCHMARKS.md). Why the host solver exists at all:
   * the official DETR uses scipy, and an exact Hungarian solve is what makes our
     matching (hence our losses) identical to it; approximate on-device solvers (auction,
     Sinkhorn) give different assignments on near-ties;
@@ -18,9 +24,12 @@ Works inside `jax.shard_map` too: the callback only sees the local shard's array
 import jax
 import jax.numpy as jnp
 import numpy as np
+from optax import assignment
 from scipy.optimize import linear_sum_assignment
 
 from detr_jax import box_ops
+
+SOLVERS = ("host", "device")
 
 # Stands in for nan / inf costs (e.g. from a diverging model) so scipy never raises
 # "cost matrix is infeasible"; big enough to lose against any real cost.
@@ -77,9 +86,46 @@ def _assign_on_host(costs, tgt_mask):
     return indices
 
 
+def _assign_on_device(costs, tgt_mask):
+    """`_assign_on_host` in jax: the same optimum, no callback.
+
+    Padded target columns get one constant cost, above every real cost of their image: with N >= M every column
+    is assigned and a constant column adds the same to every assignment (neutral); with M > N a padded column is
+    never chosen over a free real one. Non-finite costs become large finite ones, as on the host.
+
+    Args / returns: as `_assign_on_host` (costs [L, B, N, M], tgt_mask bool [B, M]) -> int32 [L, B, M].
+    """
+    costs = jnp.nan_to_num(costs.astype(jnp.float32), nan=_DEVICE_LARGE_COST, posinf=_DEVICE_LARGE_COST,
+                           neginf=-_DEVICE_LARGE_COST)
+    mask = tgt_mask[None, :, None, :]  # [1, B, 1, M]
+    largest = jnp.max(jnp.where(mask, jnp.abs(costs), 0.0), axis=(-2, -1), keepdims=True)  # [L, B, 1, 1]
+    costs = jnp.where(mask, costs, largest + 1.0)
+    num_layers, batch_size, _, num_slots = costs.shape
+
+    def solve(cost):  # [N, M] -> [M] query per slot, -1 where unassigned (M > N)
+        queries, slots = assignment.hungarian_algorithm(cost)
+        return jnp.full((num_slots,), -1, jnp.int32).at[slots].set(queries.astype(jnp.int32))
+
+    indices = jax.vmap(jax.vmap(solve))(costs)  # [L, B, M]
+    return jnp.where(tgt_mask[None], indices, -1)
+
+
+# Float32 on the device: large enough to lose against any real cost, small enough to keep the others' precision.
+_DEVICE_LARGE_COST = 1e6
+
+
+def resolve_solver(solver: str) -> str:
+    """"host" or "device" for a config value "host", "device" or "auto" (device on GPU/TPU, host on CPU)."""
+    if solver == "auto":
+        return "device" if jax.default_backend() in ("gpu", "tpu") else "host"
+    if solver not in SOLVERS:
+        raise ValueError(f"matcher solver must be 'auto', 'host' or 'device', got {solver!r}")
+    return solver
+
+
 def hungarian_match(pred_logits, pred_boxes, targets, *,
-                    cost_class=1.0, cost_bbox=5.0, cost_giou=2.0):
-    """Match all decoder layers of a batch to their targets with one host call.
+                    cost_class=1.0, cost_bbox=5.0, cost_giou=2.0, solver: str = "host"):
+    """Match all decoder layers of a batch to their targets (with solver="host", in one host call).
 
     Args:
       pred_logits: [L, B, N, num_classes + 1], L decoder layers stacked.
@@ -87,13 +133,17 @@ def hungarian_match(pred_logits, pred_boxes, targets, *,
       targets: dict with "labels" int [B, M], "boxes" [B, M, 4] cxcywh normalised,
         "mask" bool [B, M] (True on real objects).
       cost_class, cost_bbox, cost_giou: matching cost weights (official defaults).
+      solver: "host" (scipy through a callback), "device" (optax, in the program) or "auto" (`resolve_solver`).
     Returns:
-      int32 [L, B, M]: for each target slot the index of its query, -1 on padded slots.
+      int32 [L, B, M]: for each target slot the index of its query, -1 on padded slots (and on real targets
+      left over when there are more targets than queries).
     """
     per_layer_cost = jax.vmap(lambda logits, boxes: match_cost_matrix(
         logits, boxes, targets["labels"], targets["boxes"],
         cost_class=cost_class, cost_bbox=cost_bbox, cost_giou=cost_giou))
     costs = jax.lax.stop_gradient(per_layer_cost(pred_logits, pred_boxes))  # [L, B, N, M]
+    if resolve_solver(solver) == "device":
+        return _assign_on_device(costs, jnp.asarray(targets["mask"], bool))
     num_layers, batch_size, _, num_slots = costs.shape
     result_shape = jax.ShapeDtypeStruct((num_layers, batch_size, num_slots), jnp.int32)
     return jax.pure_callback(_assign_on_host, result_shape,

@@ -27,7 +27,7 @@ from detr_jax import sharding
 from detr_jax.data import Loader, build_source, make_eval_transforms, make_train_transforms, recipe_buckets
 from detr_jax.data.transforms import normalize_images
 from detr_jax.losses import encoder_dense_losses, set_criterion
-from detr_jax.matcher import hungarian_match
+from detr_jax.matcher import hungarian_match, resolve_solver
 from detr_jax.models.backbone import FROZEN_COLLECTION
 from detr_jax.models.detr import DETR, parameter_groups
 
@@ -192,14 +192,17 @@ def split_query_groups(outputs, targets, groups: int):
 def make_train_step(model: DETR, tx, config: ml_collections.ConfigDict, mesh) -> Callable:
     """The jit-compiled `train_step(state, batch) -> (state, metrics)`, data parallel over `mesh`.
 
-    The forward, loss, gradient all-reduce and update are one XLA program; only the Hungarian assignment
-    leaves the device, per device shard (`shard_map`), so each host solves the images it holds.
+    The forward, loss, gradient all-reduce and update are one XLA program. With the host matcher
+    (`config.loss.matcher`) the Hungarian assignment leaves the device, per device shard (`shard_map`), so each
+    host solves the images it holds; with the device matcher nothing leaves the device.
     """
     loss_cfg = config.loss
     costs = dict(cost_class=loss_cfg.cost_class, cost_bbox=loss_cfg.cost_bbox, cost_giou=loss_cfg.cost_giou)
+    solver = resolve_solver(loss_cfg.matcher)
 
     def local_match(pred_logits, pred_boxes, labels, boxes, mask):  # this device's images
-        return hungarian_match(pred_logits, pred_boxes, {"labels": labels, "boxes": boxes, "mask": mask}, **costs)
+        return hungarian_match(pred_logits, pred_boxes, {"labels": labels, "boxes": boxes, "mask": mask}, **costs,
+                               solver=solver)
 
     match = jax.shard_map(local_match, mesh=mesh, in_specs=(P(None, sharding.DATA_AXIS),) * 2 +
                           (P(sharding.DATA_AXIS),) * 3, out_specs=P(None, sharding.DATA_AXIS), check_vma=False)
@@ -350,7 +353,12 @@ def _check_finite(state: TrainState, manager) -> None:
 def enable_compilation_cache(config: ml_collections.ConfigDict, workdir: str) -> Optional[str]:
     """JAX's persistent compilation cache, so that a restarted run (preemption) does not compile its step shapes
     again: `config.compilation_cache_dir`, "" for <workdir>/jax_cache, "none" for off. A cache directory the
-    user set for jax (JAX_COMPILATION_CACHE_DIR) wins. Returns the directory in use (None: off)."""
+    user set for jax (JAX_COMPILATION_CACHE_DIR) wins. Returns the directory in use (None: off).
+
+    All processes share it: jax writes entries from process 0 only and every process reads them. Programs with a
+    host callback are never written (jax's rule): the train step is cached only with the device matcher
+    (`config.loss.matcher`).
+    """
     user = jax.config.jax_compilation_cache_dir
     if user:
         return user

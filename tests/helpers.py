@@ -2,7 +2,15 @@
 
 import os
 import socket
+import subprocess
+import sys
+import time
 from typing import Dict, Optional
+
+import pytest
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+RUN_TIMEOUT_S = 600  # from a run's start; generous, for a loaded machine
 
 
 def free_port() -> int:
@@ -22,3 +30,73 @@ def subprocess_env(devices: Optional[int] = None, **extra: str) -> Dict[str, str
         env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
     env.update(extra)
     return env
+
+
+class TrainRun:
+    """`experiments/train.py --config CONFIG --workdir WORKDIR ARGS...` started in the background: one process, or
+    `num_processes` joined by jax.distributed on 127.0.0.1, each with `devices` simulated CPU devices.
+
+    `cache_dir` shares compiled programs between runs that do not overlap in time (jax writes its cache
+    files in place, so a run starting alongside a writer could read half a file). `env` adds variables.
+    """
+
+    def __init__(self, config, workdir, *args, devices=1, num_processes=1, cache_dir=None, name="run",
+                 env=None, timeout_s=RUN_TIMEOUT_S):
+        self.workdir = str(workdir)
+        os.makedirs(self.workdir, exist_ok=True)
+        child_env = subprocess_env(devices, **(env or {}))
+        if cache_dir:
+            child_env.update(JAX_COMPILATION_CACHE_DIR=cache_dir, JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0")
+        command = [sys.executable, os.path.join(REPO, "experiments", "train.py"), "--config", str(config),
+                   "--workdir", self.workdir, *args]
+        if num_processes > 1:
+            port = free_port()
+            commands = [command + [f"--coordinator_address=127.0.0.1:{port}", f"--num_processes={num_processes}",
+                                   f"--process_id={i}"] for i in range(num_processes)]
+        else:
+            commands = [command]
+        self.logs, self.procs = [], []
+        for i, cmd in enumerate(commands):
+            out, err = (os.path.join(self.workdir, f"{name}.{i}.{ext}") for ext in ("out", "err"))
+            with open(out, "w") as fo, open(err, "w") as fe:
+                self.procs.append(subprocess.Popen(cmd, cwd=REPO, env=child_env, stdout=fo, stderr=fe))
+            self.logs.append(err)
+        self.outs = [log[:-len("err")] + "out" for log in self.logs]
+        self.timeout_s = timeout_s
+        self.deadline = time.time() + timeout_s
+
+    def stderr(self, i=0):
+        with open(self.logs[i]) as f:
+            return f.read()
+
+    def stdout(self, i=0):
+        with open(self.outs[i]) as f:
+            return f.read()
+
+    def wait(self):
+        """Return codes. A process that fails stops the others (a jax.distributed peer would wait for it until
+        its timeout); a run past its deadline is killed and fails the test."""
+        while True:
+            codes = [p.poll() for p in self.procs]
+            if None not in codes:
+                return codes
+            if any(code not in (None, 0) for code in codes):
+                self.kill()
+                return [p.returncode for p in self.procs]
+            if time.time() > self.deadline:
+                self.kill()
+                pytest.fail(f"the run in {self.workdir} took longer than {self.timeout_s} s:\n{self.stderr()[-3000:]}")
+            time.sleep(0.1)
+
+    def wait_ok(self):
+        codes = self.wait()
+        if any(codes):
+            i = next(i for i, code in enumerate(codes) if code not in (0, -9))  # not one killed by `wait`
+            pytest.fail(f"process {i} of the run in {self.workdir} exited with {codes[i]}:\n{self.stderr(i)[-4000:]}")
+        return self
+
+    def kill(self):
+        for p in self.procs:
+            if p.poll() is None:
+                p.kill()  # SIGKILL: no handler runs, as in a crash or an out-of-memory kill
+                p.wait()

@@ -301,3 +301,22 @@ def test_worker_processes_give_the_same_batches_and_resume(group_by_size):
     resumed = _loader(num_workers=2, worker_type="process", **kwargs)
     resumed.set_state(state)
     _assert_batches_equal(expected[5:], _take(resumed, 4))
+
+
+def test_worker_processes_refuse_a_source_that_does_not_pickle():
+    import threading
+
+    class HoldsALock:
+        def __init__(self):
+            self.lock = threading.Lock()
+
+        def __len__(self):
+            return 8
+
+        def __getitem__(self, index):
+            raise AssertionError("never read")
+
+    loader = Loader(HoldsALock(), None, batch_size=2, seed=0, max_objects=4, buckets=None, num_workers=2,
+                    worker_type="process")
+    with loader, pytest.raises(ValueError, match="HoldsALock does not pickle .*use worker_type='thread'"):
+        next(loader)

@@ -67,10 +67,12 @@ def test_to_coco_results_skips_padding_images_and_converts_boxes():
     assert results == [dict(image_id=5, category_id=9, bbox=[10.0, 20.0, 20.0, 40.0], score=0.9)]
 
 
-def _tiny_config(eval_batch_size):
+def _tiny_config(eval_batch_size, tfds_dir=None, size_cache_dir=None):
+    """The tiny test config; with `tfds_dir`, its validation data is the COCO-like TFDS set (11 images at
+    COCO's sizes, scaled to 64) instead of the synthetic squares."""
     import importlib.util
 
-    from ml_collections import config_flags  # noqa: F401  (the config file imports ml_collections)
+    import ml_collections
     spec = importlib.util.spec_from_file_location("tiny_config", TINY_CONFIG)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
@@ -80,6 +82,13 @@ def _tiny_config(eval_batch_size):
     config.data.val_kwargs.num_examples = 8
     config.data.eval_size = 64
     config.eval_batch_size = eval_batch_size
+    if tfds_dir:
+        config.data.source = "tfds"
+        config.data.source_kwargs = dict(name="coco_like", data_dir=tfds_dir, label_space="official91",
+                                         size_cache_dir=size_cache_dir)
+        config.data.val_kwargs = dict(split="validation[:11]")  # 11: the last global batch is padded
+        config.data = ml_collections.ConfigDict(dict(config.data.to_dict(), max_size=96, buckets="recipe",
+                                                     max_buckets=3))
     return config
 
 
@@ -118,7 +127,7 @@ maybe_initialize_distributed(sys.argv[1], 2, int(sys.argv[2]))
 from test_evaluate import _tiny_config
 from detr_jax.evaluate import Evaluator
 from detr_jax.train import build_model
-config = _tiny_config(4)
+config = _tiny_config(4, *(sys.argv[5:7] if len(sys.argv) > 5 else ()))
 model = build_model(config)
 variables = jax.jit(model.init)(jax.random.PRNGKey(0), jnp.zeros((1, 64, 64, 3)))
 results = Evaluator(config, model, make_mesh()).predict(variables["params"], variables["frozen"])
@@ -127,9 +136,11 @@ with open(sys.argv[3] + f".{jax.process_index()}", "w") as f:
 """
 
 
-def test_two_process_evaluation_equals_one_process(tmp_path):
+@pytest.mark.parametrize("source", ["synthetic", "tfds"])
+def test_two_process_evaluation_equals_one_process(tmp_path, source, request):
     """Multi-host evaluation: each process predicts its share of every batch, the image ids are gathered, and
-    every process ends with the predictions of the whole split, equal to a single process's."""
+    every process ends with the predictions of the whole split, equal to a single process's. On TFDS the two
+    processes also build the image-size index together (each reads half of the headers)."""
     import json
     import subprocess
     import sys
@@ -142,13 +153,22 @@ def test_two_process_evaluation_equals_one_process(tmp_path):
     env = subprocess_env(PYTHONPATH=os.pathsep.join([os.path.dirname(os.path.dirname(__file__)),
                                                      os.environ.get("PYTHONPATH", "")]))
     out = str(tmp_path / "results")
+    tfds_args = []
+    if source == "tfds":
+        tfds_args = [request.getfixturevalue("coco_like_dir"), str(tmp_path / "size_index")]
     procs = [subprocess.Popen([sys.executable, str(script), f"127.0.0.1:{port}", str(i), out,
-                               os.path.dirname(__file__)], env=env, stderr=subprocess.PIPE) for i in range(2)]
+                               os.path.dirname(__file__), *tfds_args], env=env, stderr=subprocess.PIPE)
+             for i in range(2)]
     for p in procs:
         _, err = p.communicate(timeout=300)
         assert p.returncode == 0, err.decode()[-3000:]
+    if source == "tfds":  # the index the two processes gathered, as one process reads it
+        from detr_jax.data import build_source
+        gathered = np.load(next((tmp_path / "size_index").iterdir()))
+        whole = build_source("tfds", name="coco_like", data_dir=tfds_args[0], split="validation[:11]")
+        np.testing.assert_array_equal(gathered, [whole[i]["image"].shape[:2] for i in range(11)])
 
-    config = _tiny_config(4)
+    config = _tiny_config(4, *tfds_args[:1])
     model = build_model(config)
     variables = jax.jit(model.init)(jax.random.PRNGKey(0), jnp.zeros((1, 64, 64, 3)))
     single = Evaluator(config, model, make_mesh()).predict(variables["params"], variables["frozen"])
@@ -156,6 +176,7 @@ def test_two_process_evaluation_equals_one_process(tmp_path):
         with open(f"{out}.{i}") as f:
             multi = json.load(f)
         assert sorted(r["image_id"] for r in multi) == sorted(r["image_id"] for r in single)
+        assert len({r["image_id"] for r in single}) == (11 if source == "tfds" else 8)
         key = lambda r: (r["image_id"], -r["score"])
         multi, ref = sorted(multi, key=key), sorted(single, key=key)
         assert [r["category_id"] for r in multi] == [r["category_id"] for r in ref]

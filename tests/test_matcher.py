@@ -192,3 +192,83 @@ def test_assignment_is_optimal_against_brute_force():
                    for targets in itertools.combinations(valid, k)
                    for queries in itertools.permutations(range(n), k))
         assert ours == pytest.approx(best, abs=1e-9), trial
+
+
+# ---- the device solver ---------------------------------------------------------------------------------------
+_device_assign = jax.jit(matcher._assign_on_device)
+
+
+def _matched_cost(costs, indices, mask):
+    """float64 total cost [L, B] of the assignment `indices` [L, B, M] (-1: unmatched) over costs [L, B, N, M]."""
+    total = np.zeros(costs.shape[:2])
+    for layer, b, slot in zip(*np.nonzero(indices >= 0)):
+        assert mask[b, slot], "a padded slot was matched"
+        total[layer, b] += costs[layer, b, indices[layer, b, slot], slot]
+    return total
+
+
+@pytest.mark.parametrize("n,m,ties", [(8, 5, False), (20, 12, False), (3, 6, False), (10, 10, False), (8, 5, True)])
+def test_device_solver_total_cost_equals_scipy(n, m, ties):
+    """Random costs with padded slots, images without targets and, with `ties`, costs rounded to a coarse grid
+    (many equal optima): the device solver's total matched cost equals scipy's for every (layer, image)."""
+    rng = np.random.default_rng(n * 100 + m + ties)
+    costs = rng.standard_normal((3, 6, n, m)).astype(np.float32)
+    if ties:
+        costs = np.round(costs * 2) / 2
+    mask = rng.random((6, m)) < 0.7
+    mask[0] = False  # no targets
+    mask[1] = True  # every slot real (M > N when m > n: more targets than queries)
+    host = matcher._assign_on_host(costs, mask)
+    device = np.asarray(_device_assign(costs, mask))
+    assert device.shape == host.shape and device.dtype == np.int32
+    np.testing.assert_array_equal(device >= 0, host >= 0)  # the same slots matched (all real ones, or N of them)
+    for layer in range(3):
+        for b in range(6):
+            matched = device[layer, b][device[layer, b] >= 0]
+            assert len(set(matched.tolist())) == len(matched)  # a query serves one target
+    np.testing.assert_allclose(_matched_cost(costs, device, mask), _matched_cost(costs, host, mask), atol=1e-5)
+    if not ties:  # a unique optimum: the same assignment
+        np.testing.assert_array_equal(device, host)
+
+
+def test_device_solver_through_hungarian_match_and_losses():
+    """The whole match (costs + device solve) equals the host one, and so do the set-criterion losses."""
+    from detr_jax.losses import set_criterion
+
+    logits, boxes, targets = _random_batch(8, num_layers=2, num_valid=(3, 0, 5))
+    host = np.asarray(_match(logits, boxes, targets))
+    device = np.asarray(jax.jit(functools.partial(matcher.hungarian_match, solver="device", **COSTS))(
+        logits, boxes, targets))
+    np.testing.assert_array_equal(device, host)
+    outputs = {"pred_logits": logits[-1], "pred_boxes": boxes[-1],
+               "aux_outputs": [{"pred_logits": logits[0], "pred_boxes": boxes[0]}]}
+    loss_host = set_criterion(outputs, targets, indices=host, num_classes=NUM_CLASSES, **COSTS)
+    loss_device = set_criterion(outputs, targets, indices=device, num_classes=NUM_CLASSES, **COSTS)
+    for key in loss_host:
+        np.testing.assert_allclose(np.asarray(loss_device[key]), np.asarray(loss_host[key]), rtol=1e-6, err_msg=key)
+
+
+def test_device_solver_has_no_host_callback():
+    logits, boxes, targets = _random_batch(9)
+    jaxpr = str(jax.make_jaxpr(functools.partial(matcher.hungarian_match, solver="device", **COSTS))(
+        logits, boxes, targets))
+    assert "callback" not in jaxpr
+    host_jaxpr = str(jax.make_jaxpr(functools.partial(matcher.hungarian_match, solver="host", **COSTS))(
+        logits, boxes, targets))
+    assert "pure_callback" in host_jaxpr  # the check would see one
+
+
+def test_device_solver_non_finite_costs():
+    logits, boxes, targets = _random_batch(5)
+    logits[0, 0, 0, 0] = np.nan
+    boxes[1, 2, :, :] = np.inf
+    indices = np.asarray(jax.jit(functools.partial(matcher.hungarian_match, solver="device", **COSTS))(
+        logits, boxes, targets))
+    assert ((indices >= 0).sum(-1) == targets["mask"].sum(-1)).all()
+
+
+def test_resolve_solver():
+    assert matcher.resolve_solver("auto") == ("host" if jax.default_backend() == "cpu" else "device")
+    assert matcher.resolve_solver("device") == "device"
+    with pytest.raises(ValueError, match="'auto', 'host' or 'device'"):
+        matcher.resolve_solver("gpu")

@@ -12,8 +12,6 @@ import importlib.util
 import json
 import os
 import shutil
-import subprocess
-import sys
 import time
 
 import flax
@@ -22,12 +20,12 @@ import numpy as np
 import pytest
 
 from detr_jax import sharding, train
-from tests.helpers import free_port, subprocess_env
+from detr_jax.data.transforms import normalize_images
+from tests.helpers import TrainRun
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY_CONFIG = os.path.join(REPO, "tests", "configs", "tiny.py")
 REFERENCE_STEPS = 10
-RUN_TIMEOUT_S = 600  # from a run's start; generous, for a loaded machine
 
 
 # ---- helpers -----------------------------------------------------------------------------------------------
@@ -38,66 +36,10 @@ def _tiny_config():
     return module.get_config()
 
 
-class _Run:
-    """`experiments/train.py --config tests/configs/tiny.py` started in `workdir`: one process, or
-    `num_processes` joined by jax.distributed on 127.0.0.1, each with `devices` simulated CPU devices.
-
-    `cache_dir` shares compiled programs between runs that do not overlap in time (jax writes its cache
-    files in place, so a run starting alongside a writer could read half a file).
-    """
-
-    def __init__(self, workdir, num_steps, *overrides, devices=1, num_processes=1, cache_dir=None, name="run"):
-        self.workdir = str(workdir)
-        env = subprocess_env(devices)
-        if cache_dir:
-            env.update(JAX_COMPILATION_CACHE_DIR=cache_dir, JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0")
-        command = [sys.executable, os.path.join(REPO, "experiments", "train.py"), "--config", TINY_CONFIG,
-                   "--workdir", self.workdir, f"--config.num_steps={num_steps}", "--config.log_every=1", *overrides]
-        if num_processes > 1:
-            port = free_port()
-            commands = [command + [f"--coordinator_address=127.0.0.1:{port}", f"--num_processes={num_processes}",
-                                   f"--process_id={i}"] for i in range(num_processes)]
-        else:
-            commands = [command]
-        self.logs, self.procs = [], []
-        for i, cmd in enumerate(commands):
-            out, err = (os.path.join(self.workdir, f"{name}.{i}.{ext}") for ext in ("out", "err"))
-            with open(out, "w") as fo, open(err, "w") as fe:
-                self.procs.append(subprocess.Popen(cmd, cwd=REPO, env=env, stdout=fo, stderr=fe))
-            self.logs.append(err)
-        self.deadline = time.time() + RUN_TIMEOUT_S
-
-    def stderr(self, i=0):
-        with open(self.logs[i]) as f:
-            return f.read()
-
-    def wait(self):
-        """Return codes. A process that fails stops the others (a jax.distributed peer would wait for it until
-        its timeout); a run past its deadline is killed and fails the test."""
-        while True:
-            codes = [p.poll() for p in self.procs]
-            if None not in codes:
-                return codes
-            if any(code not in (None, 0) for code in codes):
-                self.kill()
-                return [p.returncode for p in self.procs]
-            if time.time() > self.deadline:
-                self.kill()
-                pytest.fail(f"the run in {self.workdir} took longer than {RUN_TIMEOUT_S} s:\n{self.stderr()[-3000:]}")
-            time.sleep(0.1)
-
-    def wait_ok(self):
-        codes = self.wait()
-        if any(codes):
-            i = next(i for i, code in enumerate(codes) if code not in (0, -9))  # not one killed by `wait`
-            pytest.fail(f"process {i} of the run in {self.workdir} exited with {codes[i]}:\n{self.stderr(i)[-4000:]}")
-        return self
-
-    def kill(self):
-        for p in self.procs:
-            if p.poll() is None:
-                p.kill()  # SIGKILL: no handler runs, as in a crash or an out-of-memory kill
-                p.wait()
+def _Run(workdir, num_steps, *overrides, **kwargs):  # pylint: disable=invalid-name
+    """The tiny config for `num_steps` steps, logging every step (see `tests.helpers.TrainRun`)."""
+    return TrainRun(TINY_CONFIG, workdir, f"--config.num_steps={num_steps}", "--config.log_every=1", *overrides,
+                    **kwargs)
 
 
 def _metrics(workdir):
@@ -187,6 +129,8 @@ class _Unit:
         with loader:
             self.local_batch = next(iter(loader))
         self.batch = sharding.global_batch(self.local_batch, self.mesh)
+        # The model's input: the loader ships uint8, the step normalises (float batches pass as normalised).
+        self.images = np.asarray(normalize_images(self.local_batch["images"], self.local_batch["pixel_mask"]))
         model = train.build_model(config)
         hw = tuple(config.data.buckets[0])
         params_shape = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), np.zeros((1,) + hw + (3,))))["params"]
@@ -259,7 +203,7 @@ def test_nonfinite_step_keeps_the_parameters_and_stops_the_loop(unit, tmp_path):
     state, metrics = unit.step(unit.fresh_state(), unit.batch)  # step 1: fine
     assert np.isfinite(metrics["loss"])
     good = jax.device_get(state)
-    poisoned = dict(unit.local_batch, images=unit.local_batch["images"].copy())
+    poisoned = dict(unit.local_batch, images=unit.images.copy())
     poisoned["images"][1] = np.nan
     state, metrics = unit.step(state, sharding.global_batch(poisoned, unit.mesh))  # step 2: NaN
     assert not np.isfinite(metrics["loss"])
@@ -298,7 +242,7 @@ def test_overfits_a_fixed_batch_to_ap50_above_0_9(unit):
 
     config, batch = unit.config, unit.local_batch
     model = train.build_model(config)
-    out = jax.jit(model.apply)({"params": state["params"], "frozen": state["frozen"]}, batch["images"],
+    out = jax.jit(model.apply)({"params": state["params"], "frozen": state["frozen"]}, unit.images,
                                pixel_mask=batch["pixel_mask"])
     scores, labels, boxes = (np.asarray(x) for x in postprocess(out["pred_logits"], out["pred_boxes"],
                                                                   batch["orig_size"]))
@@ -333,8 +277,13 @@ def test_two_processes_give_the_single_process_losses(runs, reference):
     assert _checkpoint_steps(workdir)[-1] == 4, "the two-process run saved no final checkpoint"
 
 
+# The killed and the resumed run load with worker processes, the reference with a thread: the same batches.
+WORKER_PROCESSES = ("--config.data.worker_type=process", "--config.data.num_workers=2")
+
+
 def test_resume_after_kill_is_bit_exact(reference, tmp_path, compile_cache):
-    first = _Run(tmp_path, REFERENCE_STEPS, "--config.checkpoint_every=3", cache_dir=compile_cache, name="first")
+    first = _Run(tmp_path, REFERENCE_STEPS, "--config.checkpoint_every=3", *WORKER_PROCESSES, cache_dir=compile_cache,
+                 name="first")
     try:
         while True:
             assert first.procs[0].poll() is None, (f"the run ended (exit {first.procs[0].returncode}) before it "
@@ -353,7 +302,8 @@ def test_resume_after_kill_is_bit_exact(reference, tmp_path, compile_cache):
     print(f"killed after step {killed_at}; resuming from the checkpoint of step {restored}")
     lines_before = len(_logged_steps(tmp_path))
 
-    _Run(tmp_path, REFERENCE_STEPS, "--config.checkpoint_every=3", cache_dir=compile_cache, name="resumed").wait_ok()
+    _Run(tmp_path, REFERENCE_STEPS, "--config.checkpoint_every=3", *WORKER_PROCESSES, cache_dir=compile_cache,
+         name="resumed").wait_ok()
     # It resumed from the checkpoint rather than starting again (which would also reproduce the losses).
     assert _logged_steps(tmp_path)[lines_before:] == list(range(restored + 1, REFERENCE_STEPS + 1))
     metrics, ref = _metrics(tmp_path), reference[1]
@@ -428,7 +378,7 @@ def test_batch_norm_backbone_step_updates_the_running_statistics(unit):
     state, metrics = step(jax.device_put(initial, sharding.replicated(unit.mesh)), unit.batch)
     assert np.isfinite(float(metrics["loss"]))
 
-    _, expected = model.apply({"params": initial["params"], "frozen": initial["frozen"]}, unit.local_batch["images"],
+    _, expected = model.apply({"params": initial["params"], "frozen": initial["frozen"]}, unit.images,
                               pixel_mask=unit.local_batch["pixel_mask"], train=True, mutable=["frozen"],
                               rngs={"dropout": jax.random.PRNGKey(0)})
     got, want, before = _flat(state["frozen"]), _flat(expected["frozen"]), _flat(initial["frozen"])
@@ -438,7 +388,7 @@ def test_batch_norm_backbone_step_updates_the_running_statistics(unit):
         np.testing.assert_allclose(got[k], want[k], rtol=1e-4, atol=1e-5, err_msg="/".join(k))
     assert _flat(state["params"])[("backbone", "bn1", "scale")].shape == (64,)
 
-    poisoned = dict(unit.local_batch, images=np.full_like(unit.local_batch["images"], np.nan))
+    poisoned = dict(unit.local_batch, images=np.full_like(unit.images, np.nan))
     bad, _ = step(state, sharding.global_batch(poisoned, unit.mesh))
     for k, v in _flat(bad["frozen"]).items():
         np.testing.assert_array_equal(v, got[k], err_msg="/".join(k))

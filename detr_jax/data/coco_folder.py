@@ -173,6 +173,15 @@ class CocoFolder:
         return {i: (np.asarray(b, np.float32).reshape(-1, 4), np.asarray(l, np.int32), np.asarray(c, bool))
                 for i, (b, l, c) in per_image.items()}
 
+    def __getstate__(self):  # for loader worker processes: a lock does not pickle
+        state = dict(self.__dict__)
+        state["_lock"] = None
+        return state
+
+    def __setstate__(self, state):
+        self.__dict__.update(state)
+        self._lock = threading.Lock()
+
     def __len__(self) -> int:
         return len(self.image_ids)
 

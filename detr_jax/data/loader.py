@@ -303,12 +303,20 @@ class Loader:
         """grain: a map over global batch numbers (epoch * batches_per_epoch + position) from the current one,
         each mapped to its batch by a worker process; `mp_prefetch` gives worker w the numbers w, w + k, ...
         and yields them back in order."""
+        import cloudpickle  # pylint: disable=g-import-not-at-top  (grain's serializer, one of its dependencies)
         import grain  # pylint: disable=g-import-not-at-top
 
         _mark_absl_flags_parsed()  # grain reads its absl flags; outside app.run nobody parsed them
         start = self._epoch * self.batches_per_epoch + self._position
         stop = self.num_epochs * self.batches_per_epoch if self.num_epochs is not None else start + 2 ** 40
-        dataset = grain.MapDataset.range(start, stop).map(_BatchJob(self))
+        job = _BatchJob(self)
+        try:
+            cloudpickle.dumps(job)  # what grain sends to each worker; fail here with a readable line
+        except Exception as e:  # pylint: disable=broad-except
+            raise ValueError(f"worker_type='process' sends the source and transforms to worker processes, but "
+                             f"{type(self.source).__name__} does not pickle ({type(e).__name__}: {e}); make it "
+                             "picklable or use worker_type='thread'") from None
+        dataset = grain.MapDataset.range(start, stop).map(job)
         # One batch at a time inside a worker: the parallelism is across workers.
         dataset = dataset.to_iter_dataset(grain.ReadOptions(num_threads=1, prefetch_buffer_size=1))
         dataset = dataset.mp_prefetch(grain.MultiprocessingOptions(num_workers=self.num_workers,

@@ -46,7 +46,8 @@ def get_config(arg: str = ""):
 
     config.data = ml_collections.ConfigDict(dict(
         source="tfds",
-        source_kwargs=dict(label_space="official91"),
+        # name: the TFDS dataset ("coco_like" is the built-in COCO-like set); data_dir "": TFDS's default.
+        source_kwargs=dict(label_space="official91", name="coco/2017", data_dir=""),
         train_kwargs=dict(split="train"),
         val_kwargs=dict(split="validation"),
         train_scales=tuple(COCO_TRAIN_SCALES), max_size=1333, crop_resize_scales=(400, 500, 600),
@@ -59,7 +60,8 @@ def get_config(arg: str = ""):
 
     config.loss = ml_collections.ConfigDict(dict(
         eos_coef=0.1, cost_class=1.0, cost_bbox=5.0, cost_giou=2.0, ce_loss_coef=1.0, bbox_loss_coef=5.0,
-        giou_loss_coef=2.0, bbox_loss_type="l1"))
+        giou_loss_coef=2.0, bbox_loss_type="l1",
+        matcher="auto"))  # Hungarian solver: "host" (scipy), "device" (optax) or "auto" (device on GPU/TPU)
 
     config.optimizer = ml_collections.ConfigDict(dict(
         lr=1e-4, lr_backbone=1e-5, weight_decay=1e-4, grad_clip=0.1, schedule="step", warmup_steps=0,
@@ -84,6 +86,6 @@ def smoke(config: ml_collections.ConfigDict) -> None:
     config.eval_every = 0
     config.model.update(num_classes=91, num_queries=10, hidden_dim=32, num_heads=4, num_encoder_layers=1,
                         num_decoder_layers=2, dim_feedforward=64, backbone_depth=18)
-    config.data.source_kwargs = dict(label_space="official91", name="coco_like", data_dir="")
+    config.data.source_kwargs.name = "coco_like"
     config.data.val_kwargs = dict(split="validation[:16]")
     config.data.update(num_workers=2, max_buckets=3)

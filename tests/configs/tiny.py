@@ -45,7 +45,8 @@ def get_config():
 
     config.loss = ml_collections.ConfigDict(dict(
         eos_coef=0.1, cost_class=1.0, cost_bbox=5.0, cost_giou=2.0, ce_loss_coef=1.0, bbox_loss_coef=5.0,
-        giou_loss_coef=2.0, bbox_loss_type="l1"))
+        giou_loss_coef=2.0, bbox_loss_type="l1",
+        matcher="auto"))  # Hungarian solver: "host" (scipy), "device" (optax) or "auto" (device on GPU/TPU)
 
     config.optimizer = ml_collections.ConfigDict(dict(
         lr=1e-4, lr_backbone=1e-5, weight_decay=1e-4, grad_clip=0.1, schedule="step", warmup_steps=2,

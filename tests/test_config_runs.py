@@ -1,0 +1,163 @@
+"""Every shipped config starts: its real data path, a couple of train steps and an evaluation, as a user runs it.
+
+Each config runs through `experiments/train.py` with a tiny-model override (the backbone depth and dilation
+stay) on the data its source names: TFDS on the built-in COCO-like set (ArrayRecord, coco/2017's features,
+prepared once per session), a COCO-format folder (the fine-tuning config, from the official R18 fixture's
+checkpoint), or the synthetic shapes. `coco_r50.py:smoke` runs the recipe's full-size augmentation on one and
+on two processes (jax.distributed on loopback), whose per-step losses must agree: the two processes read one
+global order from the whole TFDS split and agree on every step's bucket without talking to each other.
+
+The runs start together in the background (at most MAX_PARALLEL at once, for memory) when the first test of
+this file runs; about 6 minutes on 2 cores.
+"""
+
+import json
+import os
+import threading
+import time
+
+import numpy as np
+import pytest
+
+from tests.helpers import REPO, TrainRun
+
+pytest.importorskip("tensorflow_datasets")
+
+CONFIGS = os.path.join(REPO, "experiments", "configs")
+MAX_PARALLEL = 3
+
+TINY_MODEL = ("--config.model.hidden_dim=32", "--config.model.num_heads=4", "--config.model.num_encoder_layers=1",
+              "--config.model.num_decoder_layers=1", "--config.model.dim_feedforward=64",
+              "--config.model.num_queries=8", "--config.model.dropout=0.0")
+SMALL_IMAGES = ("--config.data.train_scales=(96, 128)", "--config.data.max_size=160",
+                "--config.data.crop_resize_scales=(96, 128)", "--config.data.crop_size=(64, 96)",
+                "--config.data.eval_size=96", "--config.data.max_buckets=2")
+SHORT_RUN = ("--config.num_epochs=0", "--config.num_steps=2", "--config.log_every=1", "--config.eval_every=0",
+             "--config.eval_at_end=True", "--config.batch_size=4", "--config.eval_batch_size=4")
+# The smoke config as CI runs it: fewer steps and validation images than the documented smoke run.
+SMOKE = ("--config.num_steps=3", "--config.log_every=1", "--config.model.dropout=0.0",
+         "--config.data.val_kwargs.split=validation[:6]")
+
+
+def _tfds(coco_like_dir):
+    return ("--config.data.source_kwargs.name=coco_like", f"--config.data.source_kwargs.data_dir={coco_like_dir}",
+            "--config.data.val_kwargs.split=validation[:8]", "--config.data.num_workers=1")
+
+
+def _finetune_folder(root, fixtures_dir):
+    """A COCO-format folder of the synthetic shapes and the official R18 fixture checkpoint's architecture."""
+    from detr_jax.data import SyntheticDetection, write_coco_folder
+
+    (train_ann, train_dir), (val_ann, val_dir) = (
+        write_coco_folder(SyntheticDetection(split, num_examples=n, image_size=((96, 128), (128, 96)), seed=0),
+                          root, image_format="jpg") for split, n in (("train", 8), ("val", 4)))
+    checkpoint = os.path.join(fixtures_dir, "official_detr_r18_tiny", "detr_random.pth")
+    return (f"--config.data.source_kwargs.ann_file={train_ann}", f"--config.data.train_kwargs.image_dir={train_dir}",
+            f"--config.data.val_kwargs.ann_file={val_ann}", f"--config.data.val_kwargs.image_dir={val_dir}",
+            "--config.model.num_classes=5", f"--config.init.detr_checkpoint={checkpoint}",
+            # The fixture's architecture (shared/fixtures/README.md).
+            "--config.model.backbone_depth=18", "--config.model.hidden_dim=64", "--config.model.num_heads=4",
+            "--config.model.dim_feedforward=128", "--config.model.num_encoder_layers=2",
+            "--config.model.num_decoder_layers=3", "--config.model.num_queries=12", "--config.model.dropout=0.0",
+            "--config.data.num_workers=1")
+
+
+class _Scheduler:
+    """Starts the runs in order, at most MAX_PARALLEL at once, from a background thread."""
+
+    def __init__(self, specs):
+        self.specs, self.runs, self.started = specs, {}, {name: threading.Event() for name in specs}
+        self._stop = False
+        self._thread = threading.Thread(target=self._loop, daemon=True)
+        self._thread.start()
+
+    def _loop(self):
+        for name, make in self.specs.items():
+            while not self._stop and sum(any(p.poll() is None for p in r.procs) for r in self.runs.values()) >= MAX_PARALLEL:
+                time.sleep(0.2)
+            if self._stop:
+                return
+            self.runs[name] = make()
+            self.started[name].set()
+
+    def get(self, name):
+        self.started[name].wait()
+        return self.runs[name]
+
+    def stop(self):
+        self._stop = True
+        self._thread.join()
+        for run in self.runs.values():
+            run.kill()
+
+
+@pytest.fixture(scope="module")
+def config_runs(tmp_path_factory, coco_like_dir, fixtures_dir):
+    def workdir(name):
+        return tmp_path_factory.mktemp(name)
+
+    env = {"TFDS_DATA_DIR": coco_like_dir}
+    tfds = _tfds(coco_like_dir)
+    smoke = (f"--config.data.source_kwargs.data_dir={coco_like_dir}",) + SMOKE
+    specs = {
+        # The slowest first.
+        "coco_r50_smoke_2proc": lambda: TrainRun(f"{CONFIGS}/coco_r50.py:smoke", workdir("smoke2"), *smoke,
+                                                 num_processes=2, env=env),
+        "coco_r50_smoke": lambda: TrainRun(f"{CONFIGS}/coco_r50.py:smoke", workdir("smoke1"), *smoke, env=env),
+        "coco_r101": lambda: TrainRun(f"{CONFIGS}/coco_r101.py", workdir("r101"), *SHORT_RUN, *TINY_MODEL,
+                                      *SMALL_IMAGES, *tfds, env=env),
+        "coco_r50_dc5": lambda: TrainRun(f"{CONFIGS}/coco_r50_dc5.py", workdir("dc5"), *SHORT_RUN, *TINY_MODEL,
+                                         *SMALL_IMAGES, *tfds, env=env),
+        "finetune_coco_folder": lambda: TrainRun(
+            f"{CONFIGS}/finetune_coco_folder.py", workdir("finetune"), *SHORT_RUN, *SMALL_IMAGES,
+            *_finetune_folder(str(workdir("finetune_data")), fixtures_dir)),
+        "default": lambda: TrainRun(f"{CONFIGS}/default.py", workdir("default"), *SHORT_RUN,
+                                    "--config.data.val_kwargs.num_examples=8"),
+    }
+    scheduler = _Scheduler(specs)
+    yield scheduler
+    scheduler.stop()
+
+
+def _metrics(run):
+    with open(os.path.join(run.workdir, "metrics.jsonl")) as f:
+        return [json.loads(line) for line in f]
+
+
+def _check_finished(run, steps):
+    """The run trained `steps` steps with finite losses, logged the padded fraction, evaluated at the end and
+    saved a final checkpoint; returns its {step: losses}."""
+    rows = _metrics(run)
+    train_rows = {r["step"]: r for r in rows if "loss" in r}
+    assert sorted(train_rows) == list(range(1, steps + 1)), run.stderr()[-3000:]
+    assert all(np.isfinite(r["loss"]) for r in train_rows.values())
+    assert all(0 <= r["padded_fraction"] < 1 for r in train_rows.values())
+    final = [r for r in rows if "eval_AP50" in r]
+    assert len(final) == 1 and final[0]["step"] == steps and 0 <= final[0]["eval_AP50"] <= 1
+    assert str(steps) in os.listdir(os.path.join(run.workdir, "checkpoints"))
+    assert os.listdir(os.path.join(run.workdir, "jax_cache")), "no persistent compilation cache written"
+    return train_rows
+
+
+@pytest.mark.parametrize("name", ["coco_r50_dc5", "coco_r101", "finetune_coco_folder", "default"])
+def test_config_trains_and_evaluates(config_runs, name):
+    run = config_runs.get(name).wait_ok()
+    _check_finished(run, 2)
+
+
+def test_coco_r50_smoke_on_one_and_two_processes(config_runs):
+    one = config_runs.get("coco_r50_smoke").wait_ok()
+    two = config_runs.get("coco_r50_smoke_2proc").wait_ok()
+    rows_one, rows_two = _check_finished(one, 3), _check_finished(two, 3)
+    # The recipe's data path: TFDS through worker processes, recipe buckets, size grouping.
+    log = one.stderr()
+    assert "buckets for the train recipe" in log and "coco_like" in log
+    for step in rows_one:
+        for key in ("loss", "loss_ce", "loss_bbox", "loss_giou"):
+            assert rows_two[step][key] == pytest.approx(rows_one[step][key], rel=1e-4, abs=1e-5), (step, key)
+        # The same global batches: the same padding (process 0's half of the batch in the 2-process run).
+        assert 0 <= rows_two[step]["padded_fraction"] < 1
+    final_one = [r for r in _metrics(one) if "eval_AP" in r][0]
+    final_two = [r for r in _metrics(two) if "eval_AP" in r][0]
+    for key in ("eval_AP", "eval_AP50"):
+        assert final_two[key] == pytest.approx(final_one[key], abs=1e-6)
