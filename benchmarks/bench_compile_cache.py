@@ -15,6 +15,7 @@ jax_persistent_cache_min_compile_time_secs, nor from a process other than 0). Ru
   default     experiments/configs/default.py, 1 step, no evaluation (synthetic data, thread workers)
   coco_smoke  experiments/configs/coco_r50.py:smoke, 3 steps, no evaluation: the COCO recipe's data path
               (TFDS ArrayRecord coco_like in --data-dir, worker processes, recipe buckets) with a tiny model
+  *_device_matcher  the same with --config.loss.matcher=device (no host callback in the train step)
 """
 
 import argparse
@@ -40,7 +41,7 @@ STEP_LINE = re.compile(r"step (\d+)/(\d+) loss")
 
 def run_specs(data_dir: str):
     """name -> (train.py arguments after --workdir, extra environment)."""
-    return {
+    specs = {
         "default": ([
             "--config", os.path.join(ROOT, "experiments", "configs", "default.py"),
             "--config.num_steps=1", "--config.eval_at_end=False", "--config.eval_every=0", "--config.log_every=1",
@@ -51,6 +52,10 @@ def run_specs(data_dir: str):
             f"--config.data.source_kwargs.data_dir={data_dir}",
         ], {"TFDS_DATA_DIR": data_dir}),
     }
+    # The same with the on-device Hungarian solver: no host callback, so the train step itself is cached.
+    for name in list(specs):
+        specs[name + "_device_matcher"] = (specs[name][0] + ["--config.loss.matcher=device"], specs[name][1])
+    return specs
 
 
 def folder_stats(path: str):
@@ -137,7 +142,8 @@ def fmt(seconds) -> str:
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--runs", default="default,coco_smoke", help="comma-separated: default, coco_smoke")
+    parser.add_argument("--runs", default="default,default_device_matcher,coco_smoke,coco_smoke_device_matcher",
+                        help="comma-separated: default, coco_smoke, and each with _device_matcher")
     parser.add_argument("--starts", type=int, default=2, help="starts per run in the same work directory")
     parser.add_argument("--root", default="/tmp/detr_jax_bench_compile_cache",
                         help="work directories go to ROOT/<run> (deleted first: each run starts without a cache)")
@@ -156,7 +162,7 @@ def main():
     unknown = [n for n in names if n not in specs]
     if unknown:
         parser.error(f"unknown runs {unknown}; known: {list(specs)}")
-    if "coco_smoke" in names:
+    if any(n.startswith("coco_smoke") for n in names):
         from detr_jax.data import coco_like  # pylint: disable=g-import-not-at-top
         coco_like.prepare(args.data_dir, num_train=args.num_train, any_prepared=True)
     print(f"host: {os.cpu_count()} CPU cores ({platform.processor() or platform.machine()}), "

@@ -26,6 +26,17 @@ def load_torch_state_dict(path: str) -> Dict[str, np.ndarray]:
     Accepts the official layout `{"model": state_dict, ...}` and a bare state dict (torchvision).
     """
     try:
+        with open(path, "rb") as f:
+            head = f.read(4)
+    except FileNotFoundError as e:
+        raise FileNotFoundError(f"checkpoint file not found: {path}") from e
+    except IsADirectoryError as e:
+        raise ValueError(f"{path} is a folder, not a .pth file") from e
+    # torch.save writes a zip archive (since torch 1.6) or, before, a pickle (protocol 2+: 0x80 then the protocol).
+    if head[:4] != b"PK\x03\x04" and not (len(head) >= 2 and head[0] == 0x80 and 2 <= head[1] <= 5):
+        raise ValueError(f"{path} is not a DETR checkpoint: neither a PyTorch .pth file (like detr-r50-e632da11.pth) "
+                         "nor a detr_jax training work directory")
+    try:
         import torch  # pylint: disable=import-outside-toplevel
     except ImportError as e:
         raise ImportError(f"Reading the PyTorch checkpoint {path} needs torch, only to unpickle it: "

@@ -88,11 +88,17 @@ class Predictor:
         """
         if os.path.isdir(path):
             config, model, variables = load_workdir_checkpoint(path)
-            from detr_jax.data import build_source
-
             d = config.data
-            source = build_source(d.source, **dict(d.source_kwargs, **d.get("val_kwargs", {})))
-            names = getattr(source, "class_names", [str(i) for i in range(model.num_classes)])
+            names_file = os.path.join(path, "class_names.json")
+            if os.path.isfile(names_file):  # written at the start of training: the data need not be here
+                with open(names_file) as f:
+                    names = json.load(f)["class_names"]
+            else:  # a work directory of an older version: ask the data
+                from detr_jax.data import build_source
+
+                source = build_source(d.source, **dict(d.source_kwargs, **d.get("val_kwargs", {})))
+                names = getattr(source, "class_names", [])
+            names = list(names) or [str(i) for i in range(model.num_classes)]
             kwargs.setdefault("size", d.eval_size)
             kwargs.setdefault("max_size", d.max_size)
             return cls(model, variables, names, **kwargs)

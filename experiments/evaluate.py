@@ -1,7 +1,8 @@
-"""COCO metrics of a checkpoint: `python experiments/evaluate.py --config CONFIG --checkpoint CKPT`.
+"""COCO metrics of a checkpoint: `python experiments/evaluate.py --checkpoint CKPT [--config CONFIG]`.
 
-CKPT is a detr_jax training work directory (its latest checkpoint) or an official DETR .pth (its architecture
-is read from the weights; the config gives the data). Prints AP, AP50, AP75, ... and writes the COCO results
+CKPT is a detr_jax training work directory (its latest checkpoint, scored on the validation data of its own
+config.json unless --config names other data) or an official DETR .pth (its architecture is read from the
+weights; --config gives the data). Prints AP, AP50, AP75, ... and writes the COCO results
 JSON into --out so anyone can re-score it.
 """
 
@@ -11,15 +12,15 @@ import os
 import sys
 
 from absl import app, flags
-from ml_collections import config_flags
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # run from a checkout
 
+from detr_jax.cli import config_value, define_config_file, parse_flags  # noqa: E402 (no jax import)
 from detr_jax.xla_flags import set_process_defaults  # noqa: E402 (no jax import)
 
 set_process_defaults()  # before jax is imported: XLA flags (the user's XLA_FLAGS win) and glibc malloc options
 
-_CONFIG = config_flags.DEFINE_config_file(
+_CONFIG = define_config_file(
     "config", os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs", "default.py"),
     "Config giving the evaluation data (and the model, for a work directory without config.json).")
 _CHECKPOINT = flags.DEFINE_string("checkpoint", None, "Training work directory or official .pth.", required=True)
@@ -41,11 +42,15 @@ def main(argv):
     maybe_initialize_distributed(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
     import jax
 
-    config = _CONFIG.value
+    config = config_value(_CONFIG, sys.argv)
     path = _CHECKPOINT.value
     try:
         if os.path.isdir(path):
-            _, model, variables = load_workdir_checkpoint(path)
+            run_config, model, variables = load_workdir_checkpoint(path)
+            if not flags.FLAGS["config"].present:  # the work directory's own data, not default.py's
+                config = run_config
+            logging.info("evaluating %s on %s data (%s)", path, config.data.source,
+                         "--config" if flags.FLAGS["config"].present else "the run's config.json")
         elif os.path.isfile(path):
             from detr_jax.convert import load_official_checkpoint
             model, variables = load_official_checkpoint(path, dilation=_DILATION.value)
@@ -68,4 +73,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(main)
+    app.run(main, flags_parser=parse_flags)

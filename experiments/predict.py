@@ -14,6 +14,7 @@ from absl import app, flags
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # run from a checkout
 
+from detr_jax.cli import parse_flags  # noqa: E402 (no jax import)
 from detr_jax.xla_flags import set_process_defaults  # noqa: E402 (no jax import)
 
 set_process_defaults()  # before jax is imported: XLA flags (the user's XLA_FLAGS win) and glibc malloc options
@@ -61,7 +62,7 @@ def main(argv):
     except (FileNotFoundError, ValueError, ImportError) as e:
         sys.exit(f"error: {e}")
     os.makedirs(_OUT.value, exist_ok=True)
-    results = {}
+    results, stems = {}, set()
     for path in images:
         try:
             detections = predictor(path)
@@ -71,7 +72,12 @@ def main(argv):
             continue
         results[path] = [dict(box_xyxy=[round(float(v), 2) for v in box], label=name, score=round(float(score), 4))
                          for box, name, score in zip(detections["boxes"], detections["label_names"], detections["scores"])]
-        stem = os.path.splitext(os.path.basename(path))[0]
+        stem = base = os.path.splitext(os.path.basename(path))[0]
+        for n in range(2, len(images) + 2):  # a/cat.jpg and b/cat.jpg: cat_detections.png, cat_2_detections.png
+            if stem not in stems:
+                break
+            stem = f"{base}_{n}"
+        stems.add(stem)
         predictor.draw(path, detections).save(os.path.join(_OUT.value, f"{stem}_detections.png"))
         if _ATTENTION.value:
             predictor.attention_picture(path).save(os.path.join(_OUT.value, f"{stem}_attention.png"))
@@ -84,4 +90,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(main)
+    app.run(main, flags_parser=parse_flags)

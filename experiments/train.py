@@ -11,15 +11,15 @@ import sys
 
 from absl import app, flags
 from absl import logging as absl_logging
-from ml_collections import config_flags
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # run from a checkout
 
+from detr_jax.cli import config_value, define_config_file, parse_flags  # noqa: E402 (no jax import)
 from detr_jax.xla_flags import set_process_defaults  # noqa: E402 (no jax import)
 
 set_process_defaults()  # before jax is imported: XLA flags (the user's XLA_FLAGS win) and glibc malloc options
 
-_CONFIG = config_flags.DEFINE_config_file(
+_CONFIG = define_config_file(
     "config", os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs", "default.py"),
     "Training config file (a get_config() returning a ConfigDict).", lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Where checkpoints, metrics and pictures go "
@@ -34,20 +34,25 @@ def main(argv):
     # Our progress at INFO; orbax's and jax's chatter only when it is a warning.
     absl_logging.set_verbosity(absl_logging.WARNING)
     logging.getLogger("detr_jax").setLevel(logging.INFO)
+    config = config_value(_CONFIG, sys.argv)  # a mistyped field or a missing file: one line, before any work
     from detr_jax import sharding, train  # after flags: jax.distributed must start before any jax call
+    from detr_jax.data import ImageReadError
 
     sharding.maybe_initialize_distributed(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
     config_name = os.path.splitext(os.path.basename(flags.FLAGS["config"].config_filename))[0]
     workdir = _WORKDIR.value or os.path.join("workdir", config_name)
     try:
-        train.train_and_evaluate(_CONFIG.value, workdir)
+        train.train_and_evaluate(config, workdir)
     except KeyboardInterrupt:
         logging.warning("stopped; the run resumes from %s when started again", workdir)
         sys.exit(130)
-    except (train.NonFiniteLossError, ValueError, FileNotFoundError) as e:  # bad config, data or checkpoint
+    except (train.NonFiniteLossError, train.DataError, ImageReadError, ValueError, FileNotFoundError) as e:
+        # A bad config, data or checkpoint: the message names it. DETR_JAX_TRACEBACK=1 shows the traceback.
+        if os.environ.get("DETR_JAX_TRACEBACK"):
+            raise
         logging.error("%s", e)
         sys.exit(1)
 
 
 if __name__ == "__main__":
-    app.run(main)
+    app.run(main, flags_parser=parse_flags)

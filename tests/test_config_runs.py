@@ -91,8 +91,18 @@ class _Scheduler:
             run.kill()
 
 
+def _selected_runs(request):
+    """The runs that the selected tests of this module need (all of them in a full run)."""
+    names = set()
+    for item in request.session.items:
+        if item.module is request.module:
+            callspec = getattr(item, "callspec", None)
+            names |= {callspec.params["name"]} if callspec else {"coco_r50_smoke", "coco_r50_smoke_2proc"}
+    return names
+
+
 @pytest.fixture(scope="module")
-def config_runs(tmp_path_factory, coco_like_dir, fixtures_dir):
+def config_runs(request, tmp_path_factory, coco_like_dir, fixtures_dir):
     def workdir(name):
         return tmp_path_factory.mktemp(name)
 
@@ -114,7 +124,8 @@ def config_runs(tmp_path_factory, coco_like_dir, fixtures_dir):
         "default": lambda: TrainRun(f"{CONFIGS}/default.py", workdir("default"), *SHORT_RUN,
                                     "--config.data.val_kwargs.num_examples=8"),
     }
-    scheduler = _Scheduler(specs)
+    selected = _selected_runs(request)
+    scheduler = _Scheduler({name: make for name, make in specs.items() if name in selected})
     yield scheduler
     scheduler.stop()
 

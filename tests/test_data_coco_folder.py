@@ -151,26 +151,33 @@ def test_label_beyond_num_classes_names_annotation(tmp_path):
 
 def test_missing_and_corrupt_images(tmp_path, caplog):
     paths = _write(tmp_path, [_ann(1, [1, 1, 5, 5]), _ann(2, [1, 1, 5, 5], image_id=2)])
-    missing = os.path.join(paths[1], "1.png")
-    os.remove(missing)
-    with pytest.raises(ImageReadError, match="1.png"):
-        CocoFolder(*paths)[0]
     with open(os.path.join(paths[1], "2.png"), "wb") as f:
         f.write(b"\x89PNG not really")
-    with pytest.raises(ImageReadError, match="2.png"):
+    with pytest.raises(ImageReadError, match="2.png"):  # unreadable: found when read
         CocoFolder(*paths)[1]
+    os.remove(os.path.join(paths[1], "1.png"))
+    # Missing: found at start, before any training, with how many and what to do.
+    with pytest.raises(ImageReadError, match=r"1 of the 2 image files .* are missing .*1.png \(image id 1\); "
+                                             r"restore them, or set skip_bad_images=True"):
+        CocoFolder(*paths)
 
 
 def test_skip_bad_images_counts_and_logs(tmp_path, caplog):
     paths = _write(tmp_path, [_ann(1, [1, 1, 5, 5]), _ann(2, [2, 2, 5, 5], image_id=2)])
     os.remove(os.path.join(paths[1], "1.png"))
+    with caplog.at_level(logging.WARNING):
+        src = CocoFolder(*paths, skip_bad_images=True)
+    assert len(src) == 1 and src[0]["image_id"] == 2  # dropped at start, with its annotations
+    assert src.stats["missing_images_skipped"] == 1 and "1.png" in caplog.text
+    paths = _write(tmp_path, [_ann(1, [1, 1, 5, 5]), _ann(2, [2, 2, 5, 5], image_id=2)])
     src = CocoFolder(*paths, skip_bad_images=True)
+    with open(os.path.join(paths[1], "1.png"), "wb") as f:  # unreadable after the start
+        f.write(b"\x89PNG not really")
     with caplog.at_level(logging.WARNING):
         ex = src[0]
         src[0]
     assert ex["image_id"] == 2  # replaced by the next readable image
     assert src.stats["bad_images_skipped"] == 1
-    assert "1.png" in caplog.text
 
 
 def test_image_size_mismatch_names_file(tmp_path):

@@ -320,9 +320,11 @@ def test_finished_run_restarts_as_a_no_op_and_refuses_another_model(reference, t
     shutil.copytree(reference[0], workdir)
     lines = (workdir / "metrics.jsonl").read_text()
 
-    again = _Run(workdir, REFERENCE_STEPS, cache_dir=compile_cache, name="again")
+    again = _Run(workdir, REFERENCE_STEPS, "--config.eval_at_end=True", cache_dir=compile_cache, name="again")
     assert again.wait() == [0], f"restarting a finished run failed:\n{again.stderr()[-3000:]}"
-    assert (workdir / "metrics.jsonl").read_text() == lines
+    assert "is already complete (10 of 10 steps): nothing to do" in again.stdout(), again.stdout()[-2000:]
+    assert (workdir / "metrics.jsonl").read_text() == lines  # no second final evaluation
+    assert not (workdir / "eval").exists()
 
     other = _Run(workdir, REFERENCE_STEPS, "--config.model.hidden_dim=64", cache_dir=compile_cache, name="other")
     assert other.wait() != [0]

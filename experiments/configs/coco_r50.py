@@ -55,8 +55,8 @@ def get_config(arg: str = ""):
         # 12 static shapes fitted to the recipe's simulated sizes; with size grouping the padded share is ~23%
         # at global batch 64 instead of ~62% (BENCHMARKS.md, bench_loader.py).
         buckets="recipe", max_buckets=12, group_by_size=32,
-        max_objects=100, num_workers=8,
-        worker_type="process"))
+        # Decoding and augmentation in worker processes (grain), whole batches each; give them the host's cores.
+        max_objects=100, num_workers=8, worker_type="process"))
 
     config.loss = ml_collections.ConfigDict(dict(
         eos_coef=0.1, cost_class=1.0, cost_bbox=5.0, cost_giou=2.0, ce_loss_coef=1.0, bbox_loss_coef=5.0,

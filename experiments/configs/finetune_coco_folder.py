@@ -22,7 +22,9 @@ def get_config(arg: str = ""):
     config.checkpoint_every = 500
     config.model.num_classes = 1  # set to your number of classes
     config.data.source = "coco_folder"
-    config.data.source_kwargs = dict(ann_file="", label_space="contiguous")
+    # skip_bad_images: missing image files are dropped at start and unreadable ones skipped (counted, logged)
+    # instead of stopping the run.
+    config.data.source_kwargs = dict(ann_file="", label_space="contiguous", skip_bad_images=False)
     config.data.train_kwargs = dict(image_dir="")
     config.data.val_kwargs = dict(image_dir="", ann_file="")
     config.data.num_workers = 4

@@ -40,7 +40,7 @@ def get_config():
         train_kwargs=dict(split="train", num_examples=64),
         val_kwargs=dict(split="val", num_examples=8),
         train_scales=(64,), max_size=64, crop_resize_scales=(64,), crop_size=(48, 64),
-        eval_size=64, buckets=((64, 64),), max_buckets=12, max_objects=8, num_workers=1,
+        eval_size=64, buckets=((64, 64),), max_buckets=12, group_by_size=0, max_objects=8, num_workers=1,
         worker_type="thread"))
 
     config.loss = ml_collections.ConfigDict(dict(

@@ -1,0 +1,81 @@
+"""What the command-line entry points share: flag parsing that answers a user's mistake in one line.
+
+absl and ml_collections report a mistyped config field, a missing config file or a value of the wrong type with
+tens of lines of chained tracebacks. `parse_flags` (given to `app.run(main, flags_parser=parse_flags)`) turns
+them into one line naming the argument; DETR_JAX_TRACEBACK=1 shows the traceback instead. No jax import here.
+"""
+
+import os
+import sys
+from typing import List
+
+from absl import flags
+
+
+def _root(error: BaseException) -> BaseException:
+    while error.__cause__ is not None or error.__context__ is not None:
+        error = error.__cause__ or error.__context__
+    return error
+
+
+def _argument_naming(argv: List[str], key: str) -> str:
+    """The first --config.* argument whose field path contains `key` (else all of them)."""
+    overrides = [a for a in argv if a.startswith("--config.")]
+    named = [a for a in overrides if key in a.split("=", 1)[0].split(".")]
+    return (named or overrides or ["--config"])[0]
+
+
+def describe(error: BaseException, argv: List[str]) -> str:
+    """One line for a flag-parsing error."""
+    root = _root(error)
+    message = " ".join(str(root).split())
+    config_file = next((a.split("=", 1)[1] for a in argv if a.startswith("--config=")), None)
+    if isinstance(root, OSError) and "config" in str(error).lower():
+        detail = str(root).strip().splitlines()[-1].strip()
+        return f"cannot load the config file {config_file}: {detail}"
+    if isinstance(root, (AttributeError, KeyError)):
+        key = message.strip("'\"")
+        return f"{_argument_naming(argv, key)}: the config has no field {key!r} (see the config file for its fields)"
+    # A value that does not parse: name the argument whose value the message quotes.
+    quoted = [a for a in argv if a.startswith("--config.") and "=" in a and a.split("=", 1)[1] in message]
+    where = quoted[0] if quoted else _argument_naming(argv, "")
+    if isinstance(error, flags.Error) and not quoted:
+        return message
+    return f"{where}: {message}"
+
+
+def _exit_with(error: BaseException, argv: List[str]):
+    if os.environ.get("DETR_JAX_TRACEBACK"):
+        raise error
+    print(f"error: {describe(error, argv)}", file=sys.stderr)
+    sys.exit(2)
+
+
+def define_config_file(*args, **kwargs):
+    """`config_flags.DEFINE_config_file`, which loads the default config file and applies the command line's
+    --config.* overrides right away (at definition): a mistake there exits with one line."""
+    from ml_collections import config_flags  # pylint: disable=g-import-not-at-top
+
+    try:
+        return config_flags.DEFINE_config_file(*args, **kwargs)
+    except Exception as e:  # pylint: disable=broad-except
+        _exit_with(e, sys.argv)
+
+
+def config_value(holder, argv: List[str]):
+    """`holder.value` of a DEFINE_config_file flag (ml_collections loads the file and applies the overrides on
+    first access); a mistake exits with status 2 and one line."""
+    try:
+        value = holder.value
+        value.keys()  # a config file that failed to load raises on first use, not on access
+        return value
+    except Exception as e:  # pylint: disable=broad-except
+        _exit_with(e, argv)
+
+
+def parse_flags(argv: List[str]) -> List[str]:
+    """absl flag parsing; a mistake exits with status 2 and one line (`error: ...`)."""
+    try:
+        return flags.FLAGS(argv)
+    except Exception as e:  # pylint: disable=broad-except
+        _exit_with(e, argv)
