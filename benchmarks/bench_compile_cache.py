@@ -19,7 +19,6 @@ jax_persistent_cache_min_compile_time_secs, nor from a process other than 0). Ru
 """
 
 import argparse
-import datetime
 import os
 import platform
 import re
@@ -32,7 +31,8 @@ import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)  # run from a checkout
-BENCHMARKS_MD = os.path.join(ROOT, "BENCHMARKS.md")
+
+from benchmarks import report  # noqa: E402
 TRAIN = os.path.join(ROOT, "experiments", "train.py")
 
 COMPILE_LINE = re.compile(r"compiling the train step for image shape")
@@ -217,20 +217,11 @@ def main():
                  f"on the host slow these times down.)")
     text = "\n".join(lines)
     print()
-    print(text)
     failed = [r for r in rows if r["rc"] != 0]
     for r in failed:
         print(f"{r['name']} start {r['start']} exited with {r['rc']}: see {r['log']}")
-    if not args.no_append:
-        date = datetime.datetime.now().strftime("%Y-%m-%d %H:%M")
-        command = "python benchmarks/bench_compile_cache.py " + " ".join(sys.argv[1:])
-        with open(BENCHMARKS_MD, "a") as f:
-            if f.tell() == 0:
-                f.write("# Benchmarks\n")
-            accelerator = "an NVIDIA GPU present" if shutil.which("nvidia-smi") else "no accelerator"
-            f.write(f"\n## Compilation cache: time to the first train step ({date}, {os.cpu_count()} CPU cores, "
-                    f"{accelerator})\n\n`{command.strip()}`\n\n{text}\n")
-        print(f"appended to {BENCHMARKS_MD}")
+    accelerator = "an NVIDIA GPU present" if shutil.which("nvidia-smi") else "no accelerator"
+    report.publish(text, "Compilation cache: time to the first train step", accelerator, append=not args.no_append)
     sys.exit(1 if failed else 0)
 
 

@@ -20,7 +20,6 @@ the global batch with 1 and 8 processes, and the static-shape bucket simulation.
 """
 
 import argparse
-import datetime
 import os
 import platform
 import resource
@@ -31,6 +30,7 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # run from a checkout
 
+from benchmarks import report  # noqa: E402
 from detr_jax.data import batching  # noqa: E402
 from detr_jax.data.transforms import COCO_MAX_SIZE, make_eval_transforms, make_train_transforms  # noqa: E402
 
@@ -39,7 +39,6 @@ try:
 except ImportError:  # CPU time of worker processes is then only counted once they have exited
     psutil = None
 
-BENCHMARKS_MD = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "BENCHMARKS.md")
 
 
 # ---- configuration -----------------------------------------------------------------------------------------
@@ -260,16 +259,6 @@ def simulate_buckets(batch_sizes=(1, 4, 16, 64), max_buckets: int = 12, num_samp
 
 
 # ---- report ------------------------------------------------------------------------------------------------
-def machine() -> str:
-    model = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as f:
-            model = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), model)
-    except OSError:
-        pass
-    return f"{os.cpu_count()} CPU cores ({model})"
-
-
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data-dir", default="/tmp/detr_jax_bench_tfds",
@@ -291,7 +280,7 @@ def main():
     parser.add_argument("--no-append", action="store_true", help="print only; do not append to BENCHMARKS.md")
     args = parser.parse_args()
 
-    print(f"host: {machine()}, python {platform.python_version()}, "
+    print(f"host: {report.machine()}, python {platform.python_version()}, "
           f"CPU time {'with psutil' if psutil else 'without psutil'}", flush=True)
     lines = []
     config = recipe_config(args.data_dir)
@@ -392,15 +381,7 @@ def main():
 
     text = "\n".join(lines)
     print()
-    print(text)
-    if not args.no_append:
-        date = datetime.datetime.now().strftime("%Y-%m-%d %H:%M")
-        command = "python benchmarks/bench_loader.py " + " ".join(sys.argv[1:])
-        with open(BENCHMARKS_MD, "a") as f:
-            if f.tell() == 0:
-                f.write("# Benchmarks\n")
-            f.write(f"\n## Data loader ({date}, {machine()}, no accelerator)\n\n`{command.strip()}`\n\n{text}\n")
-        print(f"appended to {BENCHMARKS_MD}")
+    report.publish(text, "Data loader", append=not args.no_append)
 
 
 if __name__ == "__main__":

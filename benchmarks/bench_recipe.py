@@ -15,10 +15,8 @@ loop pads to several buckets, the bare step to one: compare at similar padding).
 """
 
 import argparse
-import datetime
 import json
 import os
-import platform
 import statistics
 import subprocess
 import sys
@@ -26,7 +24,8 @@ import time
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
-BENCHMARKS_MD = os.path.join(REPO, "BENCHMARKS.md")
+
+from benchmarks import report  # noqa: E402
 
 TINY = ("--config.model.backbone_depth=18", "--config.model.hidden_dim=32", "--config.model.num_heads=4",
         "--config.model.num_encoder_layers=1", "--config.model.num_decoder_layers=1",
@@ -144,11 +143,7 @@ def main():
         table = [line for line in loader.stdout.splitlines() if line.startswith("| ")][:3 + len(
             args.loader_workers.split(","))]
         text += "\n\nLoader alone (bench_loader.py, worker processes):\n\n" + "\n".join(table)
-    print(text)
-    if not args.no_append:
-        with open(BENCHMARKS_MD, "a") as f:
-            f.write(f"\n## The COCO recipe's loop vs the bare step ({datetime.date.today().isoformat()}, {device}, "
-                    f"{platform.machine()})\n\n`python benchmarks/bench_recipe.py {' '.join(sys.argv[1:])}`\n\n{text}\n")
+    report.publish(text, "The COCO recipe's loop vs the bare step", device, append=not args.no_append)
 
 
 if __name__ == "__main__":

@@ -33,3 +33,12 @@ def test_bench_accelerator_parity_on_cpu_is_within_the_test_tolerance(fixtures_d
         assert row.split("|")[4].strip() == "yes", row
     attention = [line for line in text.splitlines() if line.startswith(("| encoder", "| decoder"))]
     assert len(attention) == 2 * 2 * 4  # 2 cases x 2 dtypes x 4 implementations (cuDNN refused on a CPU)
+
+
+def test_bench_matcher_and_bench_loader_print_their_tables(tmp_path):
+    text = _run("bench_matcher.py", "--repeats", "1", "--shapes", "2x2x10x5,1x3x4x6")
+    assert len([line for line in text.splitlines() if line.startswith("| [")]) == 2, text[-2000:]
+    text = _run("bench_loader.py", "--num-batches", "1", "--batch-size", "2", "--max-workers", "1", "--num-train", "16",
+                "--worker-types", "process", "--sim-images", "512", "--bucket-samples", "512",
+                "--data-dir", str(tmp_path / "tfds"))
+    assert "| process | 1 |" in text and "1 process vs 8 processes, recipe" in text, text[-3000:]
