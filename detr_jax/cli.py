@@ -12,6 +12,15 @@ from typing import List
 from absl import flags
 
 
+def quiet_logs() -> None:
+    """Our progress at INFO; absl's (orbax's, jax's) only from WARNING: a CLI's own lines are then readable."""
+    import logging  # pylint: disable=g-import-not-at-top
+
+    from absl import logging as absl_logging  # pylint: disable=g-import-not-at-top
+    absl_logging.set_verbosity(absl_logging.WARNING)
+    logging.getLogger("detr_jax").setLevel(logging.INFO)
+
+
 def _root(error: BaseException) -> BaseException:
     while error.__cause__ is not None or error.__context__ is not None:
         error = error.__cause__ or error.__context__

@@ -184,25 +184,51 @@ class Evaluator:
             self.draw(results, os.path.join(workdir, "eval", f"predictions_step{step}.png"), num_pictures)
         return {f"eval_{k}": v for k, v in metrics.items() if k in ("AP", "AP50", "AP75", "AR100")}
 
-    def draw(self, results: List[Dict], path: str, num_pictures: int, threshold: float = 0.5) -> None:
-        """One PNG: the first validation images side by side with their predicted boxes."""
-        from PIL import Image
+    def draw(self, results: List[Dict], path: str, num_pictures: int, threshold: float = 0.5, top_k: int = 3,
+             min_side: int = 320) -> None:
+        """One PNG: the first validation images side by side, enlarged to a shorter side of at least `min_side`,
+        ground truth in white and predictions scoring >= `threshold` in class colours, the threshold written
+        above each image. When no prediction of an image passes it (a young model), its `top_k` best are drawn
+        with their scores instead, and the caption says so."""
+        from PIL import Image, ImageDraw
 
         source = self.loader.source
         label_of = {c: i for i, c in enumerate(self.category_ids)}
+        truth = {}
+        for ann in (self.ground_truth or {}).get("annotations", []):
+            truth.setdefault(ann["image_id"], []).append(ann["bbox"])
         panels = []
         for i in range(min(num_pictures, len(source))):
             ex = source[i]
-            mine = [r for r in results if r["image_id"] == int(ex["image_id"])]
-            boxes = [[x, y, x + w, y + h] for x, y, w, h in (r["bbox"] for r in mine)]
-            panels.append(draw_detections(ex["image"], boxes, [label_of[r["category_id"]] for r in mine],
-                                          [r["score"] for r in mine], self.class_names, threshold))
+            image_id = int(ex["image_id"])
+            mine = sorted((r for r in results if r["image_id"] == image_id), key=lambda r: -r["score"])
+            shown = [r for r in mine if r["score"] >= threshold]
+            caption = f"score >= {threshold:.2f}: {len(shown)} detections; white: ground truth"
+            if not shown and mine:
+                shown = mine[:top_k]
+                caption = f"none >= {threshold:.2f}: the top {len(shown)} shown; white: ground truth"
+            h, w = ex["image"].shape[:2]
+            scale = max(1.0, min_side / min(h, w))
+            image = Image.fromarray(np.asarray(ex["image"], np.uint8)).resize((round(w * scale), round(h * scale)),
+                                                                             Image.BILINEAR)
+            xyxy = lambda b: [v * scale for v in (b[0], b[1], b[0] + b[2], b[1] + b[3])]  # COCO xywh -> xyxy
+            panel = draw_detections(np.asarray(image), [xyxy(r["bbox"]) for r in shown],
+                                    [label_of[r["category_id"]] for r in shown], [r["score"] for r in shown],
+                                    self.class_names, threshold=-np.inf)
+            draw = ImageDraw.Draw(panel)
+            for box in truth.get(image_id, []):
+                draw.rectangle(xyxy(box), outline=(255, 255, 255), width=1)
+            framed = Image.new("RGB", (panel.width, panel.height + 16), (255, 255, 255))
+            framed.paste(panel, (0, 16))
+            ImageDraw.Draw(framed).text((2, 2), caption, fill=(0, 0, 0))
+            panels.append(framed)
         if not panels:
             return
-        canvas = Image.new("RGB", (sum(p.width for p in panels), max(p.height for p in panels)), (255, 255, 255))
+        canvas = Image.new("RGB", (sum(p.width for p in panels) + 4 * (len(panels) - 1), max(p.height for p in panels)),
+                           (255, 255, 255))
         x = 0
         for p in panels:
             canvas.paste(p, (x, 0))
-            x += p.width
+            x += p.width + 4
         canvas.save(path)
         logger.info("wrote %s", path)

@@ -581,6 +581,17 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Dict[
         manager.close()
     summary = dict(last_metrics, **final)
     if is_main:
-        shown = {k: v for k, v in summary.items() if not re.search(r"_\d+$", k)}  # per decoder layer: metrics.jsonl
-        print("final: " + " ".join(f"{k} {v:.4f}" for k, v in shown.items()), file=sys.stdout, flush=True)
+        print(final_summary(summary, step - start_step, time.time() - t_start, workdir), file=sys.stdout, flush=True)
     return summary
+
+
+def final_summary(summary: Dict[str, float], steps: int, seconds: float, workdir: str) -> str:
+    """The few lines a person reads at the end of a run; every metric is in metrics.jsonl and TensorBoard."""
+    lines = [f"done: {steps} steps in {seconds / 60:.1f} min"
+             + (f" ({summary['images_per_sec']:.1f} img/s at the end)" if "images_per_sec" in summary else "")
+             + (f", last loss {summary['loss']:.4f}" if "loss" in summary else "")]
+    if "eval_AP" in summary:
+        lines.append("eval: " + "  ".join(f"{k[5:]} {summary[k]:.4f}" for k in ("eval_AP", "eval_AP50", "eval_AP75",
+                                                                                 "eval_AR100") if k in summary))
+    lines.append(f"outputs: {workdir}/ (metrics.jsonl, tensorboard/, checkpoints/, eval/)")
+    return "\n".join(lines)

@@ -15,7 +15,7 @@ from absl import app, flags
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # run from a checkout
 
-from detr_jax.cli import config_value, define_config_file, parse_flags  # noqa: E402 (no jax import)
+from detr_jax.cli import config_value, define_config_file, parse_flags, quiet_logs  # noqa: E402 (no jax)
 from detr_jax.xla_flags import set_process_defaults  # noqa: E402 (no jax import)
 
 set_process_defaults()  # before jax is imported: XLA flags (the user's XLA_FLAGS win) and glibc malloc options
@@ -33,7 +33,7 @@ _PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's id (multi
 
 def main(argv):
     del argv
-    logging.getLogger("detr_jax").setLevel(logging.INFO)
+    quiet_logs()  # our lines at INFO; orbax's and jax's chatter only when it is a warning
     from detr_jax.evaluate import Evaluator, coco_metrics
     from detr_jax.inference import load_workdir_checkpoint
     from detr_jax.sharding import make_mesh, maybe_initialize_distributed
@@ -49,8 +49,8 @@ def main(argv):
             run_config, model, variables = load_workdir_checkpoint(path)
             if not flags.FLAGS["config"].present:  # the work directory's own data, not default.py's
                 config = run_config
-            logging.info("evaluating %s on %s data (%s)", path, config.data.source,
-                         "--config" if flags.FLAGS["config"].present else "the run's config.json")
+            logging.getLogger("detr_jax").info("evaluating %s on %s data (%s)", path, config.data.source,
+                                               "--config" if flags.FLAGS["config"].present else "the run's config.json")
         elif os.path.isfile(path):
             from detr_jax.convert import load_official_checkpoint
             model, variables = load_official_checkpoint(path, dilation=_DILATION.value)

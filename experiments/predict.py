@@ -14,7 +14,7 @@ from absl import app, flags
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # run from a checkout
 
-from detr_jax.cli import parse_flags  # noqa: E402 (no jax import)
+from detr_jax.cli import parse_flags, quiet_logs  # noqa: E402 (no jax import)
 from detr_jax.xla_flags import set_process_defaults  # noqa: E402 (no jax import)
 
 set_process_defaults()  # before jax is imported: XLA flags (the user's XLA_FLAGS win) and glibc malloc options
@@ -50,7 +50,7 @@ def list_images(paths):
 def main(argv):
     from detr_jax.inference import Predictor
 
-    logging.getLogger("detr_jax").setLevel(logging.INFO)
+    quiet_logs()  # our lines at INFO; orbax's and jax's chatter only when it is a warning
     try:
         images = list_images(argv[1:])
         kwargs = dict(threshold=_THRESHOLD.value)

@@ -10,11 +10,10 @@ import os
 import sys
 
 from absl import app, flags
-from absl import logging as absl_logging
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # run from a checkout
 
-from detr_jax.cli import config_value, define_config_file, parse_flags  # noqa: E402 (no jax import)
+from detr_jax.cli import config_value, define_config_file, parse_flags, quiet_logs  # noqa: E402 (no jax)
 from detr_jax.xla_flags import set_process_defaults  # noqa: E402 (no jax import)
 
 set_process_defaults()  # before jax is imported: XLA flags (the user's XLA_FLAGS win) and glibc malloc options
@@ -31,9 +30,7 @@ _PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's id (multi
 
 def main(argv):
     del argv
-    # Our progress at INFO; orbax's and jax's chatter only when it is a warning.
-    absl_logging.set_verbosity(absl_logging.WARNING)
-    logging.getLogger("detr_jax").setLevel(logging.INFO)
+    quiet_logs()  # our progress at INFO; orbax's and jax's chatter only when it is a warning
     config = config_value(_CONFIG, sys.argv)  # a mistyped field or a missing file: one line, before any work
     from detr_jax import sharding, train  # after flags: jax.distributed must start before any jax call
     from detr_jax.data import ImageReadError

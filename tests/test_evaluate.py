@@ -191,3 +191,24 @@ def test_model_with_more_classes_than_the_data_is_refused_by_name():
     config.model.num_classes = 7
     with pytest.raises(ValueError, match="the model has 7 classes but the evaluation data .* has only 5 categories"):
         Evaluator(config, build_model(config), make_mesh())
+
+
+def test_picture_of_a_young_model_shows_its_best_guesses_and_the_ground_truth(tmp_path):
+    """Nothing scores above the threshold: each panel then shows the top 3 predictions (in colour) over the
+    ground truth (white), enlarged from <= 64 px to a readable 320."""
+    from PIL import Image
+
+    from detr_jax.train import build_model
+
+    config = _tiny_config(1)
+    evaluator = Evaluator(config, build_model(config), make_mesh())
+    ids = [int(evaluator.loader.source[i]["image_id"]) for i in range(2)]
+    results = [{"image_id": i, "category_id": evaluator.category_ids[0], "bbox": [4.0 + k, 4.0, 20.0, 20.0],
+                "score": 0.1 - 0.01 * k} for i in ids for k in range(5)]
+    path = str(tmp_path / "pictures.png")
+    evaluator.draw(results, path, num_pictures=2)
+    picture = np.asarray(Image.open(path).convert("RGB"))
+    assert picture.shape[0] >= 320 + 16 and picture.shape[1] >= 2 * 320, picture.shape  # enlarged, captioned
+    colour = np.asarray((230, 25, 75))  # the first class's colour: the predictions were drawn though below 0.5
+    assert (np.abs(picture.astype(int) - colour).sum(-1) == 0).sum() > 100
+    assert (picture == 255).all(-1)[16:].sum() > 100  # white ground-truth boxes (and the white frame)

@@ -103,6 +103,7 @@ def test_work_directory_describes_itself(tmp_path):
     evaluated = cli("evaluate.py", f"--checkpoint={workdir}")
     assert evaluated.returncode == 0, evaluated.stderr[-3000:]
     assert "on coco_folder data (the run's config.json)" in evaluated.stderr
+    assert "[process=0]" not in evaluated.stderr  # orbax's INFO lines stay quiet
     assert json.load(open(workdir / "metrics.json"))["AP50"] >= 0
 
     shutil.rmtree(tmp_path / "data")  # the training data is gone: predicting needs only the work directory
@@ -111,6 +112,7 @@ def test_work_directory_describes_itself(tmp_path):
         Image.fromarray(np.full((64, 64, 3), 128, np.uint8)).save(tmp_path / folder / "cat.png")
     predicted = cli("predict.py", f"--checkpoint={workdir}", "--out=out", "a/cat.png", "b/cat.png")
     assert predicted.returncode == 0, predicted.stderr[-3000:]
+    assert "[process=0]" not in predicted.stderr
     assert sorted(f for f in os.listdir(tmp_path / "out") if f.endswith(".png")) == [
         "cat_2_detections.png", "cat_detections.png"]
 
