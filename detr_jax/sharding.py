@@ -17,25 +17,46 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 DATA_AXIS = "data"
 
 
+def cluster_environment() -> Optional[str]:
+    """The multi-process launcher this process runs under, if any: "SLURM", "Open MPI" or "TPU pod" (each
+    with more than one process), else None. jax.distributed.initialize() reads the rest from the same
+    environment."""
+    if int(os.environ.get("SLURM_NTASKS", "1") or 1) > 1 and "SLURM_PROCID" in os.environ:
+        return "SLURM"
+    if int(os.environ.get("OMPI_COMM_WORLD_SIZE", "1") or 1) > 1:
+        return "Open MPI"
+    if len([h for h in os.environ.get("TPU_WORKER_HOSTNAMES", "").split(",") if h.strip()]) > 1:
+        return "TPU pod"
+    return None
+
+
 def maybe_initialize_distributed(coordinator_address: Optional[str] = None, num_processes: Optional[int] = None,
-                                 process_id: Optional[int] = None) -> None:
+                                 process_id: Optional[int] = None, multihost: Optional[bool] = None) -> None:
     """Start multi-host JAX when asked by arguments or the environment; a no-op for one process.
 
-    On TPU pods (and SLURM/Open MPI clusters) `jax.distributed.initialize()` discovers everything itself;
-    on plain CPU/GPU clusters pass the coordinator address, process count and id, by argument or through
-    DETR_JAX_COORDINATOR / DETR_JAX_NUM_PROCESSES / DETR_JAX_PROCESS_ID.
+    Explicit: the coordinator address, process count and id, by argument or through DETR_JAX_COORDINATOR /
+    DETR_JAX_NUM_PROCESSES / DETR_JAX_PROCESS_ID. Detected: `srun -n 4 ...` (SLURM), `mpirun -n 4 ...`
+    (Open MPI) and multi-host TPU pods, where `jax.distributed.initialize()` finds everything itself; without
+    this, each of those processes would run on its own, all writing the same work directory. `multihost=True`
+    (--multihost, DETR_JAX_MULTIHOST=1) asks for `jax.distributed.initialize()` in any other environment it
+    supports; False never initializes.
     """
     coordinator_address = coordinator_address or os.environ.get("DETR_JAX_COORDINATOR")
     if num_processes is None and "DETR_JAX_NUM_PROCESSES" in os.environ:
         num_processes = int(os.environ["DETR_JAX_NUM_PROCESSES"])
     if process_id is None and "DETR_JAX_PROCESS_ID" in os.environ:
         process_id = int(os.environ["DETR_JAX_PROCESS_ID"])
-    if coordinator_address is None and (num_processes or 1) <= 1:
+    if multihost is None and os.environ.get("DETR_JAX_MULTIHOST"):
+        multihost = os.environ["DETR_JAX_MULTIHOST"] not in ("0", "false", "False")
+    explicit = coordinator_address is not None or (num_processes or 1) > 1
+    detected = cluster_environment()
+    if multihost is False or not (explicit or detected or multihost):
         return
     jax.distributed.initialize(coordinator_address=coordinator_address, num_processes=num_processes,
                                process_id=process_id)
-    logging.info("jax.distributed: process %d of %d, %d local / %d global devices", jax.process_index(),
-                 jax.process_count(), jax.local_device_count(), jax.device_count())
+    logging.info("jax.distributed (%s): process %d of %d, %d local / %d global devices",
+                 "arguments" if explicit else detected or "--multihost", jax.process_index(), jax.process_count(),
+                 jax.local_device_count(), jax.device_count())
 
 
 def make_mesh() -> Mesh:

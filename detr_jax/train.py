@@ -5,11 +5,14 @@ effects: the loader, orbax checkpoints (with the loader's iterator state, so a r
 the batches an uninterrupted run would have seen), metrics.jsonl, TensorBoard, periodic evaluation.
 """
 
+import contextlib
+import fcntl
 import json
 import logging
 import os
 import re
 import signal
+import socket
 import sys
 import time
 from typing import Any, Callable, Dict, Optional, Tuple
@@ -430,10 +433,47 @@ def enable_compilation_cache(config: ml_collections.ConfigDict, workdir: str) ->
 
 
 # ---- the loop ----------------------------------------------------------------------------------------------
+class WorkdirInUseError(ValueError):
+    """Another live run owns the work directory."""
+
+
+@contextlib.contextmanager
+def workdir_lock(workdir: str):
+    """Hold <workdir>/.lock (an flock, released by the kernel however the process ends) for the whole run, so that
+    a second run started in the same work directory is refused by name instead of writing over the first one's
+    checkpoints. Process 0 of a multi-process run holds it for all. Not on object stores (gs://), which have no
+    locks."""
+    if "://" in workdir or jax.process_index() != 0:
+        yield
+        return
+    path = os.path.join(workdir, ".lock")
+    with open(path, "a+") as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            f.seek(0)
+            owner = f.read().strip() or "another process"
+            raise WorkdirInUseError(f"{workdir} is in use by the run of {owner}; wait for it, stop it, or use another "
+                                    "--workdir") from None
+        f.seek(0)
+        f.truncate()
+        f.write(f"pid {os.getpid()} on host {socket.gethostname()}, started {time.strftime('%Y-%m-%d %H:%M:%S')}")
+        f.flush()
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Dict[str, float]:
     """Train `config` in `workdir`, resuming from its latest checkpoint; returns the final metrics."""
     check_config(config)
     os.makedirs(workdir, exist_ok=True)
+    with workdir_lock(workdir):
+        return _train_and_evaluate(config, workdir)
+
+
+def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Dict[str, float]:
     cache_dir = enable_compilation_cache(config, workdir)
     mesh = sharding.make_mesh()
     is_main = jax.process_index() == 0
@@ -553,6 +593,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Dict[
         if evaluator is not None and config.get("eval_at_end", True):
             final = evaluator.evaluate(state, workdir, step, draw=True)
             metric_logger.write(step, final, "final eval " + " ".join(f"{k} {v:.4f}" for k, v in final.items()))
+    except (jax.errors.JaxRuntimeError, ValueError) as e:
+        # A failed collective (gloo reports one as a ValueError with an XLA status): most likely another process
+        # died. Say which, and neither hang nor abort.
+        if jax.process_count() > 1 and (isinstance(e, jax.errors.JaxRuntimeError)
+                                        or str(e).startswith(("UNKNOWN:", "UNAVAILABLE:", "INTERNAL:", "ABORTED:"))):
+            _stop_after_losing_a_process(e, manager)
+        raise
     except DataError as e:
         # One process alone cannot save (a save is collective): with several, the last periodic checkpoint stands.
         if jax.process_count() == 1 and int(jax.device_get(state["nonfinite_step"])) < 0:
@@ -583,6 +630,35 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Dict[
     if is_main:
         print(final_summary(summary, step - start_step, time.time() - t_start, workdir), file=sys.stdout, flush=True)
     return summary
+
+
+def _stop_after_losing_a_process(error: Exception, manager) -> None:
+    """A collective failed in a multi-process run: name the processes the coordination service no longer sees,
+    say how to resume, and leave at once. Leaving normally would wait in jax's shutdown barrier for the dead process
+    (a minute or more) and then abort with a C++ stack trace."""
+    from jax._src import distributed  # pylint: disable=g-import-not-at-top
+
+    everyone = list(range(jax.process_count()))
+    lost = []
+    try:
+        for _ in range(20):  # the service may take a moment to see a killed process go
+            live = distributed.global_state.client.get_live_nodes(everyone)
+            lost = [i for i in everyone if i not in live]
+            if lost:
+                break
+            time.sleep(0.5)
+    except Exception:  # pylint: disable=broad-except  (the service itself may be gone with process 0)
+        pass
+    who = (f"process {', '.join(map(str, lost))} of {len(everyone)} is gone" if lost
+           else "another process of this run has probably died")
+    first_line = str(error).strip().splitlines()[0][:300]
+    logger.error("%s (this process %d: a collective failed: %s); stopping this process too. Start all %d processes "
+                 "again: the run resumes from the checkpoint of step %s in %s", who, jax.process_index(), first_line,
+                 len(everyone), manager.latest_step(), manager.directory)
+    logging.shutdown()
+    sys.stderr.flush()
+    sys.stdout.flush()
+    os._exit(1)  # pylint: disable=protected-access
 
 
 def final_summary(summary: Dict[str, float], steps: int, seconds: float, workdir: str) -> str:

@@ -29,6 +29,8 @@ _DILATION = flags.DEFINE_bool("dilation", False, "The official checkpoint is a D
 _COORDINATOR = flags.DEFINE_string("coordinator_address", None, "host:port of process 0, for multi-host CPU/GPU.")
 _NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Number of processes (multi-host).")
 _PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's id (multi-host).")
+_MULTIHOST = flags.DEFINE_bool("multihost", None, "Start jax.distributed from the environment (SLURM, Open MPI and "
+                               "TPU pods are detected without it; --nomultihost: never).")
 
 
 def main(argv):
@@ -39,7 +41,7 @@ def main(argv):
     from detr_jax.sharding import make_mesh, maybe_initialize_distributed
 
     # Multi-host: every process predicts its share of the split; process 0 scores and writes.
-    maybe_initialize_distributed(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
+    maybe_initialize_distributed(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value, _MULTIHOST.value)
     import jax
 
     config = config_value(_CONFIG, sys.argv)

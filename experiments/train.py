@@ -26,6 +26,8 @@ _WORKDIR = flags.DEFINE_string("workdir", None, "Where checkpoints, metrics and 
 _COORDINATOR = flags.DEFINE_string("coordinator_address", None, "host:port of process 0, for multi-host CPU/GPU.")
 _NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Number of processes (multi-host).")
 _PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's id (multi-host).")
+_MULTIHOST = flags.DEFINE_bool("multihost", None, "Start jax.distributed from the environment (SLURM, Open MPI and "
+                               "TPU pods are detected without it; --nomultihost: never).")
 
 
 def main(argv):
@@ -35,7 +37,8 @@ def main(argv):
     from detr_jax import sharding, train  # after flags: jax.distributed must start before any jax call
     from detr_jax.data import ImageReadError
 
-    sharding.maybe_initialize_distributed(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
+    sharding.maybe_initialize_distributed(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value,
+                                          _MULTIHOST.value)
     config_name = os.path.splitext(os.path.basename(flags.FLAGS["config"].config_filename))[0]
     workdir = _WORKDIR.value or os.path.join("workdir", config_name)
     try:

@@ -144,3 +144,56 @@ def test_command_line_mistakes_get_one_line(tmp_path, args, expected):
     lines = [line for line in result.stderr.splitlines() if line.strip()]
     assert len(lines) == 1 and expected in lines[0], result.stderr[-2000:]
     assert not os.path.exists(tmp_path / "run" / "checkpoints")
+
+
+def test_a_second_run_in_a_busy_work_directory_is_refused(tmp_path):
+    import time
+
+    config = os.path.join(REPO, "tests", "configs", "tiny.py")
+    first = TrainRun(config, tmp_path, "--config.num_steps=100000", "--config.checkpoint_every=2", name="first")
+    try:
+        while not os.path.exists(tmp_path / "metrics.jsonl") or not open(tmp_path / "metrics.jsonl").read():
+            assert first.procs[0].poll() is None, first.stderr()[-3000:]
+            assert time.time() < first.deadline
+            time.sleep(0.1)
+        second = TrainRun(config, tmp_path, "--config.num_steps=100000", name="second")
+        assert second.wait() == [1]
+        (line,) = _error_lines(second.stderr())
+        assert f"is in use by the run of pid {first.procs[0].pid} on host" in line, second.stderr()[-2000:]
+    finally:
+        first.kill()  # kill -9: the kernel releases the lock; the next start resumes
+    last = max(json.loads(r)["step"] for r in open(tmp_path / "metrics.jsonl") if r.endswith("\n"))
+    TrainRun(config, tmp_path, f"--config.num_steps={last + 1}", name="third").wait_ok()
+
+
+def test_multi_process_launchers_are_detected(monkeypatch):
+    import jax
+
+    from detr_jax import sharding
+
+    calls = []
+    monkeypatch.setattr(jax.distributed, "initialize", lambda **kwargs: calls.append(kwargs))
+    monkeypatch.setattr(jax, "process_index", lambda: 0)
+    for key in ("SLURM_NTASKS", "SLURM_PROCID", "OMPI_COMM_WORLD_SIZE", "TPU_WORKER_HOSTNAMES", "DETR_JAX_COORDINATOR",
+                "DETR_JAX_NUM_PROCESSES", "DETR_JAX_PROCESS_ID", "DETR_JAX_MULTIHOST"):
+        monkeypatch.delenv(key, raising=False)
+    sharding.maybe_initialize_distributed()
+    assert calls == [] and sharding.cluster_environment() is None  # one plain process
+    for env, name in (({"SLURM_NTASKS": "4", "SLURM_PROCID": "2"}, "SLURM"), ({"OMPI_COMM_WORLD_SIZE": "2"}, "Open MPI"),
+                      ({"TPU_WORKER_HOSTNAMES": "t0,t1,t2,t3"}, "TPU pod")):
+        with monkeypatch.context() as m:
+            for key, value in env.items():
+                m.setenv(key, value)
+            assert sharding.cluster_environment() == name
+            calls.clear()
+            sharding.maybe_initialize_distributed()  # srun -n 4 python experiments/train.py: one run, not four
+            assert calls == [dict(coordinator_address=None, num_processes=None, process_id=None)]
+            calls.clear()
+            sharding.maybe_initialize_distributed(multihost=False)
+            assert calls == []
+    monkeypatch.setenv("SLURM_NTASKS", "1")  # a one-task SLURM job is one process
+    monkeypatch.setenv("SLURM_PROCID", "0")
+    sharding.maybe_initialize_distributed()
+    assert calls == []
+    sharding.maybe_initialize_distributed(multihost=True)
+    assert len(calls) == 1

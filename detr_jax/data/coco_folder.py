@@ -17,6 +17,9 @@ import numpy as np
 from PIL import Image
 
 logger = logging.getLogger(__name__)
+# Guards the sources' counters against the loader's worker threads. Module-level, not per source: a source then
+# pickles as it is (loader worker processes get a copy, whose counters the loader sums).
+_STATS_LOCK = threading.Lock()
 
 LABEL_SPACES = ("contiguous", "official91")
 
@@ -86,7 +89,6 @@ class CocoFolder:
         self._objects = self._parse_annotations(data["annotations"])
         self.stats["images"] = len(self.image_ids)
         self._bad_files = set()
-        self._lock = threading.Lock()
         logger.info("%s: %d images, %d objects kept of %d annotations (%d crowd dropped, %d zero-area dropped)",
                     ann_file, self.stats["images"], self.stats["objects"], self.stats["annotations"],
                     self.stats["crowd_dropped"], self.stats["zero_area_dropped"])
@@ -202,15 +204,6 @@ class CocoFolder:
         return {i: (np.asarray(b, np.float32).reshape(-1, 4), np.asarray(l, np.int32), np.asarray(c, bool))
                 for i, (b, l, c) in per_image.items()}
 
-    def __getstate__(self):  # for loader worker processes: a lock does not pickle
-        state = dict(self.__dict__)
-        state["_lock"] = None
-        return state
-
-    def __setstate__(self, state):
-        self.__dict__.update(state)
-        self._lock = threading.Lock()
-
     def __len__(self) -> int:
         return len(self.image_ids)
 
@@ -248,7 +241,7 @@ class CocoFolder:
             except ImageReadError as e:
                 if not self.skip_bad_images:
                     raise
-                with self._lock:
+                with _STATS_LOCK:
                     if self.image_path(i) not in self._bad_files:
                         self._bad_files.add(self.image_path(i))
                         self.stats["bad_images_skipped"] = len(self._bad_files)

@@ -30,6 +30,9 @@ from PIL import Image
 from detr_jax.data.coco_categories import COCO_CATEGORY_IDS, COCO_CLASS_NAMES, OFFICIAL91_CLASS_NAMES
 
 logger = logging.getLogger(__name__)
+# Guards the sources' counters against the loader's worker threads. Module-level, not per source: a source then
+# pickles as it is (loader worker processes get a copy, whose counters the loader sums).
+_STATS_LOCK = threading.Lock()
 
 
 def _import_tfds():
@@ -94,7 +97,6 @@ class TfdsCoco:
             self._label_map = np.asarray(COCO_CATEGORY_IDS, np.int32)
         self.num_classes = len(self.class_names) if num_classes is None else int(num_classes)
         self.stats: Dict[str, int] = {"crowd_dropped": 0, "zero_area_dropped": 0}
-        self._lock = threading.Lock()
         # Before any batch: a record whose image header cannot be read fails here, naming it.
         self._sizes = image_size_index(self, size_cache_dir)  # int32 [N, 2] (h, w)
 
@@ -119,7 +121,7 @@ class TfdsCoco:
         record = self._record(self._source, index)
         example, crowd_dropped, zero_area_dropped = convert_record(
             record, self._label_map, self.num_classes, self.keep_crowd, where=f"{self.where} record {index}")
-        with self._lock:  # counted per read, so one pass over the split counts each object once
+        with _STATS_LOCK:  # counted per read, so one pass over the split counts each object once
             self.stats["crowd_dropped"] += crowd_dropped
             self.stats["zero_area_dropped"] += zero_area_dropped
         return example
@@ -131,15 +133,6 @@ class TfdsCoco:
         example, _, _ = convert_record(record, self._label_map, self.num_classes, self.keep_crowd,
                                        where=f"{self.where} record {index}", image_hw=self.image_size(index))
         return example
-
-    def __getstate__(self):  # for worker processes: a lock does not pickle
-        state = dict(self.__dict__)
-        state["_lock"] = None
-        return state
-
-    def __setstate__(self, state):
-        self.__dict__.update(state)
-        self._lock = threading.Lock()
 
 
 def _encoded_image_size(record: Dict, where: str) -> Tuple[int, int]:
