@@ -4,8 +4,9 @@
   python benchmarks/bench_recipe.py --tiny --steps 8 --batch 2 --precisions fp32 --no-append   # CPU check, ~3 min
 
 For each precision it runs `experiments/train.py --config experiments/configs/coco_r50.py` (the official recipe:
-TFDS ArrayRecord, multi-scale augmentation, recipe buckets, size grouping, worker processes on every core, uint8
-batches, the matcher of `config.loss.matcher`) on the built-in COCO-like set for --steps steps, and reads from its
+TFDS ArrayRecord, multi-scale augmentation, recipe buckets (--max-buckets of them, 4 instead of 12 by default, so
+that compiling leaves time to measure), size grouping, worker processes on every core, uint8 batches, the matcher
+of `config.loss.matcher`) on the built-in COCO-like set for --steps steps, and reads from its
 metrics.jsonl the loop's images/s once its shapes are compiled (the median of the logged rows of the second half;
 a row that compiled a new shape is slower) and its padded fraction. Then, in this process, the same train step
 on one fixed batch of the most frequent bucket (no loader, no host work but the step's own): the bare step's
@@ -41,6 +42,7 @@ def run_loop(args, precision, workdir):
                f"--config.log_every={args.log_every}", "--config.eval_every=0", "--config.eval_at_end=False",
                f"--config.checkpoint_every={10 ** 6}", f"--config.data.num_workers={args.workers}",
                "--config.compilation_cache_dir=none", f"--config.half_precision={precision == 'bf16'}",
+               f"--config.data.max_buckets={args.max_buckets}",
                *(TINY if args.tiny else ())]
     start = time.time()
     with open(os.path.join(workdir + ".log"), "w") as log:
@@ -70,6 +72,7 @@ def bare_step(args, precision):
     config.batch_size = args.batch
     config.half_precision = precision == "bf16"
     config.data.num_workers = 0
+    config.data.max_buckets = args.max_buckets
     for override in (TINY if args.tiny else ()):
         key, value = override[len("--config.model."):].split("=")
         config.model[key] = type(config.model[key])(value)
@@ -108,6 +111,8 @@ def main():
     p.add_argument("--workers", type=int, default=os.cpu_count(), help="loader worker processes of the loop")
     p.add_argument("--loader-workers", default="1,2,4,8,16", help="bench_loader.py rows (empty: skip)")
     p.add_argument("--bare-steps", type=int, default=10)
+    p.add_argument("--max-buckets", type=int, default=4, help="the recipe's 12 shapes would take most of the time "
+                   "budget to compile (15-60 s each); 4 let the loop reach its steady state within --steps")
     p.add_argument("--log-every", type=int, default=5)
     p.add_argument("--data-dir", default="/tmp/detr_jax_bench_tfds_recipe")
     p.add_argument("--num-train", type=int, default=1024)
@@ -124,7 +129,8 @@ def main():
     os.makedirs(args.root, exist_ok=True)
     lines = [f"Device: {device}; host {os.cpu_count()} cores. Model: "
              f"{'tiny (ResNet-18, hidden 32)' if args.tiny else 'DETR-R50 (official)'}; global batch {args.batch}; "
-             f"{args.steps} steps of the loop with {args.workers} loader worker processes; matcher auto.", "",
+             f"{args.steps} steps of the loop with {args.workers} loader worker processes, {args.max_buckets} buckets; "
+             "matcher auto.", "",
              "| precision | loop img/s | loop padded | shapes compiled | loop wall s | bare step img/s | bare bucket "
              "(padded) | compile s (one shape) | loop / bare |", "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     for precision in args.precisions.split(","):
