@@ -12,6 +12,19 @@ from typing import List
 from absl import flags
 
 
+def define_multihost_flags():
+    """--coordinator_address, --num_processes, --process_id and --multihost; returns a function giving their values
+    as the keyword arguments of `sharding.maybe_initialize_distributed`."""
+    holders = dict(
+        coordinator_address=flags.DEFINE_string("coordinator_address", None,
+                                                "host:port of process 0, for multi-host CPU/GPU."),
+        num_processes=flags.DEFINE_integer("num_processes", None, "Number of processes (multi-host)."),
+        process_id=flags.DEFINE_integer("process_id", None, "This process's id (multi-host)."),
+        multihost=flags.DEFINE_bool("multihost", None, "Start jax.distributed from the environment (SLURM, Open MPI "
+                                    "and TPU pods are detected without it; --nomultihost: never)."))
+    return lambda: {name: holder.value for name, holder in holders.items()}
+
+
 def quiet_logs() -> None:
     """Our progress at INFO; absl's (orbax's, jax's) only from WARNING: a CLI's own lines are then readable."""
     import logging  # pylint: disable=g-import-not-at-top

@@ -15,7 +15,8 @@ from absl import app, flags
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # run from a checkout
 
-from detr_jax.cli import config_value, define_config_file, parse_flags, quiet_logs  # noqa: E402 (no jax)
+from detr_jax.cli import (  # noqa: E402 (no jax import)
+    config_value, define_config_file, define_multihost_flags, parse_flags, quiet_logs)
 from detr_jax.xla_flags import set_process_defaults  # noqa: E402 (no jax import)
 
 set_process_defaults()  # before jax is imported: XLA flags (the user's XLA_FLAGS win) and glibc malloc options
@@ -26,11 +27,7 @@ _CONFIG = define_config_file(
 _CHECKPOINT = flags.DEFINE_string("checkpoint", None, "Training work directory or official .pth.", required=True)
 _OUT = flags.DEFINE_string("out", None, "Where to write results.json and metrics.json (default: beside the checkpoint).")
 _DILATION = flags.DEFINE_bool("dilation", False, "The official checkpoint is a DC5 model.")
-_COORDINATOR = flags.DEFINE_string("coordinator_address", None, "host:port of process 0, for multi-host CPU/GPU.")
-_NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Number of processes (multi-host).")
-_PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's id (multi-host).")
-_MULTIHOST = flags.DEFINE_bool("multihost", None, "Start jax.distributed from the environment (SLURM, Open MPI and "
-                               "TPU pods are detected without it; --nomultihost: never).")
+_MULTIHOST_FLAGS = define_multihost_flags()
 
 
 def main(argv):
@@ -41,7 +38,7 @@ def main(argv):
     from detr_jax.sharding import make_mesh, maybe_initialize_distributed
 
     # Multi-host: every process predicts its share of the split; process 0 scores and writes.
-    maybe_initialize_distributed(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value, _MULTIHOST.value)
+    maybe_initialize_distributed(**_MULTIHOST_FLAGS())
     import jax
 
     config = config_value(_CONFIG, sys.argv)

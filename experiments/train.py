@@ -13,7 +13,8 @@ from absl import app, flags
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # run from a checkout
 
-from detr_jax.cli import config_value, define_config_file, parse_flags, quiet_logs  # noqa: E402 (no jax)
+from detr_jax.cli import (  # noqa: E402 (no jax import)
+    config_value, define_config_file, define_multihost_flags, parse_flags, quiet_logs)
 from detr_jax.xla_flags import set_process_defaults  # noqa: E402 (no jax import)
 
 set_process_defaults()  # before jax is imported: XLA flags (the user's XLA_FLAGS win) and glibc malloc options
@@ -23,11 +24,7 @@ _CONFIG = define_config_file(
     "Training config file (a get_config() returning a ConfigDict).", lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Where checkpoints, metrics and pictures go "
                                "(default: ./workdir/<config name>).")
-_COORDINATOR = flags.DEFINE_string("coordinator_address", None, "host:port of process 0, for multi-host CPU/GPU.")
-_NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Number of processes (multi-host).")
-_PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's id (multi-host).")
-_MULTIHOST = flags.DEFINE_bool("multihost", None, "Start jax.distributed from the environment (SLURM, Open MPI and "
-                               "TPU pods are detected without it; --nomultihost: never).")
+_MULTIHOST_FLAGS = define_multihost_flags()
 
 
 def main(argv):
@@ -37,8 +34,7 @@ def main(argv):
     from detr_jax import sharding, train  # after flags: jax.distributed must start before any jax call
     from detr_jax.data import ImageReadError
 
-    sharding.maybe_initialize_distributed(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value,
-                                          _MULTIHOST.value)
+    sharding.maybe_initialize_distributed(**_MULTIHOST_FLAGS())
     config_name = os.path.splitext(os.path.basename(flags.FLAGS["config"].config_filename))[0]
     workdir = _WORKDIR.value or os.path.join("workdir", config_name)
     try:

@@ -326,6 +326,12 @@ def test_finished_run_restarts_as_a_no_op_and_refuses_another_model(reference, t
     assert (workdir / "metrics.jsonl").read_text() == lines  # no second final evaluation
     assert not (workdir / "eval").exists()
 
+    longer = tmp_path / "longer"  # the same run, 2 more steps: it trains on, and says the schedule follows
+    shutil.copytree(reference[0], longer)
+    more = _Run(longer, REFERENCE_STEPS + 2, cache_dir=compile_cache, name="more").wait_ok()
+    assert f"planned for {REFERENCE_STEPS} steps, this one for {REFERENCE_STEPS + 2}" in more.stderr()
+    assert max(_logged_steps(longer)) == REFERENCE_STEPS + 2
+
     other = _Run(workdir, REFERENCE_STEPS, "--config.model.hidden_dim=64", cache_dir=compile_cache, name="other")
     assert other.wait() != [0]
     assert "another model config" in other.stderr() and "hidden_dim" in other.stderr(), other.stderr()[-3000:]
