@@ -1,4 +1,4 @@
-"""TFDS COCO source: record conversion (always) and the real TFDS path on mock data (needs TensorFlow)."""
+"""TFDS COCO source: record conversion (always), and the real TFDS path on the built-in COCO-like set (needs TFDS)."""
 
 import importlib.util
 
