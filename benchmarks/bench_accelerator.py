@@ -25,10 +25,10 @@ import datetime
 import os
 import platform
 import sys
-import time
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)  # run from a checkout
+from benchmarks import report  # noqa: E402 (no jax import)
 from detr_jax.xla_flags import set_default_xla_flags  # noqa: E402 (no jax import)
 
 # The entry points' XLA flags: without them (Triton GEMM fusions on) XLA:GPU in jax 0.11.2 aborted while
@@ -124,19 +124,12 @@ def time_attention(fn, args, repeats):
     """(median seconds of forward + backward, output) for fn(q, k, v, mask), gradient w.r.t. q, k, v."""
     import jax
     import jax.numpy as jnp
-    import numpy as np
 
     def loss(q, k, v, mask):
         return jnp.sum(fn(q, k, v, mask).astype(jnp.float32) ** 2)
 
     fwd_bwd = jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2)))
-    jax.block_until_ready(fwd_bwd(*args))
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        jax.block_until_ready(fwd_bwd(*args))
-        times.append(time.perf_counter() - t0)
-    return float(np.median(times)), jax.jit(fn)(*args)
+    return report.median_seconds(fwd_bwd, *args, repeats=repeats), jax.jit(fn)(*args)
 
 
 def attention_rows(args):

@@ -12,7 +12,6 @@ import argparse
 import functools
 import os
 import sys
-import time
 
 import numpy as np
 
@@ -37,14 +36,7 @@ def time_solver(shape, solver, repeats):
 
     from detr_jax.matcher import hungarian_match
     match = jax.jit(functools.partial(hungarian_match, solver=solver))
-    args = inputs(shape)
-    jax.block_until_ready(match(*args))
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        jax.block_until_ready(match(*args))
-        times.append(time.perf_counter() - t0)
-    return float(np.median(times)) * 1e3
+    return report.median_seconds(match, *inputs(shape), repeats=repeats) * 1e3
 
 
 def main():

@@ -3,7 +3,9 @@
 import datetime
 import os
 import platform
+import statistics
 import sys
+import time
 
 BENCHMARKS_MD = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "BENCHMARKS.md")
 
@@ -32,3 +34,17 @@ def publish(text: str, title: str, device: str = "no accelerator", append: bool 
             f.write("# Benchmarks\n")
         f.write(f"\n## {title} ({date}, {machine()}, {device})\n\n`{command}`\n\n{text}\n")
     print(f"appended to {BENCHMARKS_MD}")
+
+
+def median_seconds(fn, *args, repeats: int = 5) -> float:
+    """Median wall time of `fn(*args)` (a jitted function) over `repeats` calls after one warm-up call, waiting
+    for its device results each time."""
+    import jax  # pylint: disable=g-import-not-at-top
+
+    jax.block_until_ready(fn(*args))
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        jax.block_until_ready(fn(*args))
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)

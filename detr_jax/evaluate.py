@@ -17,6 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from detr_jax import box_ops
+from detr_jax.data.transforms import normalize_images
 
 logger = logging.getLogger(__name__)
 COCO_METRIC_NAMES = ("AP", "AP50", "AP75", "AP_small", "AP_medium", "AP_large",
@@ -148,7 +149,6 @@ class Evaluator:
         repl = sharding.replicated(mesh)
 
         def predict(params, frozen, batch):
-            from detr_jax.data.transforms import normalize_images
             images = normalize_images(batch["images"], batch["pixel_mask"])  # uint8 from the loader
             out = model.apply({"params": params, "frozen": frozen}, images, pixel_mask=batch["pixel_mask"])
             return postprocess(out["pred_logits"], out["pred_boxes"], batch["orig_size"], top_k)

@@ -10,6 +10,8 @@ import jax.numpy as jnp
 from detr_jax import box_ops
 from detr_jax.matcher import hungarian_match
 
+BBOX_LOSS_TYPES = ("l1", "smooth_l1")
+
 
 def _label_losses(pred_logits, indices, targets, *, num_classes, eos_coef):
     """Weighted cross-entropy over all queries, plus class error of the matched ones.
@@ -127,7 +129,7 @@ def set_criterion(outputs, targets, *, num_classes=91, eos_coef=0.1,
       "loss_ce_i", "loss_bbox_i", "loss_giou_i", "cardinality_error_i" for aux layer i
       (as official, class_error is logged for the last layer only).
     """
-    if bbox_loss_type not in ("l1", "smooth_l1"):
+    if bbox_loss_type not in BBOX_LOSS_TYPES:
         raise ValueError(f"set_criterion: bbox_loss_type must be 'l1' or 'smooth_l1', got {bbox_loss_type!r}")
     layers = list(outputs.get("aux_outputs") or []) + [outputs]
     pred_logits = jnp.stack([layer["pred_logits"] for layer in layers])  # [L, B, N, C+1]

@@ -30,6 +30,7 @@ from scipy.optimize import linear_sum_assignment
 from detr_jax import box_ops
 
 SOLVERS = ("host", "device")
+CHOICES = ("auto",) + SOLVERS  # what config.loss.matcher may say
 
 # Stands in for nan / inf costs (e.g. from a diverging model) so scipy never raises
 # "cost matrix is infeasible"; big enough to lose against any real cost.

@@ -27,15 +27,18 @@ import orbax.checkpoint as ocp
 from jax.sharding import PartitionSpec as P
 
 from detr_jax import sharding
-from detr_jax.data import Loader, build_source, make_eval_transforms, make_train_transforms, recipe_buckets
+from detr_jax.data import SOURCES, Loader, build_source, make_eval_transforms, make_train_transforms, recipe_buckets
+from detr_jax.data.loader import WORKER_TYPES
 from detr_jax.data.transforms import normalize_images
-from detr_jax.losses import encoder_dense_losses, set_criterion
+from detr_jax.losses import BBOX_LOSS_TYPES, encoder_dense_losses, set_criterion
+from detr_jax.matcher import CHOICES as MATCHERS
 from detr_jax.matcher import hungarian_match, resolve_solver
-from detr_jax.models.backbone import FROZEN_COLLECTION
-from detr_jax.models.detr import DETR, parameter_groups
+from detr_jax.models.backbone import BACKBONE_NORMS, FROZEN_COLLECTION, RESNET_SPECS
+from detr_jax.models.detr import DETR, POSITION_EMBEDDINGS, parameter_groups
 
 logger = logging.getLogger(__name__)
 TrainState = Dict[str, Any]  # {"step", "params", "frozen", "opt_state", "nonfinite_step"}
+SCHEDULES = ("step", "cosine", "constant")  # config.optimizer.schedule (`learning_rate_schedule`)
 
 
 class NonFiniteLossError(RuntimeError):
@@ -49,17 +52,17 @@ class DataError(RuntimeError):
 
 # ---- building blocks ---------------------------------------------------------------------------------------
 def check_config(config: ml_collections.ConfigDict) -> None:
-    """Refuse, before any work, values that would fail later or deep inside jax: one ValueError naming the field."""
-    from detr_jax.data import SOURCES  # pylint: disable=g-import-not-at-top
-    from detr_jax.data.loader import WORKER_TYPES  # pylint: disable=g-import-not-at-top
-    from detr_jax.matcher import SOLVERS  # pylint: disable=g-import-not-at-top
-    from detr_jax.models.backbone import RESNET_SPECS  # pylint: disable=g-import-not-at-top
-
+    """Refuse, before any work, values that would fail later or deep inside jax: one ValueError naming the field.
+    The allowed values are the constants of the code that uses them."""
     m, d, opt = config.model, config.data, config.optimizer
 
     def need(ok, field, value, what):
         if not ok:
             raise ValueError(f"config.{field} must be {what}, got {value!r}")
+
+    def either(values):  # ("a", "b", "c") -> "'a', 'b' or 'c'"
+        quoted = [repr(v) for v in values]
+        return ", ".join(quoted[:-1]) + " or " + quoted[-1]
 
     def positive(field, value):
         need(isinstance(value, (int, float)) and not isinstance(value, bool) and value > 0, field, value, "> 0")
@@ -69,10 +72,9 @@ def check_config(config: ml_collections.ConfigDict) -> None:
     need(m.num_encoder_layers >= 0, "model.num_encoder_layers", m.num_encoder_layers, ">= 0")
     need(m.hidden_dim % m.num_heads == 0, "model.hidden_dim", m.hidden_dim, f"a multiple of num_heads={m.num_heads}")
     need(m.backbone_depth in RESNET_SPECS, "model.backbone_depth", m.backbone_depth, f"one of {sorted(RESNET_SPECS)}")
-    need(m.backbone_norm in ("frozen_bn", "batch", "group"), "model.backbone_norm", m.backbone_norm,
-         "'frozen_bn', 'batch' or 'group'")
-    need(m.position_embedding in ("sine", "learned"), "model.position_embedding", m.position_embedding,
-         "'sine' or 'learned'")
+    need(m.backbone_norm in BACKBONE_NORMS, "model.backbone_norm", m.backbone_norm, either(BACKBONE_NORMS))
+    need(m.position_embedding in POSITION_EMBEDDINGS, "model.position_embedding", m.position_embedding,
+         either(POSITION_EMBEDDINGS))
     need(0 <= m.dropout < 1, "model.dropout", m.dropout, "in [0, 1)")
     for field in ("batch_size", "eval_batch_size"):
         positive(field, config[field])
@@ -87,13 +89,12 @@ def check_config(config: ml_collections.ConfigDict) -> None:
              "a non-empty tuple of positive integers")
     need(d.buckets == "recipe" or (d.buckets and all(len(b) == 2 and min(b) > 0 for b in d.buckets)),
          "data.buckets", d.buckets, "'recipe' or a tuple of (height, width) pairs")
-    need(opt.schedule in ("step", "cosine", "constant"), "optimizer.schedule", opt.schedule,
-         "'step', 'cosine' or 'constant'")
+    need(opt.schedule in SCHEDULES, "optimizer.schedule", opt.schedule, either(SCHEDULES))
     need(opt.lr > 0 and opt.lr_backbone >= 0, "optimizer.lr", (opt.lr, opt.lr_backbone),
          "> 0 (and lr_backbone >= 0)")
-    need(config.loss.matcher in SOLVERS + ("auto",), "loss.matcher", config.loss.matcher, "'auto', 'host' or 'device'")
-    need(config.loss.bbox_loss_type in ("l1", "smooth_l1"), "loss.bbox_loss_type", config.loss.bbox_loss_type,
-         "'l1' or 'smooth_l1'")
+    need(config.loss.matcher in MATCHERS, "loss.matcher", config.loss.matcher, either(MATCHERS))
+    need(config.loss.bbox_loss_type in BBOX_LOSS_TYPES, "loss.bbox_loss_type", config.loss.bbox_loss_type,
+         either(BBOX_LOSS_TYPES))
 
 
 def build_model(config: ml_collections.ConfigDict) -> DETR:
@@ -546,6 +547,14 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Dict
     step, last_metrics, final = start_step, {}, {}
     t_log, images_since_log, t_start = time.time(), 0, time.time()
     real_pixels = all_pixels = 0  # this process's batches since the last row: the padded_fraction metric
+
+    def save_before_leaving():
+        """Checkpoint the last completed step unless it is saved already or went non-finite."""
+        manager.wait_until_finished()
+        if manager.latest_step() != step and int(jax.device_get(state["nonfinite_step"])) < 0:
+            save_checkpoint(manager, step, state, train_loader, config, force=True, total_steps=total_steps)
+        manager.wait_until_finished()
+
     try:
         iterator = iter(train_loader)
         while step < total_steps:
@@ -602,21 +611,15 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Dict
         raise
     except DataError as e:
         # One process alone cannot save (a save is collective): with several, the last periodic checkpoint stands.
-        if jax.process_count() == 1 and int(jax.device_get(state["nonfinite_step"])) < 0:
-            manager.wait_until_finished()
-            if manager.latest_step() != step:
-                save_checkpoint(manager, step, state, train_loader, config, force=True, total_steps=total_steps)
-            manager.wait_until_finished()
+        if jax.process_count() == 1:
+            save_before_leaving()
         latest = manager.latest_step()
         saved = f"the run resumes from the checkpoint of step {latest}" if latest is not None else "no checkpoint yet"
         raise DataError(f"{e} -- {saved} in {manager.directory}; fix the data (a COCO folder can skip bad images: "
                         "--config.data.source_kwargs.skip_bad_images=True) and start the run again") from e.__cause__
     except KeyboardInterrupt as e:
         logger.warning("interrupted (%s) at step %d: saving a checkpoint before exiting", e or "Ctrl-C", step)
-        manager.wait_until_finished()
-        if manager.latest_step() != step and int(jax.device_get(state["nonfinite_step"])) < 0:
-            save_checkpoint(manager, step, state, train_loader, config, force=True, total_steps=total_steps)
-        manager.wait_until_finished()
+        save_before_leaving()
         raise
     finally:
         for sig, handler in previous_handlers.items():

@@ -167,10 +167,14 @@ class Loader:
         """What the data layer dropped or changed so far: the source's `stats` (crowd / zero-area boxes, bad
         images) and batching's (objects over max_objects, batches outside the buckets). Prefetching counts
         batches before they are consumed."""
-        counters = {**getattr(self.source, "stats", {}), **self.stats.as_dict()}
+        counters = self._own_counters()
         for k, v in self._worker_counters.items():
             counters[k] = counters.get(k, 0) + v
         return counters
+
+    def _own_counters(self) -> Dict[str, int]:
+        """What this process (or, in a worker process, that worker) counted itself."""
+        return {**getattr(self.source, "stats", {}), **self.stats.as_dict()}
 
     # ---- state --------------------------------------------------------------------------------------------
     def get_state(self) -> Dict[str, int]:
@@ -371,10 +375,6 @@ class Loader:
             pass
 
 
-def _counter_snapshot(loader: Loader) -> Dict[str, int]:
-    return {**getattr(loader.source, "stats", {}), **loader.stats.as_dict()}
-
-
 class _BatchJob:
     """In a worker process: global batch number -> ((epoch, position), batch, counters counted making it)."""
 
@@ -384,9 +384,9 @@ class _BatchJob:
     def __call__(self, number: int):
         loader = self.loader
         epoch, position = divmod(int(number), loader.batches_per_epoch)
-        before = _counter_snapshot(loader)
+        before = loader._own_counters()  # pylint: disable=protected-access
         batch = loader.make_batch(epoch, position)
-        after = _counter_snapshot(loader)
+        after = loader._own_counters()  # pylint: disable=protected-access
         counters = {k: int(v) - int(before.get(k, 0)) for k, v in after.items() if v != before.get(k, 0)}
         return (epoch, position), batch, counters
 

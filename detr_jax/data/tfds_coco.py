@@ -171,7 +171,6 @@ def image_size_index(source: TfdsCoco, cache_dir: Optional[str] = None) -> np.nd
     for row, i in enumerate(mine):
         local[row] = _encoded_image_size(source._record(source._encoded, i), f"{source.where} record {i}")  # pylint: disable=protected-access
     if count > 1:
-        from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
         sizes = np.asarray(multihost_utils.process_allgather(local, tiled=True))[:n]
     else:
         sizes = local[:n]

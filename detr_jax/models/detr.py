@@ -11,6 +11,8 @@ from detr_jax.models.backbone import Conv1x1, ResNet, downsample_mask
 from detr_jax.models.position_encoding import LearnedPositionEncoding, sine_position_encoding
 from detr_jax.models.transformer import Transformer, dense_2d, torch_default_bias_init, torch_linear
 
+POSITION_EMBEDDINGS = ("sine", "learned")
+
 # torch's default init for Linear/Conv weights (kaiming_uniform with a=sqrt(5)) is U(+-1/sqrt(fan_in)).
 torch_default_kernel_init = nn.initializers.variance_scaling(1 / 3, "fan_in", "uniform")
 
