@@ -57,6 +57,7 @@ def parity_rows(fixtures):
     import jax
     import jax.numpy as jnp
     import numpy as np
+
     from detr_jax.convert import load_official_checkpoint
     folder = os.path.join(fixtures, "official_detr_r18_tiny")
     if not os.path.isdir(folder):
@@ -69,8 +70,8 @@ def parity_rows(fixtures):
     rows = []
     for name, precision, setting_model in settings:
         with jax.default_matmul_precision(precision) if precision else contextlib.nullcontext():
-            out = jax.jit(lambda v, x, m: setting_model.apply(v, x, pixel_mask=m))(variables, ref["images"],
-                                                                                   ref["pixel_mask"])
+            forward = jax.jit(lambda v, x, m, model=setting_model: model.apply(v, x, pixel_mask=m))
+            out = forward(variables, ref["images"], ref["pixel_mask"])
             out = jax.device_get(out)
         outs = [out] + list(out["aux_outputs"])
         names = [""] + [f"aux{i}_" for i in range(len(out["aux_outputs"]))]
@@ -102,6 +103,8 @@ def attention_inputs(batch, queries, tokens, heads, head_dim, padded, dtype, see
 def attention_impls():
     """name -> f(q, k, v, key_mask) -> [B, Sq, H, hd]."""
     import jax
+
+    from detr_jax.models.layers import fused_attention
     from detr_jax.models.transformer import masked_attention
 
     def ours(q, k, v, key_mask):
@@ -117,7 +120,10 @@ def attention_impls():
 
     return {"detr_jax (einsum, f32 softmax)": ours, "jax.nn.dot_product_attention xla": jax_nn("xla"),
             "jax.nn.dot_product_attention cudnn": jax_nn("cudnn"),
-            "jax.nn.dot_product_attention cudnn, mask [B, 1, Sq, Sk]": jax_nn("cudnn", full_mask=True)}
+            "jax.nn.dot_product_attention cudnn, mask [B, 1, Sq, Sk]": jax_nn("cudnn", full_mask=True),
+            # What detr_jax's attention_impl "cudnn" runs: real keys sorted first, per-image key counts.
+            "detr_jax fused_attention cudnn (keys sorted, seq lengths)":
+                lambda q, k, v, key_mask: fused_attention(q, k, v, key_mask, "cudnn")}
 
 
 def time_attention(fn, args, repeats):

@@ -33,6 +33,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)  # run from a checkout
 
 from benchmarks import report  # noqa: E402
+
 TRAIN = os.path.join(ROOT, "experiments", "train.py")
 
 COMPILE_LINE = re.compile(r"compiling the train step for image shape")

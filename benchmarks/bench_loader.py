@@ -7,7 +7,7 @@ the global batch with 1 and 8 processes, and the static-shape bucket simulation.
 
 1. Throughput: the official train recipe (`experiments/configs/coco_r50.py`: flip, multi-scale 480..800 / max
    1333, 50% resize-crop-resize, recipe buckets, size grouping 32, uint8 batches) through the real path,
-   `train.build_data(config, "train", train=True, batch_size=B)`, on the built-in COCO-like TFDS set (JPEGs at
+   `build_data(config, "train", train=True, batch_size=B)`, on the built-in COCO-like TFDS set (JPEGs at
    COCO's mix of sizes, `detr_jax.data.coco_like`, prepared into --data-dir on first use), for worker threads and
    worker processes (grain) at 1..cores workers, and inline (0 workers). CPU % is the CPU time of this process
    and of its worker processes (while they live, with psutil) over wall time x cores.
@@ -53,7 +53,7 @@ def recipe_config(data_dir: str, worker_type: str = "process", num_workers: int 
 
 
 def train_transforms(config):
-    """The train transforms `train.build_data` builds for `config` (uint8 output)."""
+    """The train transforms `build_data` builds for `config` (uint8 output)."""
     d = config.data
     return make_train_transforms(tuple(d.train_scales), d.max_size, tuple(d.crop_resize_scales), tuple(d.crop_size),
                                  normalize_pixels=False)
@@ -98,10 +98,10 @@ def loader_throughput(config, batch_size: int, num_batches: int, warmup: int):
     Returns dict(rate img/s, cpu fraction of all cores, cpu ms per image, bytes per image, shapes, build s,
     image ids of the timed batches).
     """
-    from detr_jax import train  # pylint: disable=g-import-not-at-top (jax: not in spawned workers' imports)
+    from detr_jax.data import build_data  # pylint: disable=g-import-not-at-top (jax: not in spawned workers' imports)
     clock = CpuClock()
     t0 = time.perf_counter()
-    loader = train.build_data(config, "train", train=True, batch_size=batch_size)
+    loader = build_data(config, "train", train=True, batch_size=batch_size)
     build_s = time.perf_counter() - t0
     shapes, nbytes, ids = set(), 0, []
     try:
@@ -125,10 +125,10 @@ def loader_throughput(config, batch_size: int, num_batches: int, warmup: int):
 def stage_costs(config, num_images: int = 16):
     """Single-thread ms per image of the real path's stages: TFDS read + JPEG decode + target conversion
     (`source[i]`), the train transforms, and collate into the recipe's bucket."""
-    from detr_jax import train  # pylint: disable=g-import-not-at-top
+    from detr_jax.data import build_data  # pylint: disable=g-import-not-at-top
     config = config.copy_and_resolve_references()
     config.data.num_workers = 0
-    loader = train.build_data(config, "train", train=True, batch_size=1)
+    loader = build_data(config, "train", train=True, batch_size=1)
     try:
         indices = loader.epoch_order(0)[:num_images]
         t0 = time.perf_counter()
@@ -182,7 +182,7 @@ def simulate_global_padding(config, global_batch: int, process_count: int, group
                             predict_sizes: bool = True):
     """Padded fraction of one epoch's global batches as the Loaders of `process_count` processes pad them.
 
-    Buckets as `train.build_data` fits them (recipe, max_buckets, this group_by_size). Per position: every
+    Buckets as `build_data` fits them (recipe, max_buckets, this group_by_size). Per position: every
     process's `_plan`; asserts they agree on min_size and that their slices make up the global batch; the bucket
     is `choose_bucket(*min_size)`; real pixels are the predicted output sizes of the global batch.
     Returns dict(padded, dynamic (pad to each batch's max), shapes used, batches, buckets).
@@ -285,7 +285,7 @@ def main():
     lines = []
     config = recipe_config(args.data_dir)
 
-    # 1. throughput through train.build_data
+    # 1. throughput through build_data
     if not args.skip_throughput:
         from detr_jax.data import coco_like  # pylint: disable=g-import-not-at-top
         t0 = time.perf_counter()
@@ -315,7 +315,7 @@ def main():
                     "worker processes are NOT counted: the process rows under-count")
         lines.append(f"Loader throughput, official COCO train recipe (`coco_r50.get_config()`: multi-scale 480..800 "
                      f"/ max 1333, 50% crop path, {config.data.max_buckets} recipe buckets, group_by_size "
-                     f"{config.data.group_by_size}, uint8 batches) through `train.build_data(config, \"train\", "
+                     f"{config.data.group_by_size}, uint8 batches) through `build_data(config, \"train\", "
                      f"train=True, batch_size={args.batch_size})` on the COCO-like TFDS set ({args.num_train} JPEGs "
                      f"at COCO's size mix, ArrayRecord). {args.num_batches} batches of {args.batch_size} timed after "
                      f"{warmup} warm-up batches ({'the same batches in every row' if same else 'DIFFERENT batches'}"
@@ -342,7 +342,7 @@ def main():
     print(f"global-batch padding simulation: {time.perf_counter() - t0:.1f} s", flush=True)
     recipe = {count: r for label, count, _, r in rows if label.startswith("recipe")}
     lines.append(f"Padding of global batch 64 with the recipe's buckets ({config.data.max_buckets}, fitted as "
-                 f"`train.build_data` fits them) over one epoch of {args.sim_images} images "
+                 f"`build_data` fits them) over one epoch of {args.sim_images} images "
                  f"({recipe[1]['batches']} global batches) drawn from the COCO size mix (a source with only "
                  f"`image_size`, no pixels). 8 processes = 8 Loaders (process_index 0..7, batch 8 each); the bucket "
                  f"of a step is `choose_bucket(*min_size)` from `Loader._plan`, and all 8 processes returned the same "

@@ -18,6 +18,7 @@ import numpy as np
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # run from a checkout
 
 from benchmarks import report  # noqa: E402
+
 SHAPES = "6x8x100x20,6x64x100x20,6x64x100x100"
 
 
@@ -28,7 +29,8 @@ def inputs(shape, seed=0):
                                       -1).astype(np.float32)
     targets = {"labels": rng.integers(0, 91, (batch, slots)).astype(np.int32), "boxes": boxes(batch, slots),
                "mask": rng.random((batch, slots)) < 0.7}
-    return rng.normal(size=(num_layers, batch, queries, 92)).astype(np.float32), boxes(num_layers, batch, queries), targets
+    logits = rng.normal(size=(num_layers, batch, queries, 92)).astype(np.float32)
+    return logits, boxes(num_layers, batch, queries), targets
 
 
 def time_solver(shape, solver, repeats):
@@ -49,7 +51,8 @@ def main():
     device = f"{jax.devices()[0].device_kind} ({jax.default_backend()})"
     lines = [f"`detr_jax.matcher.hungarian_match`, jitted, median of {args.repeats} calls after a warm-up; random "
              "costs, 70% of the target slots real. Device: " + device, "",
-             "| [L, B, N, M] | host (scipy, callback) ms | device (optax) ms | device / host |", "| --- | --- | --- | --- |"]
+             "| [L, B, N, M] | host (scipy, callback) ms | device (optax) ms | device / host |",
+             "| --- | --- | --- | --- |"]
     for shape in [tuple(int(v) for v in s.split("x")) for s in args.shapes.split(",")]:
         host, dev = time_solver(shape, "host", args.repeats), time_solver(shape, "device", args.repeats)
         lines.append(f"| {list(shape)} | {host:.1f} | {dev:.1f} | {dev / host:.2g}x |")

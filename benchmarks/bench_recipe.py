@@ -65,6 +65,9 @@ def bare_step(args, precision):
     import numpy as np
 
     from detr_jax import sharding, train
+    from detr_jax.data import build_data
+    from detr_jax.models.aux_heads import build_training_model
+    from detr_jax.train_state import create_train_state
     from experiments.configs import coco_r50
 
     config = coco_r50.get_config()
@@ -76,17 +79,15 @@ def bare_step(args, precision):
     for override in (TINY if args.tiny else ()):
         key, value = override[len("--config.model."):].split("=")
         config.model[key] = type(config.model[key])(value)
-    loader = train.build_data(config, "train", train=True)
+    loader = build_data(config, "train", train=True)
     batches = [next(loader) for _ in range(16)]
     loader.close()
     common = collections.Counter(b["images"].shape[1:3] for b in batches).most_common(1)[0][0]
     batch = next(b for b in batches if b["images"].shape[1:3] == common)
     mesh = sharding.make_mesh()
-    model = train.build_model(config)
-    sample = (64, 64)
-    params_shape = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), np.zeros((1,) + sample + (3,))))["params"]
-    tx, _, _ = train.build_optimizer(config, params_shape, total_steps=1000, steps_per_epoch=1000)
-    state = jax.device_put(train.init_state(model, tx, config, sample), sharding.replicated(mesh))
+    model = build_training_model(config)
+    state, tx, _ = create_train_state(config, model, total_steps=1000, steps_per_epoch=1000)
+    state = jax.device_put(state, sharding.replicated(mesh))
     step = train.make_train_step(model, tx, config, mesh)
     global_batch = sharding.global_batch(batch, mesh)
     t0 = time.perf_counter()
@@ -132,7 +133,8 @@ def main():
              f"{args.steps} steps of the loop with {args.workers} loader worker processes, {args.max_buckets} buckets; "
              "matcher auto.", "",
              "| precision | loop img/s | loop padded | shapes compiled | loop wall s | bare step img/s | bare bucket "
-             "(padded) | compile s (one shape) | loop / bare |", "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+             "(padded) | compile s (one shape) | loop / bare |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     for precision in args.precisions.split(","):
         workdir = os.path.join(args.root, f"{precision}_{int(time.time())}")
         loop_rate, loop_padded, shapes, wall = run_loop(args, precision, workdir)

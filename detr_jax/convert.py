@@ -3,6 +3,10 @@
 Names map one-to-one because the Flax modules keep the official names (see models/*.py); only layouts
 change: Linear weights [out, in] -> kernels [in, out], Conv weights [O, I, kh, kw] -> [kh, kw, I, O], batch
 norm buffers -> the "frozen" collection. torch is needed only to unpickle a .pth.
+
+Panoptic checkpoints (e.g. detr-r50-panoptic-00ce5173.pth) hold the detector under "detr." and the mask head
+under "bbox_attention." / "mask_head." (official `DETRsegm`); they become a `models.segmentation.DETRsegm`, whose
+variables hold the detector's under "detr".
 """
 
 import argparse
@@ -16,6 +20,7 @@ import numpy as np
 
 from detr_jax.models.backbone import FROZEN_COLLECTION, RESNET_SPECS
 from detr_jax.models.detr import DETR
+from detr_jax.models.segmentation import DETRsegm
 
 _BN_NAMES = {"weight": "scale", "bias": "bias", "running_mean": "mean", "running_var": "var"}
 
@@ -111,8 +116,64 @@ def torch_state_dict_to_variables(state_dict: Mapping[str, np.ndarray]) -> Dict[
     return flax.traverse_util.unflatten_dict(flat)
 
 
+PANOPTIC_DETR_PREFIX = "detr."  # the detector's keys in a panoptic (DETRsegm) state dict
+
+
+def is_panoptic_state_dict(state_dict: Mapping[str, np.ndarray]) -> bool:
+    """Whether `state_dict` is an official `DETRsegm`'s (detector keys under "detr.")."""
+    return any(k.startswith(PANOPTIC_DETR_PREFIX) for k in state_dict)
+
+
+def _detector_state_dict(state_dict: Mapping[str, np.ndarray]) -> Dict[str, np.ndarray]:
+    """The detector's keys of a panoptic state dict, "detr." stripped (the layout of a plain DETR's)."""
+    n = len(PANOPTIC_DETR_PREFIX)
+    return {k[n:]: v for k, v in state_dict.items() if k.startswith(PANOPTIC_DETR_PREFIX)}
+
+
+def _segm_key_to_flax(key: str) -> Tuple[str, Tuple[str, ...], str]:
+    """Map an official `DETRsegm` key outside "detr." to (collection, flax path, kind), as `_torch_key_to_flax`.
+
+    "bbox_attention.{q,k}_linear" are Linear layers; "mask_head.lay1-5 / out_lay / adapter1-3" 2-D convolutions,
+    "mask_head.gn1-5" GroupNorms. Any other key keeps its path, so that `check_variables_match` names it.
+    """
+    *path, leaf = key.split(".")
+    if path and path[0] == "mask_head" and re.fullmatch(r"gn\d", path[-1]):
+        return "params", tuple(path) + ({"weight": "scale"}.get(leaf, leaf),), "copy"
+    if leaf == "weight" and path and path[0] == "mask_head":
+        return "params", tuple(path) + ("kernel",), "conv"
+    if leaf == "weight" and path and path[0] == "bbox_attention":
+        return "params", tuple(path) + ("kernel",), "linear"
+    return "params", tuple(path) + (leaf,), "copy"
+
+
+def panoptic_state_dict_to_variables(state_dict: Mapping[str, np.ndarray]) -> Dict[str, Any]:
+    """Convert an official `DETRsegm` state dict to the nested Flax variables of a `DETRsegm`.
+
+    The "detr." keys are converted as a plain DETR's (`torch_state_dict_to_variables`) and nested under "detr"
+    in each collection; the "bbox_attention." / "mask_head." keys go to the modules of the same names.
+    """
+    detector = flax.traverse_util.flatten_dict(torch_state_dict_to_variables(_detector_state_dict(state_dict)))
+    flat = {(collection, "detr") + tuple(path): value for (collection, *path), value in detector.items()}
+    for key, value in state_dict.items():
+        if key.startswith(PANOPTIC_DETR_PREFIX) or key.endswith("num_batches_tracked"):
+            continue
+        collection, path, kind = _segm_key_to_flax(key)
+        value = np.asarray(value, np.float32)
+        if kind == "linear":
+            value = value.T
+        elif kind == "conv":
+            value = value.transpose(2, 3, 1, 0)
+        flat[(collection,) + path] = value
+    return flax.traverse_util.unflatten_dict(flat)
+
+
 def infer_detr_config(state_dict: Mapping[str, np.ndarray]) -> Dict[str, Any]:
-    """Read the architecture of an official DETR from its weights (what the weights can tell)."""
+    """Read the architecture of an official DETR from its weights (what the weights can tell).
+
+    A panoptic state dict is read from its detector's keys ("detr." stripped)."""
+    if is_panoptic_state_dict(state_dict):
+        state_dict = _detector_state_dict(state_dict)
+
     def count(pattern):
         return len({m.group(1) for k in state_dict if (m := re.match(pattern, k))})
 
@@ -139,20 +200,48 @@ def infer_detr_config(state_dict: Mapping[str, np.ndarray]) -> Dict[str, Any]:
     )
 
 
-def check_variables_match(model, variables, source: str, sample_hw=(64, 64)) -> None:
-    """Raise a ValueError naming every missing, unexpected or mis-shaped array against `model`'s own tree."""
+def check_variables_match(model, variables, source: str, sample_hw=(64, 64), may_miss=()) -> None:
+    """Raise a ValueError naming every missing, unexpected or mis-shaped array against `model`'s own tree.
+
+    `may_miss`: "collection/module" prefixes (e.g. "params/class_embed") the variables need not have."""
     expected = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), jnp.zeros((1,) + tuple(sample_hw) + (3,))))
     want = flax.traverse_util.flatten_dict(flax.core.unfreeze(expected), sep="/")
     have = flax.traverse_util.flatten_dict(flax.core.unfreeze(variables), sep="/")
-    missing = sorted(set(want) - set(have))
+    missing = sorted(k for k in set(want) - set(have) if not k.startswith(tuple(p + "/" for p in may_miss)))
     unexpected = sorted(set(have) - set(want))
     mis_shaped = sorted(f"{k}: checkpoint {tuple(have[k].shape)} vs model {tuple(want[k].shape)}"
-                                            for k in set(want) & set(have) if tuple(have[k].shape) != tuple(want[k].shape))
+                        for k in set(want) & set(have) if tuple(have[k].shape) != tuple(want[k].shape))
     if missing or unexpected or mis_shaped:
         def show(items):
             return ", ".join(items[:8]) + (f" ... ({len(items)} in all)" if len(items) > 8 else "")
         raise ValueError(f"{source} does not match the model config: missing [{show(missing)}], "
-                                          f"unexpected [{show(unexpected)}], mis-shaped [{show(mis_shaped)}]")
+                         f"unexpected [{show(unexpected)}], mis-shaped [{show(mis_shaped)}]")
+
+
+def load_pretrained(init, model: DETR, variables):
+    """Apply a config's `init`: a torchvision ImageNet backbone and/or an official DETR checkpoint.
+
+    Args:
+        init: `config.init` (backbone_checkpoint, detr_checkpoint, reinit_class_head).
+        model, variables: a plain `DETR` and its fresh {"params", "frozen"}.
+    Returns:
+        The variables with the checkpoints' arrays; with `reinit_class_head` (fine-tuning on other classes) the
+        class head keeps its fresh initialisation.
+    """
+    if init.backbone_checkpoint:
+        variables = load_torchvision_backbone(init.backbone_checkpoint, variables, model.backbone_depth)
+    if init.detr_checkpoint:
+        state_dict = load_torch_state_dict(init.detr_checkpoint)
+        may_miss = ()
+        if init.reinit_class_head:
+            state_dict = {k: v for k, v in state_dict.items() if not k.startswith("class_embed.")}
+            may_miss = ("params/class_embed",)
+        loaded = torch_state_dict_to_variables(state_dict)
+        check_variables_match(model, loaded, init.detr_checkpoint, may_miss=may_miss)
+        ours = flax.traverse_util.flatten_dict(flax.core.unfreeze(variables))
+        ours.update({k: jnp.asarray(v) for k, v in flax.traverse_util.flatten_dict(loaded).items()})
+        variables = flax.traverse_util.unflatten_dict(ours)
+    return variables
 
 
 def load_official_checkpoint(path: str, dilation: bool = False, num_heads: int = 8, **overrides):
@@ -160,16 +249,28 @@ def load_official_checkpoint(path: str, dilation: bool = False, num_heads: int =
 
     Depth, hidden size, FFN size, layer counts, queries, classes, pre-norm and the position encoding are read
     from the weights; `dilation` (DC5) and `num_heads` cannot be, so they are arguments with the official
-    defaults. `overrides` set any other `DETR` field (e.g. aux_loss=False).
+    defaults. `overrides` set any other `DETR` field (e.g. aux_loss=False), or `DETRsegm.freeze_detr`.
+
+    A panoptic checkpoint (e.g. detr-r50-panoptic-00ce5173.pth, keys "detr.*", "bbox_attention.*",
+    "mask_head.*"; 250 classes for COCO panoptic) gives a `DETRsegm` around the `DETR`.
 
     Returns:
-        model: a `DETR` module; variables: {"params": ..., "frozen": ...} for `model.apply`.
+        model: a `DETR` (or `DETRsegm`) module; variables: {"params": ..., "frozen": ...} for `model.apply`.
     """
     state_dict = load_torch_state_dict(path)
+    panoptic = is_panoptic_state_dict(state_dict)
+    segm_overrides = {k: overrides.pop(k) for k in ("freeze_detr",) if k in overrides}
+    if segm_overrides and not panoptic:
+        raise ValueError(f"{sorted(segm_overrides)} only applies to a panoptic checkpoint; {path} is a detector's")
     config = infer_detr_config(state_dict)
     config.update(dilation=dilation, num_heads=num_heads, **overrides)
     model = DETR(**config)
-    variables = jax.tree_util.tree_map(jnp.asarray, torch_state_dict_to_variables(state_dict))
+    if panoptic:
+        model = DETRsegm(model, **segm_overrides)
+        variables = panoptic_state_dict_to_variables(state_dict)
+    else:
+        variables = torch_state_dict_to_variables(state_dict)
+    variables = jax.tree_util.tree_map(jnp.asarray, variables)
     check_variables_match(model, variables, path)
     return model, variables
 
@@ -190,7 +291,8 @@ def load_torchvision_backbone(path: str, variables, depth: int):
         ours = flax.traverse_util.flatten_dict(flax.core.unfreeze(variables[collection]["backbone"]), sep="/")
         if set(theirs) != set(ours) or any(theirs[k].shape != tuple(ours[k].shape) for k in ours):
             raise ValueError(f"{path} is not a torchvision ResNet-{depth} state dict matching the model backbone "
-                                              f"(missing {sorted(set(ours) - set(theirs))[:5]}, unexpected {sorted(set(theirs) - set(ours))[:5]})")
+                             f"(missing {sorted(set(ours) - set(theirs))[:5]}, "
+                             f"unexpected {sorted(set(theirs) - set(ours))[:5]})")
     out = flax.core.unfreeze(jax.tree_util.tree_map(lambda x: x, variables))
     for collection in ("params", FROZEN_COLLECTION):
         out[collection]["backbone"] = jax.tree_util.tree_map(jnp.asarray, converted[collection]["backbone"])

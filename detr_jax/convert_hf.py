@@ -141,7 +141,7 @@ def _config_from_hf(hf_config) -> Dict[str, Any]:
         # twice), so its forward is no longer the official DETR's; the converted model computes the official one.
         warnings.warn("DetrConfig.auxiliary_loss=True: HF's decoder then differs from the official DETR "
                       "(normalised states fed forward); the converted model follows the official DETR and "
-                      "matches HF with auxiliary_loss=False")
+                      "matches HF with auxiliary_loss=False", stacklevel=2)
     backbone = hf_config.backbone_config
     if backbone.model_type == "resnet":
         expected = {"hidden_act": "relu", "embedding_size": 64, "downsample_in_first_stage": False,
@@ -154,7 +154,7 @@ def _config_from_hf(hf_config) -> Dict[str, Any]:
             # HF's own ResNet has no dilation: `DetrConfig.dilation` is then ignored and the HF model has output
             # stride 32. Follow what HF computes.
             warnings.warn("DetrConfig.dilation=True is ignored by HF with its own ResNet backbone (only timm "
-                          "dilates); converting as undilated, as the HF model runs")
+                          "dilates); converting as undilated, as the HF model runs", stacklevel=2)
         dilation = False
     elif backbone.model_type == "timm_backbone":
         dilation = bool(hf_config.dilation)

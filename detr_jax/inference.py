@@ -3,19 +3,32 @@
     predictor = Predictor.from_checkpoint("detr-r50-e632da11.pth")      # or a training work directory
     detections = predictor("street.jpg")                                # or a uint8 [H, W, 3] array
     # {"boxes": [K, 4] xyxy pixels, "scores": [K], "labels": [K], "label_names": [...]}
+
+A panoptic checkpoint (e.g. detr-r50-panoptic-00ce5173.pth: a `DETRsegm`, COCO panoptic label space) also
+segments: `predictor.panoptic("street.jpg")` gives the official `PostProcessPanoptic` result at the original
+size, with label names, and `predictor.draw` paints the segments.
 """
 
 import json
 import os
 from typing import Dict, Optional, Sequence, Union
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import ml_collections
 import numpy as np
 
+from detr_jax.checkpoints import load_workdir_checkpoint
+from detr_jax.convert import load_official_checkpoint
+from detr_jax.data import build_source
+from detr_jax.data.coco_categories import OFFICIAL91_CLASS_NAMES
+from detr_jax.data.coco_panoptic_categories import OFFICIAL250_CLASS_NAMES, OFFICIAL250_IS_THING
 from detr_jax.data.transforms import make_eval_transforms
-from detr_jax.evaluate import draw_detections, postprocess
+from detr_jax.models.detr import DETR
+from detr_jax.models.segmentation import DETRsegm
+from detr_jax.panoptic import post_process_panoptic
+from detr_jax.postprocess import postprocess
+from detr_jax.visualize import attention_picture, draw_detections, draw_panoptic
 
 STRIDE = 32  # pad to a multiple of the backbone stride: few compiled shapes, exact mask downsampling
 
@@ -33,55 +46,76 @@ def read_image(path: str) -> np.ndarray:
         raise ValueError(f"cannot read image {path}: {e}") from e
 
 
-def load_workdir_checkpoint(workdir: str, step: Optional[int] = None):
-    """(config, model, variables) from a training work directory (its config.json and orbax checkpoints)."""
-    import orbax.checkpoint as ocp
+def _detr_with_attention(next_fun, args, kwargs, context):
+    """A flax method interceptor: the `DETR` inside a `DETRsegm` also returns its cross-attention (`DETRsegm`
+    has no `return_attention` of its own, and a second detector pass only for the maps would double the cost)."""
+    if isinstance(context.module, DETR) and context.method_name == "__call__":
+        kwargs = dict(kwargs, return_attention=True)
+    return next_fun(*args, **kwargs)
 
-    from detr_jax.train import build_model
 
-    config_path = os.path.join(workdir, "config.json")
-    if not os.path.isfile(config_path):
-        raise FileNotFoundError(f"{workdir} is not a detr_jax work directory: no config.json in it")
-    with open(config_path) as f:
-        config = ml_collections.ConfigDict(json.load(f))
-    manager = ocp.CheckpointManager(os.path.abspath(os.path.join(workdir, "checkpoints")))
-    step = manager.latest_step() if step is None else step
-    if step is None:
-        raise FileNotFoundError(f"no checkpoint in {workdir}/checkpoints")
-    state = manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore()))["state"]
-    manager.close()
-    model = build_model(config)
-    return config, model, {"params": state["params"], "frozen": state["frozen"]}
+def _segment_boxes(segment_ids: np.ndarray, segments_info: Sequence[Dict]):
+    """COCO xywh box of each segment's pixels in `segment_ids` [H, W] ([0, 0, 0, 0] for a segment without any)."""
+    boxes = []
+    for seg in segments_info:
+        rows, cols = np.nonzero(segment_ids == seg["id"])
+        boxes.append([int(cols.min()), int(rows.min()), int(cols.max() - cols.min() + 1),
+                      int(rows.max() - rows.min() + 1)] if len(rows) else [0, 0, 0, 0])
+    return boxes
 
 
 class Predictor:
     """A DETR ready to run on single images: eval transform, padding, jit per padded shape, post-processing.
 
     Args:
-      model, variables: a `DETR` and its {"params", "frozen"}.
+      model, variables: a `DETR` (or a `DETRsegm`, DETR with the panoptic mask head) and its {"params", "frozen"}.
       class_names: name of each label (no-object excluded).
       size, max_size: the eval resize (shorter side, longer-side cap), official 800 / 1333.
       threshold: detections scoring below it are dropped.
+      is_thing: for a `DETRsegm`, whether each label is a thing (False: stuff, whose queries merge into one
+        segment per class). Default: the official COCO panoptic map (labels <= 90) for 250 classes, else all things.
+      panoptic_threshold: for a `DETRsegm`, the class probability a query needs to become a segment (official 0.85).
+
+    A `DETRsegm` runs on the unpadded image, one compilation per image size: its mask head's GroupNorm and
+    convolutions see the padding, so padded masks would differ from the official single-image result.
     """
 
     def __init__(self, model, variables, class_names: Sequence[str], size: int = 800, max_size: int = 1333,
-                 threshold: float = 0.7):
-        self.model = model.clone(padding_invariant=True, aux_loss=False)
+                 threshold: float = 0.7, is_thing: Optional[Sequence[bool]] = None, panoptic_threshold: float = 0.85):
+        self.has_masks = isinstance(model, DETRsegm)
+        if self.has_masks:
+            self.model = model.clone(detr=model.detr.clone(padding_invariant=True, aux_loss=False))
+        else:
+            self.model = model.clone(padding_invariant=True, aux_loss=False)
         self.variables = variables
         self.class_names = list(class_names)
         self.transforms = make_eval_transforms(size, max_size)
         self.threshold = threshold
+        self.panoptic_threshold = panoptic_threshold
+        num_classes = (model.detr if self.has_masks else model).num_classes
+        if is_thing is None:
+            is_thing = OFFICIAL250_IS_THING if num_classes == len(OFFICIAL250_IS_THING) else [True] * num_classes
+        if len(is_thing) != num_classes:
+            raise ValueError(f"is_thing has {len(is_thing)} entries but the model has {num_classes} classes: give "
+                             f"one bool per label")
+        self.is_thing = [bool(t) for t in is_thing]
 
         def forward(variables, images, pixel_mask, orig_size):
-            out = self.model.apply(variables, images, pixel_mask=pixel_mask, return_attention=True)
+            if self.has_masks:
+                with nn.intercept_methods(_detr_with_attention):
+                    out = self.model.apply(variables, images, pixel_mask=pixel_mask)
+            else:
+                out = self.model.apply(variables, images, pixel_mask=pixel_mask, return_attention=True)
             scores, labels, boxes = postprocess(out["pred_logits"], out["pred_boxes"], orig_size)
-            return scores, labels, boxes, out["cross_attention"], out["feature_mask"]
+            masks = (out["pred_logits"], out["pred_masks"]) if self.has_masks else ()
+            return (scores, labels, boxes, out["cross_attention"], out["feature_mask"]) + masks
 
         self._forward = jax.jit(forward)
 
     @classmethod
     def from_checkpoint(cls, path: str, **kwargs) -> "Predictor":
-        """From an official DETR .pth (COCO 91-id class names) or a detr_jax training work directory.
+        """From an official DETR .pth (COCO 91-id class names; a panoptic one: the 250-id COCO panoptic names and
+        thing/stuff map) or a detr_jax training work directory.
 
         For a .pth, `dilation` and `num_heads` (official defaults False, 8) may be given; other kwargs go to
         the constructor.
@@ -92,11 +126,12 @@ class Predictor:
             names_file = os.path.join(path, "class_names.json")
             if os.path.isfile(names_file):  # written at the start of training: the data need not be here
                 with open(names_file) as f:
-                    names = json.load(f)["class_names"]
+                    written = json.load(f)
+                names = written["class_names"]
+                if "is_thing" in written:
+                    kwargs.setdefault("is_thing", written["is_thing"])
             else:  # a work directory of an older version: ask the data
-                from detr_jax.data import build_source
-
-                source = build_source(d.source, **dict(d.source_kwargs, **d.get("val_kwargs", {})))
+                source = build_source(d.source, **dict(d.source_kwargs, **d.val_kwargs))
                 names = getattr(source, "class_names", [])
             names = list(names) or [str(i) for i in range(model.num_classes)]
             kwargs.setdefault("size", d.eval_size)
@@ -104,13 +139,11 @@ class Predictor:
             return cls(model, variables, names, **kwargs)
         if not os.path.exists(path):
             raise FileNotFoundError(f"checkpoint not found: {path} (an official .pth or a training work directory)")
-        from detr_jax.convert import load_official_checkpoint
-        from detr_jax.data.coco_categories import OFFICIAL91_CLASS_NAMES
-
         arch = {k: kwargs.pop(k) for k in ("dilation", "num_heads") if k in kwargs}  # not in the weights
         model, variables = load_official_checkpoint(path, **arch)
-        names = OFFICIAL91_CLASS_NAMES if model.num_classes == len(OFFICIAL91_CLASS_NAMES) \
-            else [str(i) for i in range(model.num_classes)]
+        num_classes = (model.detr if isinstance(model, DETRsegm) else model).num_classes
+        official = {len(names): names for names in (OFFICIAL91_CLASS_NAMES, OFFICIAL250_CLASS_NAMES)}
+        names = official.get(num_classes, [str(i) for i in range(num_classes)])
         return cls(model, variables, names, **kwargs)
 
     def _prepare(self, image: np.ndarray):
@@ -119,7 +152,8 @@ class Predictor:
             raise ValueError(f"expected an RGB image [H, W, 3], got shape {image.shape}")
         x, _ = self.transforms(image.astype(np.uint8), None, np.random.default_rng(0))
         h, w = x.shape[:2]
-        ph, pw = -(-h // STRIDE) * STRIDE, -(-w // STRIDE) * STRIDE
+        stride = 1 if self.has_masks else STRIDE  # see the class docstring
+        ph, pw = -(-h // stride) * stride, -(-w // stride) * stride
         images = np.zeros((1, ph, pw, 3), np.float32)
         images[0, :h, :w] = x
         pixel_mask = np.zeros((1, ph, pw), bool)
@@ -128,28 +162,76 @@ class Predictor:
 
     def run(self, image: Union[str, np.ndarray]) -> Dict:
         """All queries: scores [N], labels [N], boxes [N, 4] xyxy pixels of the original image, attention [N, h, w]
-        over the padded feature map, feature_mask bool [h, w] (True on real cells), and the image."""
+        over the padded feature map, feature_mask bool [h, w] (True on real cells), and the image.
+
+        With a mask head also "panoptic" (see `panoptic`), "pred_logits" [N, C + 1] and "pred_masks" [N, h4, w4]
+        (mask logits at stride 4 of the resized image) and "processed_size" (h, w) of the resized image.
+        """
         if isinstance(image, (str, os.PathLike)):
             image = read_image(str(image))
         images, pixel_mask, orig_size = self._prepare(image)
-        scores, labels, boxes, attention, feature_mask = jax.device_get(
+        scores, labels, boxes, attention, feature_mask, *masks = jax.device_get(
             self._forward(self.variables, images, pixel_mask, orig_size))
-        return dict(scores=scores[0], labels=labels[0], boxes=boxes[0], attention=attention[0],
-                    feature_mask=feature_mask[0], image=image)
+        out = dict(scores=scores[0], labels=labels[0], boxes=boxes[0], attention=attention[0],
+                   feature_mask=feature_mask[0], image=image)
+        if self.has_masks:
+            pred_logits, pred_masks = masks
+            processed_size = images.shape[1:3]  # unpadded (see `_prepare`)
+            out.update(pred_logits=pred_logits[0], pred_masks=pred_masks[0], processed_size=processed_size,
+                       panoptic=self._panoptic(pred_logits, pred_masks, processed_size, image.shape[:2]))
+        return out
+
+    def _panoptic(self, pred_logits, pred_masks, processed_size, orig_size) -> Dict:
+        """The official PostProcessPanoptic of one image's outputs, plus each segment's box and label name."""
+        result = post_process_panoptic(pred_logits, pred_masks, None, [processed_size], [orig_size],
+                                       dict(enumerate(self.is_thing)), threshold=self.panoptic_threshold)[0]
+        boxes = _segment_boxes(result["segment_ids"], result["segments_info"])
+        names = self.class_names
+        result["segments_info"] = [
+            dict(seg, bbox=box, label_name=names[seg["category_id"]] if seg["category_id"] < len(names)
+                 else str(seg["category_id"]))
+            for seg, box in zip(result["segments_info"], boxes)]
+        return result
+
+    def panoptic(self, image: Union[str, np.ndarray]) -> Dict:
+        """The panoptic segmentation of an image (models with a mask head), the official `PostProcessPanoptic`
+        with processed size = the resized image and target size = the original image:
+
+          "segment_ids": int32 [H, W] in original-image pixels, indexing "segments_info" (all 0 and no segments
+            when no query passes `panoptic_threshold`);
+          "png_string": the id map as a COCO panoptic PNG (id = R + 256 G + 256^2 B);
+          "segments_info": [{"id", "isthing", "category_id" (the label), "area" (pixels), "bbox" (COCO xywh of
+            the segment's pixels), "label_name"}].
+        """
+        if not self.has_masks:
+            raise ValueError("panoptic segmentation needs a checkpoint with a mask head (e.g. the official "
+                             "detr-r50-panoptic-00ce5173.pth); this model is a detector only")
+        return self.run(image)["panoptic"]
 
     def __call__(self, image: Union[str, np.ndarray]) -> Dict:
-        """Detections above the threshold: boxes [K, 4] xyxy pixels, scores [K], labels [K], label_names."""
+        """Detections above the threshold: boxes [K, 4] xyxy pixels, scores [K], labels [K], label_names;
+        with a mask head also "panoptic" (see `panoptic`)."""
         out = self.run(image)
         keep = out["scores"] >= self.threshold
         labels = out["labels"][keep]
-        return dict(boxes=out["boxes"][keep], scores=out["scores"][keep], labels=labels,
-                    label_names=[self.class_names[int(l)] for l in labels])
+        detections = dict(boxes=out["boxes"][keep], scores=out["scores"][keep], labels=labels,
+                          label_names=[self.class_names[int(label)] for label in labels])
+        if self.has_masks:
+            detections["panoptic"] = out["panoptic"]
+        return detections
 
-    def draw(self, image: Union[str, np.ndarray], detections: Optional[Dict] = None):
-        """A PIL image with the labelled boxes of `detections` (computed if not given)."""
+    def draw(self, image: Union[str, np.ndarray], detections: Optional[Dict] = None, panoptic: Optional[bool] = None):
+        """A PIL image of `detections` (`self(image)` if not given): with `panoptic` (default: when the model has
+        a mask head) the coloured, labelled segments, things with their boxes; else the labelled boxes."""
         if isinstance(image, (str, os.PathLike)):
             image = read_image(str(image))
         detections = detections if detections is not None else self(image)
+        if self.has_masks if panoptic is None else panoptic:
+            if "panoptic" not in detections:
+                raise ValueError("no panoptic result to draw: the model has no mask head" if not self.has_masks
+                                 else "`detections` lacks 'panoptic': pass the output of this predictor's call")
+            result = detections["panoptic"]
+            return draw_panoptic(image, result["segment_ids"], result["segments_info"], self.class_names)
         return draw_detections(image, detections["boxes"], detections["labels"], detections["scores"],
                                self.class_names, threshold=0.0)
 
@@ -159,25 +241,11 @@ class Predictor:
         Returns a PIL image: the picture with the attention as a red overlay and the query's box, as in the
         official notebook's visualisation.
         """
-        from PIL import Image, ImageDraw
-
         out = self.run(image)
         query = int(np.argmax(out["scores"])) if query is None else int(query)
-        img = np.asarray(out["image"], np.uint8)
-        h, w = img.shape[:2]
-        real = out["feature_mask"]
-        attn = out["attention"][query][:real.any(1).sum(), :real.any(0).sum()]  # [fh, fw], real cells only
-        attn = attn / max(float(attn.max()), 1e-12)
-        heat = np.asarray(Image.fromarray((attn * 255).astype(np.uint8)).resize((w, h), Image.BILINEAR)) / 255.0
-        overlay = img.astype(np.float32) * (0.35 + 0.65 * heat[..., None])
-        overlay[..., 0] = np.maximum(overlay[..., 0], 255 * heat)
-        pil = Image.fromarray(np.clip(overlay, 0, 255).astype(np.uint8))
-        draw = ImageDraw.Draw(pil)
-        x0, y0, x1, y1 = (float(v) for v in out["boxes"][query])
         label = self.class_names[int(out["labels"][query])]
-        draw.rectangle([x0, y0, x1, y1], outline=(255, 255, 0), width=2)
-        draw.text((x0 + 2, y0 + 1), f"query {query}: {label} {out['scores'][query]:.2f}", fill=(255, 255, 0))
-        return pil
+        return attention_picture(out["image"], out["attention"][query], out["feature_mask"], out["boxes"][query],
+                                 f"query {query}: {label} {out['scores'][query]:.2f}")
 
 
 def export_inference(model, variables, batch_size: int, image_hw: Sequence[int]):
@@ -195,5 +263,6 @@ def export_inference(model, variables, batch_size: int, image_hw: Sequence[int])
         return out["pred_logits"], out["pred_boxes"]
 
     h, w = image_hw
-    args = (jax.ShapeDtypeStruct((batch_size, h, w, 3), jnp.float32), jax.ShapeDtypeStruct((batch_size, h, w), jnp.bool_))
+    args = (jax.ShapeDtypeStruct((batch_size, h, w, 3), jnp.float32),
+            jax.ShapeDtypeStruct((batch_size, h, w), jnp.bool_))
     return jax.export.export(jax.jit(infer))(*args)

@@ -4,6 +4,16 @@ CKPT is a detr_jax training work directory (its latest checkpoint, scored on the
 config.json unless --config names other data) or an official DETR .pth (its architecture is read from the
 weights; --config gives the data). Prints AP, AP50, AP75, ... and writes the COCO results
 JSON into --out so anyone can re-score it.
+
+A panoptic checkpoint (e.g. the official detr-r50-panoptic-00ce5173.pth) is scored with PQ / SQ / RQ on a COCO
+panoptic folder; the config gives the evaluation settings (eval_size, max_size, eval_batch_size, buckets, workers):
+
+  python experiments/evaluate.py --checkpoint detr-r50-panoptic-00ce5173.pth \
+    --config experiments/configs/coco_r50.py --config.eval_batch_size=8 \
+    --panoptic_ann_file coco/annotations/panoptic_val2017.json --panoptic_image_dir coco/val2017 \
+    --panoptic_dir coco/annotations/panoptic_val2017
+
+It prints PQ, SQ, RQ and their things / stuff parts and writes metrics.json into --out.
 """
 
 import json
@@ -15,8 +25,7 @@ from absl import app, flags
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # run from a checkout
 
-from detr_jax.cli import (  # noqa: E402 (no jax import)
-    config_value, define_config_file, define_multihost_flags, parse_flags, quiet_logs)
+from detr_jax.cli import config_value, define_config_file, define_multihost_flags, parse_flags, quiet_logs  # noqa: E402 (no jax import)
 from detr_jax.xla_flags import set_process_defaults  # noqa: E402 (no jax import)
 
 set_process_defaults()  # before jax is imported: XLA flags (the user's XLA_FLAGS win) and glibc malloc options
@@ -25,16 +34,28 @@ _CONFIG = define_config_file(
     "config", os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs", "default.py"),
     "Config giving the evaluation data (and the model, for a work directory without config.json).")
 _CHECKPOINT = flags.DEFINE_string("checkpoint", None, "Training work directory or official .pth.", required=True)
-_OUT = flags.DEFINE_string("out", None, "Where to write results.json and metrics.json (default: beside the checkpoint).")
+_OUT = flags.DEFINE_string("out", None,
+                           "Where to write results.json and metrics.json (default: beside the checkpoint).")
 _DILATION = flags.DEFINE_bool("dilation", False, "The official checkpoint is a DC5 model.")
+_PANOPTIC_ANN_FILE = flags.DEFINE_string("panoptic_ann_file", None,
+                                         "COCO panoptic JSON: score a panoptic checkpoint on this folder.")
+_PANOPTIC_IMAGE_DIR = flags.DEFINE_string("panoptic_image_dir", None, "Images of --panoptic_ann_file.")
+_PANOPTIC_DIR = flags.DEFINE_string("panoptic_dir", None, "Segment PNGs of --panoptic_ann_file.")
+_PANOPTIC_LABEL_SPACE = flags.DEFINE_enum(
+    "panoptic_label_space", "official250", ["official250", "contiguous"],
+    "The model's labels: the category ids (official checkpoints) or the sorted categories 0..K-1.")
 _MULTIHOST_FLAGS = define_multihost_flags()
 
 
 def main(argv):
     del argv
     quiet_logs()  # our lines at INFO; orbax's and jax's chatter only when it is a warning
+    from detr_jax.checkpoints import load_workdir_checkpoint
+    from detr_jax.convert import load_official_checkpoint
+    from detr_jax.data import ImageReadError
+    from detr_jax.data.panoptic_sources import CocoPanopticFolder
     from detr_jax.evaluate import Evaluator, coco_metrics
-    from detr_jax.inference import load_workdir_checkpoint
+    from detr_jax.evaluate_panoptic import PanopticEvaluator
     from detr_jax.sharding import make_mesh, maybe_initialize_distributed
 
     # Multi-host: every process predicts its share of the split; process 0 scores and writes.
@@ -51,24 +72,39 @@ def main(argv):
             logging.getLogger("detr_jax").info("evaluating %s on %s data (%s)", path, config.data.source,
                                                "--config" if flags.FLAGS["config"].present else "the run's config.json")
         elif os.path.isfile(path):
-            from detr_jax.convert import load_official_checkpoint
             model, variables = load_official_checkpoint(path, dilation=_DILATION.value)
         else:
             raise FileNotFoundError(f"checkpoint not found: {path}")
-        evaluator = Evaluator(config, model, make_mesh())
-    except (FileNotFoundError, ValueError, ImportError) as e:
+        panoptic_paths = (_PANOPTIC_ANN_FILE.value, _PANOPTIC_IMAGE_DIR.value, _PANOPTIC_DIR.value)
+        panoptic = hasattr(model, "detr")  # a DETRsegm
+        if panoptic and not all(panoptic_paths):
+            raise ValueError(f"{path} is a panoptic model: give its data with --panoptic_ann_file, "
+                             "--panoptic_image_dir and --panoptic_dir (a COCO panoptic folder)")
+        if any(panoptic_paths) and not panoptic:
+            raise ValueError(f"--panoptic_* flags were given but {path} is a detector without a mask head")
+        if panoptic:
+            source = CocoPanopticFolder(*panoptic_paths, label_space=_PANOPTIC_LABEL_SPACE.value,
+                                        num_classes=model.detr.num_classes)
+            evaluator = PanopticEvaluator.from_config(config, source, model, make_mesh())
+        else:
+            evaluator = Evaluator(config, model, make_mesh())
+    except (FileNotFoundError, ValueError, ImportError, ImageReadError) as e:
         sys.exit(f"error: {e}")
-    results = evaluator.predict(variables["params"], variables["frozen"])
+    out = _OUT.value or (path if os.path.isdir(path) else os.path.dirname(os.path.abspath(path)))
+    if panoptic:
+        metrics = evaluator.evaluate(variables)
+    else:
+        results = evaluator.predict(variables["params"], variables["frozen"])
+        metrics = coco_metrics(evaluator.ground_truth, results) if jax.process_index() == 0 else None
     if jax.process_index() != 0:
         return
-    metrics = coco_metrics(evaluator.ground_truth, results)
-    out = _OUT.value or (path if os.path.isdir(path) else os.path.dirname(os.path.abspath(path)))
     os.makedirs(out, exist_ok=True)
-    with open(os.path.join(out, "results.json"), "w") as f:
-        json.dump(results, f)
+    if not panoptic:
+        with open(os.path.join(out, "results.json"), "w") as f:
+            json.dump(results, f)
     with open(os.path.join(out, "metrics.json"), "w") as f:
         json.dump(metrics, f, indent=1)
-    print(" ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
+    print(" ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}" for k, v in metrics.items()))
 
 
 if __name__ == "__main__":

@@ -2,7 +2,12 @@
 
 CKPT is an official DETR .pth (e.g. detr-r50-e632da11.pth, COCO class names) or a detr_jax training work
 directory. Writes <out>/detections.json (xyxy pixel boxes, label names, scores above --threshold) and one
-PNG per image with the labelled boxes; --attention also writes the best query's cross-attention map.
+PNG per image with the labelled boxes (<stem>_detections.png); --attention also writes the best query's
+cross-attention map.
+
+A panoptic checkpoint (e.g. detr-r50-panoptic-00ce5173.pth) also writes, per image, <stem>_panoptic.png (the
+coloured, labelled segments) and, in COCO panoptic format, the id map panoptic/<stem>.png (id = R + 256 G +
+256^2 B) and its segments in <out>/panoptic.json ("annotations", "categories").
 """
 
 import json
@@ -26,6 +31,8 @@ _DILATION = flags.DEFINE_bool("dilation", False, "The official checkpoint is a D
 _NUM_HEADS = flags.DEFINE_integer("num_heads", 8, "Attention heads of an official checkpoint (not in its weights).")
 _SIZE = flags.DEFINE_integer("size", None, "Shorter side the image is resized to (default 800, or the config's).")
 _ATTENTION = flags.DEFINE_bool("attention", False, "Also write the best query's cross-attention picture.")
+_PANOPTIC_THRESHOLD = flags.DEFINE_float("panoptic_threshold", 0.85, "Panoptic checkpoints: the class probability "
+                                         "a query needs to become a segment (official 0.85).")
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
 
 
@@ -53,7 +60,7 @@ def main(argv):
     quiet_logs()  # our lines at INFO; orbax's and jax's chatter only when it is a warning
     try:
         images = list_images(argv[1:])
-        kwargs = dict(threshold=_THRESHOLD.value)
+        kwargs = dict(threshold=_THRESHOLD.value, panoptic_threshold=_PANOPTIC_THRESHOLD.value)
         if not os.path.isdir(_CHECKPOINT.value):
             kwargs.update(dilation=_DILATION.value, num_heads=_NUM_HEADS.value)
         if _SIZE.value:
@@ -62,7 +69,9 @@ def main(argv):
     except (FileNotFoundError, ValueError, ImportError) as e:
         sys.exit(f"error: {e}")
     os.makedirs(_OUT.value, exist_ok=True)
-    results, stems = {}, set()
+    if predictor.has_masks:
+        os.makedirs(os.path.join(_OUT.value, "panoptic"), exist_ok=True)
+    results, stems, annotations = {}, set(), []
     for path in images:
         try:
             detections = predictor(path)
@@ -71,20 +80,36 @@ def main(argv):
             results[path] = {"error": str(e)}
             continue
         results[path] = [dict(box_xyxy=[round(float(v), 2) for v in box], label=name, score=round(float(score), 4))
-                         for box, name, score in zip(detections["boxes"], detections["label_names"], detections["scores"])]
+                         for box, name, score in zip(detections["boxes"], detections["label_names"],
+                                                     detections["scores"])]
         stem = base = os.path.splitext(os.path.basename(path))[0]
         for n in range(2, len(images) + 2):  # a/cat.jpg and b/cat.jpg: cat_detections.png, cat_2_detections.png
             if stem not in stems:
                 break
             stem = f"{base}_{n}"
         stems.add(stem)
-        predictor.draw(path, detections).save(os.path.join(_OUT.value, f"{stem}_detections.png"))
+        predictor.draw(path, detections, panoptic=False).save(os.path.join(_OUT.value, f"{stem}_detections.png"))
         if _ATTENTION.value:
             predictor.attention_picture(path).save(os.path.join(_OUT.value, f"{stem}_attention.png"))
-        print(f"{path}: {len(results[path])} detections")
+        summary = f"{len(results[path])} detections"
+        if predictor.has_masks:
+            panoptic = detections["panoptic"]
+            predictor.draw(path, detections).save(os.path.join(_OUT.value, f"{stem}_panoptic.png"))
+            with open(os.path.join(_OUT.value, "panoptic", f"{stem}.png"), "wb") as f:
+                f.write(panoptic["png_string"])
+            annotations.append(dict(image_id=stem, file_name=f"{stem}.png", image=path, segments_info=[
+                dict(seg, iscrowd=0) for seg in panoptic["segments_info"]]))
+            summary += f", {len(panoptic['segments_info'])} panoptic segments"
+        print(f"{path}: {summary}")
     with open(os.path.join(_OUT.value, "detections.json"), "w") as f:
         json.dump(results, f, indent=1)
     print(f"wrote {_OUT.value}/detections.json")
+    if predictor.has_masks:
+        categories = [dict(id=label, name=name, isthing=int(thing)) for label, (name, thing)
+                      in enumerate(zip(predictor.class_names, predictor.is_thing)) if name != "N/A"]
+        with open(os.path.join(_OUT.value, "panoptic.json"), "w") as f:
+            json.dump(dict(annotations=annotations, categories=categories), f, indent=1)
+        print(f"wrote {_OUT.value}/panoptic.json and panoptic/")
     if any(isinstance(r, dict) for r in results.values()):
         sys.exit(1)
 

@@ -8,7 +8,6 @@ import torch
 
 from detr_jax import box_ops
 
-
 # --- Reference: the official facebookresearch/detr util/box_ops.py, in torch. ---------------
 
 def _torch_cxcywh_to_xyxy(x):

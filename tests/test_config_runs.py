@@ -73,7 +73,8 @@ class _Scheduler:
 
     def _loop(self):
         for name, make in self.specs.items():
-            while not self._stop and sum(any(p.poll() is None for p in r.procs) for r in self.runs.values()) >= MAX_PARALLEL:
+            while not self._stop and sum(any(p.poll() is None for p in r.procs)
+                                         for r in self.runs.values()) >= MAX_PARALLEL:
                 time.sleep(0.2)
             if self._stop:
                 return

@@ -31,7 +31,7 @@ def test_the_required_configs_exist():
 @pytest.mark.parametrize("path", CONFIGS, ids=lambda p: os.path.basename(p))
 def test_config_builds_its_model(path):
     from detr_jax.data import SOURCES
-    from detr_jax.train import build_model
+    from detr_jax.models.detr import build_model
 
     config = _load(path)
     assert config.data.source in SOURCES
@@ -43,8 +43,32 @@ def test_config_builds_its_model(path):
 def test_official_recipe_values():
     config = _load(os.path.join(REPO, "experiments", "configs", "coco_r50.py"))
     opt = config.optimizer
-    assert (opt.lr, opt.lr_backbone, opt.weight_decay, opt.grad_clip, opt.lr_drop_epochs) == (1e-4, 1e-5, 1e-4, 0.1, 200)
-    assert (config.batch_size, config.num_epochs, config.model.num_queries, config.model.aux_loss) == (64, 300, 100, True)
+    assert (opt.lr, opt.lr_backbone, opt.weight_decay, opt.grad_clip,
+            opt.lr_drop_epochs) == (1e-4, 1e-5, 1e-4, 0.1, 200)
+    assert (config.batch_size, config.num_epochs, config.model.num_queries,
+            config.model.aux_loss) == (64, 300, 100, True)
     assert _load(os.path.join(REPO, "experiments", "configs", "coco_r50_dc5.py")).model.dilation
     assert _load(os.path.join(REPO, "experiments", "configs", "coco_r101.py")).model.backbone_depth == 101
     assert _load(os.path.join(REPO, "experiments", "configs", "finetune_coco_folder.py")).init.reinit_class_head
+
+
+def _schema(config, prefix=""):
+    """Dotted field names; the contents of the data sources' kwargs (different per source) are left out."""
+    names = set()
+    for key, value in config.items():
+        name = prefix + key
+        names.add(name)
+        if hasattr(value, "items") and not key.endswith("kwargs"):
+            names |= _schema(value, name + ".")
+    return names
+
+
+@pytest.mark.parametrize("path", CONFIGS + [os.path.join(REPO, "tests", "configs", "tiny.py")],
+                         ids=lambda p: os.path.basename(p))
+def test_every_config_has_exactly_the_base_schema(path):
+    """One schema: a named config overrides fields of `base_config()`; it neither adds nor drops one."""
+    from detr_jax.config import base_config, check_config
+
+    config = _load(path)
+    assert _schema(config) == _schema(base_config())
+    check_config(config)

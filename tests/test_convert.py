@@ -9,8 +9,12 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
-from detr_jax.convert import (infer_detr_config, load_official_checkpoint, load_torch_state_dict,  # noqa: E402
-                              load_torchvision_backbone)
+from detr_jax.convert import (  # noqa: E402
+    infer_detr_config,
+    load_official_checkpoint,
+    load_torch_state_dict,
+    load_torchvision_backbone,
+)
 from detr_jax.models.detr import DETR  # noqa: E402
 
 
@@ -131,30 +135,33 @@ def test_finetuning_init_loads_all_but_the_class_head_and_the_training_aids(tiny
     into a model for 5 classes with the training-only aids on; the class head, the extra query groups and the
     token heads keep their fresh initialisation. A checkpoint that does not fit is refused by name."""
     import flax
-    import ml_collections
 
-    from detr_jax import train
+    from detr_jax.config import base_config
+    from detr_jax.models.aux_heads import build_training_model
+    from detr_jax.train_state import create_train_state
 
     path, _ = tiny
     official = infer_detr_config(load_torch_state_dict(str(path)))
-    config = ml_collections.ConfigDict({
-        "seed": 0, "model": dict(official, num_classes=5, num_heads=4, num_query_groups=2, encoder_aux_loss=True,
-                                 backbone_aux_stages=(2, 3)),
-        "init": {"backbone_checkpoint": "", "detr_checkpoint": str(path), "reinit_class_head": True}})
-    model = train.build_model(config)
-    variables = jax.jit(model.init)(jax.random.PRNGKey(0), jnp.zeros((1, 64, 64, 3)))
-    loaded = flax.traverse_util.flatten_dict(train.load_pretrained(config, model, variables))
+    config = base_config()
+    config.model.update(official, num_classes=5, num_heads=4)
+    config.training_aids.update(num_query_groups=2, encoder_aux_loss=True, backbone_aux_stages=(2, 3))
+    config.init.update(detr_checkpoint=str(path), reinit_class_head=True)
+    model = build_training_model(config)
+    state, _, _ = create_train_state(config, model, total_steps=10, steps_per_epoch=10)
+    fresh = jax.jit(model.init)(jax.random.PRNGKey(config.seed), jnp.zeros((1, 64, 64, 3)))
+    loaded = flax.traverse_util.flatten_dict({"params": state["params"], "frozen": state["frozen"]})
     _, reference = load_official_checkpoint(str(path), num_heads=4)
-    reference, fresh = flax.traverse_util.flatten_dict(reference), flax.traverse_util.flatten_dict(variables)
+    reference, fresh = flax.traverse_util.flatten_dict(reference), flax.traverse_util.flatten_dict(fresh)
+    assert len(loaded) == len(fresh)
     for key, value in loaded.items():
-        if key[1] == "class_embed" or key[1] not in {k[1] for k in reference}:
+        if key[1] == "model" and key[2] != "class_embed":
+            np.testing.assert_array_equal(value, reference[(key[0],) + key[2:]], err_msg="/".join(key))
+        else:  # the class head and the aids
             np.testing.assert_array_equal(value, fresh[key], err_msg="/".join(key))
-        else:
-            np.testing.assert_array_equal(value, reference[key], err_msg="/".join(key))
-    assert {k[1] for k in loaded if k not in reference} == {"group_query_embed", "enc_heads", "stage2_proj",
-                                                            "stage2_norm", "stage2_heads", "stage3_proj",
-                                                            "stage3_norm", "stage3_heads"}
+    assert {k[1] for k in loaded if k[1] != "model"} == {"group_query_embed", "enc_heads", "stage2_proj",
+                                                         "stage2_norm", "stage2_heads", "stage3_proj",
+                                                         "stage3_norm", "stage3_heads"}
 
     config.init.reinit_class_head = False  # 91-class head into a 5-class model
-    with pytest.raises(ValueError, match="does not match config.model.*class_embed"):
-        train.load_pretrained(config, model, variables)
+    with pytest.raises(ValueError, match="does not match the model config.*class_embed"):
+        create_train_state(config, model, total_steps=10, steps_per_epoch=10)

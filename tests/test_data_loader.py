@@ -250,7 +250,8 @@ def test_augmentation_changes_with_the_epoch_and_only_with_it():
     batches = _take(_loader(num_workers=2), 12)
     epoch0, epoch1 = _by_image(batches[:6]), _by_image(batches[6:])
     assert sorted(epoch0) == sorted(epoch1) == list(range(1, 25))
-    same = [i for i in epoch0 if epoch0[i][0].shape == epoch1[i][0].shape and np.array_equal(epoch0[i][0], epoch1[i][0])]
+    same = [i for i in epoch0
+            if epoch0[i][0].shape == epoch1[i][0].shape and np.array_equal(epoch0[i][0], epoch1[i][0])]
     # Flip x resize-or-crop x 3 scales: an image keeps its epoch-0 augmentation in epoch 1 by chance only.
     assert len(same) <= 6, f"{len(same)} of 24 images got the same augmentation in epochs 0 and 1"
     # Within an epoch the augmentation is the example's own: the same with other workers and after a resume.
@@ -265,6 +266,7 @@ def test_augmentation_changes_with_the_epoch_and_only_with_it():
 
 def test_uint8_images_are_the_host_normalisation_on_the_device():
     import jax
+
     from detr_jax.data.transforms import normalize_images
 
     def loader(normalize_pixels):

@@ -8,13 +8,8 @@ import numpy as np
 import pytest
 
 from detr_jax.data import SyntheticDetection
-from detr_jax.evaluate import (
-    Evaluator,
-    coco_ground_truth,
-    coco_metrics,
-    postprocess,
-    to_coco_results,
-)
+from detr_jax.evaluate import Evaluator, coco_ground_truth, coco_metrics, to_coco_results
+from detr_jax.postprocess import postprocess
 from detr_jax.sharding import make_mesh
 from tests.helpers import free_port, subprocess_env
 
@@ -93,7 +88,7 @@ def _tiny_config(eval_batch_size, tfds_dir=None, size_cache_dir=None):
 
 
 def test_predictions_do_not_depend_on_batch_size_or_padding(tmp_path):
-    from detr_jax.train import build_model
+    from detr_jax.models.detr import build_model
 
     mesh = make_mesh()
     config1 = _tiny_config(1)
@@ -126,7 +121,7 @@ from detr_jax.sharding import maybe_initialize_distributed, make_mesh
 maybe_initialize_distributed(sys.argv[1], 2, int(sys.argv[2]))
 from test_evaluate import _tiny_config
 from detr_jax.evaluate import Evaluator
-from detr_jax.train import build_model
+from detr_jax.models.detr import build_model
 config = _tiny_config(4, *(sys.argv[5:7] if len(sys.argv) > 5 else ()))
 model = build_model(config)
 variables = jax.jit(model.init)(jax.random.PRNGKey(0), jnp.zeros((1, 64, 64, 3)))
@@ -145,7 +140,7 @@ def test_two_process_evaluation_equals_one_process(tmp_path, source, request):
     import subprocess
     import sys
 
-    from detr_jax.train import build_model
+    from detr_jax.models.detr import build_model
 
     port = free_port()
     script = tmp_path / "two_process_eval.py"
@@ -185,7 +180,7 @@ def test_two_process_evaluation_equals_one_process(tmp_path, source, request):
 
 
 def test_model_with_more_classes_than_the_data_is_refused_by_name():
-    from detr_jax.train import build_model
+    from detr_jax.models.detr import build_model
 
     config = _tiny_config(4)
     config.model.num_classes = 7
@@ -198,7 +193,7 @@ def test_picture_of_a_young_model_shows_its_best_guesses_and_the_ground_truth(tm
     ground truth (white), enlarged from <= 64 px to a readable 320."""
     from PIL import Image
 
-    from detr_jax.train import build_model
+    from detr_jax.models.detr import build_model
 
     config = _tiny_config(1)
     evaluator = Evaluator(config, build_model(config), make_mesh())

@@ -151,8 +151,8 @@ def test_losses_equal_hf_transformers_detr_loss():
     rng = np.random.default_rng(11)
     num_layers, b, n, m, num_classes = 3, 3, 10, 5, 7
     logits = rng.standard_normal((num_layers, b, n, num_classes + 1)).astype(np.float32)
-    boxes = np.concatenate([rng.uniform(0.2, 0.8, (num_layers, b, n, 2)), rng.uniform(0.05, 0.4, (num_layers, b, n, 2))],
-                           -1).astype(np.float32)
+    boxes = np.concatenate([rng.uniform(0.2, 0.8, (num_layers, b, n, 2)),
+                            rng.uniform(0.05, 0.4, (num_layers, b, n, 2))], -1).astype(np.float32)
     counts = [3, 0, 5]
     tgt_labels = np.zeros((b, m), np.int32)
     tgt_boxes = np.tile(np.array([0.5, 0.5, 1.0, 1.0], np.float32), (b, m, 1))
@@ -185,7 +185,7 @@ def test_losses_equal_hf_transformers_detr_loss():
 def test_query_groups_loss_is_the_mean_of_each_group_alone(official):
     """Group DETR: after `split_query_groups` every group is matched one-to-one on its own, and each loss term
     is the mean over groups of what that group alone would give (a plain DETR loss when G = 1)."""
-    from detr_jax.train import split_query_groups
+    from detr_jax.models.aux_heads import split_query_groups
 
     outputs, targets, _ = official
     rng = np.random.default_rng(0)
@@ -198,7 +198,8 @@ def test_query_groups_loss_is_the_mean_of_each_group_alone(official):
                                           0.01, 0.99).astype(np.float32)
     joined = jax.tree_util.tree_map(lambda *xs: np.concatenate(xs, axis=1), *groups)  # [B, 3 * N, ...]
     split_outputs, split_targets = split_query_groups(joined, targets, 3)
-    assert split_outputs["pred_logits"].shape == (3 * outputs["pred_logits"].shape[0],) + outputs["pred_logits"].shape[1:]
+    assert split_outputs["pred_logits"].shape == ((3 * outputs["pred_logits"].shape[0],)
+                                                  + outputs["pred_logits"].shape[1:])
     losses = _criterion(split_outputs, split_targets)
     alone = [_criterion(g, targets) for g in groups]
     for name in ("loss", "loss_ce", "loss_bbox", "loss_giou", "loss_ce_0", "loss_giou_1"):

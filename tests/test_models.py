@@ -16,6 +16,7 @@ import pytest
 torch = pytest.importorskip("torch")
 F = torch.nn.functional
 
+from detr_jax.models.aux_heads import DETRWithAids, detector_variables, training_parameter_groups  # noqa: E402
 from detr_jax.models.backbone import ResNet, downsample_mask  # noqa: E402
 from detr_jax.models.detr import DETR, parameter_groups  # noqa: E402
 from detr_jax.models.position_encoding import (  # noqa: E402
@@ -116,7 +117,8 @@ def test_encoder_layer_equals_official(pre_norm):
     p = _randomise(layer.init(jax.random.PRNGKey(0), src, pos, key_mask, False)["params"], 1)
     out = layer.apply({"params": p}, src, pos, key_mask, False)
 
-    attn, lin1, lin2 = _torch_mha(p["self_attn"], d, heads), _torch_linear(p["ffn"]["linear1"]), _torch_linear(p["ffn"]["linear2"])
+    attn = _torch_mha(p["self_attn"], d, heads)
+    lin1, lin2 = _torch_linear(p["ffn"]["linear1"]), _torch_linear(p["ffn"]["linear2"])
     norm1, norm2 = _torch_norm(p["norm1"]), _torch_norm(p["norm2"])
     x, tpos, pad = _t(src), _t(pos), torch.from_numpy(~key_mask)
     with torch.no_grad():  # official TransformerEncoderLayer.forward_pre / forward_post
@@ -269,46 +271,51 @@ def test_train_stem_lets_the_gradient_reach_the_stem():
     assert stem_grad(_tiny_detr(train_stem=True)) > 0.0
 
 
-def test_query_groups_decode_independently_and_evaluation_uses_group_zero():
+def _with_aids(**aids):
+    return DETRWithAids(_tiny_detr(dropout=0.0, num_queries=aids.pop("num_queries", 6)), **aids)
+
+
+def test_query_groups_decode_independently_and_the_detector_is_group_zero():
     """Group DETR: in training each group's outputs are what that group alone would give (no attention between
-    groups); in evaluation only group 0 runs, the outputs of a one-group DETR with the same parameters."""
+    groups); the detector's own parameters ("model") are a one-group DETR that evaluation applies alone."""
     groups, n = 3, 6
-    model = _tiny_detr(num_query_groups=groups, num_queries=n, dropout=0.0)
+    model = _with_aids(num_query_groups=groups, num_queries=n)
     images = jax.random.normal(jax.random.PRNGKey(1), (2, 64, 64, 3))
     mask = jnp.ones((2, 64, 64), bool).at[1, 40:].set(False)
     variables = model.init(jax.random.PRNGKey(0), images)
+    assert set(variables["params"]) == {"model", "group_query_embed"}
     assert variables["params"]["group_query_embed"].shape == (groups - 1, n, 32)
-    train_out = model.apply(variables, images, pixel_mask=mask, train=True)
-    assert train_out["pred_logits"].shape == (2, groups * n, 6)
+    train_out, aids = model.apply(variables, images, pixel_mask=mask, train=True)
+    assert aids == {} and train_out["pred_logits"].shape == (2, groups * n, 6)
     assert len(train_out["aux_outputs"]) == 1 and train_out["aux_outputs"][0]["pred_boxes"].shape == (2, groups * n, 4)
 
-    single = _tiny_detr(num_queries=n, dropout=0.0)
-    params = {k: v for k, v in variables["params"].items() if k != "group_query_embed"}
-    eval_out = model.apply(variables, images, pixel_mask=mask)  # train=False
+    single = model.model
+    detector = detector_variables(variables["params"], variables["frozen"])
     for g in range(groups):
+        params = detector["params"]
         if g:
             params = dict(params, query_embed=variables["params"]["group_query_embed"][g - 1])
-        ref = single.apply({**variables, "params": params}, images, pixel_mask=mask)
+        ref = single.apply({**detector, "params": params}, images, pixel_mask=mask)
         for key in ("pred_logits", "pred_boxes"):
             np.testing.assert_allclose(np.asarray(train_out[key][:, g * n:(g + 1) * n]), np.asarray(ref[key]),
                                        atol=2e-5)
-            if g == 0:
-                np.testing.assert_allclose(np.asarray(eval_out[key]), np.asarray(ref[key]), atol=2e-5)
 
 
 def test_encoder_token_heads_give_cell_centres_of_the_real_map():
-    model = _tiny_detr(encoder_aux_loss=True, dropout=0.0)
+    model = _with_aids(encoder_aux_loss=True)
     images = jax.random.normal(jax.random.PRNGKey(1), (2, 128, 192, 3))
     mask = jnp.ones((2, 128, 192), bool).at[1, :, 96:].set(False)  # image 1 is 128 x 96: a 4 x 3 real map
     variables = model.init(jax.random.PRNGKey(0), images)
-    assert "enc_heads" in variables["params"]
-    enc = model.apply(variables, images, pixel_mask=mask, train=True)["enc_outputs"]
+    assert set(variables["params"]) == {"model", "enc_heads"}
+    outputs, aids = model.apply(variables, images, pixel_mask=mask, train=True)
+    enc = aids["enc"]
     assert enc["pred_logits"].shape == (2, 4 * 6, 6) and enc["pred_boxes"].shape == (2, 24, 4)
     centres = np.asarray(enc["token_centres"]).reshape(2, 4, 6, 2)
     np.testing.assert_allclose(centres[0, 1, 2], [2.5 / 6, 1.5 / 4], rtol=1e-6)
     np.testing.assert_allclose(centres[1, 3, 2], [2.5 / 3, 3.5 / 4], rtol=1e-6)
     np.testing.assert_array_equal(np.asarray(enc["token_mask"]).reshape(2, 4, 6)[1].any(0), [1, 1, 1, 0, 0, 0])
-    assert "enc_outputs" not in model.apply(variables, images, pixel_mask=mask)  # inference: a plain DETR
+    plain = model.model.apply(detector_variables(variables["params"], variables["frozen"]), images, pixel_mask=mask)
+    np.testing.assert_array_equal(np.asarray(outputs["pred_boxes"]), np.asarray(plain["pred_boxes"]))
 
 
 def test_group_norm_without_mask_equals_torch():
@@ -397,14 +404,16 @@ def test_masked_batch_norm_takes_statistics_over_real_pixels_only():
 
 
 def test_stage3_token_heads_are_on_the_stride_16_map_and_training_only():
-    """backbone_aux_stages=(3,): the token heads see the backbone's stage 3 (its 1x1 projection and LayerNorm), with cell
-    centres of the real stride-16 map; evaluation neither runs nor needs them, and the detections do not change."""
-    model = _tiny_detr(backbone_aux_stages=(3,), dropout=0.0)
+    """backbone_aux_stages=(3,): the token heads see the backbone's stage 3 (its 1x1 projection and LayerNorm), with
+    cell centres of the real stride-16 map; the detector neither runs nor needs them, and its detections do not
+    change."""
+    model = _with_aids(backbone_aux_stages=(3,))
     images = jax.random.normal(jax.random.PRNGKey(1), (2, 128, 192, 3))
     mask = jnp.ones((2, 128, 192), bool).at[1, :, 96:].set(False)  # image 1: a 8 x 6 real stage-3 map
     variables = model.init(jax.random.PRNGKey(0), images)
-    assert {"stage3_proj", "stage3_norm", "stage3_heads"} <= set(variables["params"])
-    s3 = model.apply(variables, images, pixel_mask=mask, train=True)["stage3_outputs"]
+    assert set(variables["params"]) == {"model", "stage3_proj", "stage3_norm", "stage3_heads"}
+    outputs, aids = model.apply(variables, images, pixel_mask=mask, train=True)
+    s3 = aids["s3"]
     assert s3["pred_logits"].shape == (2, 8 * 12, 6) and s3["pred_boxes"].shape == (2, 96, 4)
     centres = np.asarray(s3["token_centres"]).reshape(2, 8, 12, 2)
     np.testing.assert_allclose(centres[1, 7, 5], [5.5 / 6, 7.5 / 8], rtol=1e-6)
@@ -413,13 +422,20 @@ def test_stage3_token_heads_are_on_the_stride_16_map_and_training_only():
     def head_grad_of(name):  # does the stage-3 heads' output depend on this backbone stage? (4 comes after 3)
         def loss(p):
             return model.apply({**variables, "params": p}, images, pixel_mask=mask,
-                               train=True)["stage3_outputs"]["pred_logits"].sum()
-        return np.abs(np.asarray(jax.grad(loss)(variables["params"])["backbone"][name]["conv1"]["kernel"])).max()
+                               train=True)[1]["s3"]["pred_logits"].sum()
+        grads = jax.grad(loss)(variables["params"])["model"]["backbone"]
+        return np.abs(np.asarray(grads[name]["conv1"]["kernel"])).max()
 
     assert head_grad_of("layer3_0") > 0 and head_grad_of("layer4_0") == 0
-    plain = _tiny_detr(dropout=0.0)
-    params = {k: v for k, v in variables["params"].items() if not k.startswith("stage3")}
-    ours, ref = model.apply(variables, images, pixel_mask=mask), plain.apply({**variables, "params": params}, images,
-                                                                             pixel_mask=mask)
-    assert "stage3_outputs" not in ours
-    np.testing.assert_array_equal(np.asarray(ours["pred_boxes"]), np.asarray(ref["pred_boxes"]))
+    ref = model.model.apply(detector_variables(variables["params"], variables["frozen"]), images, pixel_mask=mask)
+    np.testing.assert_array_equal(np.asarray(outputs["pred_boxes"]), np.asarray(ref["pred_boxes"]))
+
+
+def test_training_parameter_groups_put_the_aids_with_the_transformer():
+    model = _with_aids(num_query_groups=2, backbone_aux_stages=(2,))
+    params = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), jnp.zeros((1, 64, 64, 3))))["params"]
+    labels = flax.traverse_util.flatten_dict(training_parameter_groups(params), sep="/")
+    detector = flax.traverse_util.flatten_dict(parameter_groups(params["model"]), sep="/")
+    assert {k: v for k, v in labels.items() if k.startswith("model/")} == {f"model/{k}": v for k, v in detector.items()}
+    aids = {k: v for k, v in labels.items() if not k.startswith("model/")}
+    assert aids and set(aids.values()) == {"transformer"} and "group_query_embed" in aids

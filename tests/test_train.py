@@ -20,7 +20,11 @@ import numpy as np
 import pytest
 
 from detr_jax import sharding, train
+from detr_jax.checkpoints import checkpoint_manager
+from detr_jax.data import build_data
 from detr_jax.data.transforms import normalize_images
+from detr_jax.models.aux_heads import build_training_model, detector_variables, training_parameter_groups
+from detr_jax.train_state import build_optimizer, create_train_state
 from tests.helpers import TrainRun
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -125,18 +129,16 @@ class _Unit:
                                 grad_clip=0.0, warmup_steps=0)
         self.config = config
         self.mesh = sharding.make_mesh()
-        loader = train.build_data(config, "train", train=False)  # no augmentation: the same images every step
+        loader = build_data(config, "train", train=False)  # no augmentation: the same images every step
         with loader:
             self.local_batch = next(iter(loader))
         self.batch = sharding.global_batch(self.local_batch, self.mesh)
         # The model's input: the loader ships uint8, the step normalises (float batches pass as normalised).
         self.images = np.asarray(normalize_images(self.local_batch["images"], self.local_batch["pixel_mask"]))
-        model = train.build_model(config)
-        hw = tuple(config.data.buckets[0])
-        params_shape = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), np.zeros((1,) + hw + (3,))))["params"]
-        self.tx, _, labels = train.build_optimizer(config, params_shape, total_steps=1000, steps_per_epoch=1)
-        self.labels = flax.traverse_util.flatten_dict(flax.core.unfreeze(labels))
-        self.initial = jax.device_get(train.init_state(model, self.tx, config, hw))
+        self.model = model = build_training_model(config)
+        state, self.tx, _ = create_train_state(config, model, total_steps=1000, steps_per_epoch=1)
+        self.labels = flax.traverse_util.flatten_dict(training_parameter_groups(state["params"]))
+        self.initial = jax.device_get(state)
         self.step = train.make_train_step(model, self.tx, config, self.mesh)
 
     def fresh_state(self):
@@ -155,7 +157,8 @@ def _flat(tree):
 
 def _official_group(path):
     """The official recipe: the backbone trains only layer2-4 (at lr_backbone), everything else at lr."""
-    if path[0] != "backbone":
+    assert path[0] == "model"  # the detector's parameters (no training aid in the tiny config)
+    if path[1] != "backbone":
         return "transformer"
     return "backbone" if any(f"layer{i}" in "/".join(path) for i in (2, 3, 4)) else "frozen"
 
@@ -213,7 +216,7 @@ def test_nonfinite_step_keeps_the_parameters_and_stops_the_loop(unit, tmp_path):
     state, _ = unit.step(state, unit.batch)  # step 3: fine again, but the first bad step is remembered
     assert int(state["step"]) == 3 and int(state["nonfinite_step"]) == 1
 
-    manager = train.checkpoint_manager(str(tmp_path), unit.config)
+    manager = checkpoint_manager(str(tmp_path), unit.config)
     with pytest.raises(train.NonFiniteLossError, match="at step 2"):
         train._check_finite(state, manager)
     manager.close()
@@ -224,12 +227,8 @@ def test_overfits_a_fixed_batch_to_ap50_above_0_9(unit):
     AP50 = 1.0 on those images after 150 steps at the time of writing, through the evaluation post-processing
     and pycocotools). A broken loss, matcher, update or post-processing stalls far below."""
     from detr_jax.data import build_source
-    from detr_jax.evaluate import (
-        coco_ground_truth,
-        coco_metrics,
-        postprocess,
-        to_coco_results,
-    )
+    from detr_jax.evaluate import coco_ground_truth, coco_metrics, to_coco_results
+    from detr_jax.postprocess import postprocess
 
     state = unit.fresh_state()
     losses = []
@@ -241,9 +240,8 @@ def test_overfits_a_fixed_batch_to_ap50_above_0_9(unit):
     assert losses[0] / min(losses[-5:]) > 5
 
     config, batch = unit.config, unit.local_batch
-    model = train.build_model(config)
-    out = jax.jit(model.apply)({"params": state["params"], "frozen": state["frozen"]}, unit.images,
-                               pixel_mask=batch["pixel_mask"])
+    out = jax.jit(unit.model.model.apply)(detector_variables(state["params"], state["frozen"]), unit.images,
+                                          pixel_mask=batch["pixel_mask"])
     scores, labels, boxes = (np.asarray(x) for x in postprocess(out["pred_logits"], out["pred_boxes"],
                                                                   batch["orig_size"]))
     source = build_source(config.data.source, **dict(config.data.source_kwargs.to_dict(),
@@ -340,9 +338,9 @@ def test_finished_run_restarts_as_a_no_op_and_refuses_another_model(reference, t
 
 # ---- options -----------------------------------------------------------------------------------------------
 def _step_for(config, unit):
-    model = train.build_model(config)
-    params_shape = jax.tree_util.tree_map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), unit.initial["params"])
-    tx, _, _ = train.build_optimizer(config, params_shape, total_steps=1000, steps_per_epoch=1)
+    """The step of `config` from the unit's initial parameters."""
+    model = build_training_model(config)
+    tx, _ = build_optimizer(config, unit.initial["params"], total_steps=1000, steps_per_epoch=1)
     state = dict(unit.initial, opt_state=tx.init(unit.initial["params"]))
     return train.make_train_step(model, tx, config, unit.mesh), jax.device_put(state, sharding.replicated(unit.mesh))
 
@@ -353,8 +351,8 @@ def test_gradient_accumulation_equals_one_big_step(unit):
     config.optimizer.grad_accum_steps = 2
     accum_step, state = _step_for(config, unit)
     state, _ = accum_step(state, unit.batch)
-    np.testing.assert_array_equal(_flat(state["params"])[("class_embed", "kernel")],
-                                  _flat(unit.initial["params"])[("class_embed", "kernel")])  # no update yet
+    np.testing.assert_array_equal(_flat(state["params"])[("model", "class_embed", "kernel")],
+                                  _flat(unit.initial["params"])[("model", "class_embed", "kernel")])  # no update yet
     state, _ = accum_step(state, unit.batch)
     plain, _ = unit.step(unit.fresh_state(), unit.batch)
     ours, ref = _flat(state["params"]), _flat(plain["params"])
@@ -367,7 +365,7 @@ def test_half_precision_step_is_close_to_float32(unit):
     bf16_step, state = _step_for(config, unit)
     _, ref = unit.step(unit.fresh_state(), unit.batch)
     state, metrics = bf16_step(state, unit.batch)
-    assert state["params"]["class_embed"]["kernel"].dtype == np.float32  # parameters stay float32
+    assert state["params"]["model"]["class_embed"]["kernel"].dtype == np.float32  # parameters stay float32
     assert metrics["loss"].dtype == np.float32 and np.isfinite(float(metrics["loss"]))
     assert float(metrics["loss"]) == pytest.approx(float(ref["loss"]), rel=0.05)
 
@@ -377,24 +375,23 @@ def test_batch_norm_backbone_step_updates_the_running_statistics(unit):
     batch (momentum 0.1, torch's rule), the parameters still update, and a non-finite step keeps both."""
     config = copy.deepcopy(unit.config)
     config.model.update(backbone_norm="batch", train_stem=True)
-    model = train.build_model(config)
-    hw = tuple(config.data.buckets[0])
-    params_shape = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), np.zeros((1,) + hw + (3,))))["params"]
-    tx, _, _ = train.build_optimizer(config, params_shape, total_steps=1000, steps_per_epoch=1)
-    initial = jax.device_get(train.init_state(model, tx, config, hw))
+    model = build_training_model(config)
+    initial, tx, _ = create_train_state(config, model, total_steps=1000, steps_per_epoch=1)
+    initial = jax.device_get(initial)
     step = train.make_train_step(model, tx, config, unit.mesh)
     state, metrics = step(jax.device_put(initial, sharding.replicated(unit.mesh)), unit.batch)
     assert np.isfinite(float(metrics["loss"]))
 
-    _, expected = model.apply({"params": initial["params"], "frozen": initial["frozen"]}, unit.images,
-                              pixel_mask=unit.local_batch["pixel_mask"], train=True, mutable=["frozen"],
-                              rngs={"dropout": jax.random.PRNGKey(0)})
+    _, expected = model.model.apply(detector_variables(initial["params"], initial["frozen"]), unit.images,
+                                    pixel_mask=unit.local_batch["pixel_mask"], train=True, mutable=["frozen"],
+                                    rngs={"dropout": jax.random.PRNGKey(0)})
+    expected = {"frozen": {"model": expected["frozen"]}}
     got, want, before = _flat(state["frozen"]), _flat(expected["frozen"]), _flat(initial["frozen"])
     assert got.keys() == want.keys() == before.keys() and len(got) == 2 * 20  # mean and var of 20 norms (R18)
     for k in want:
         assert np.abs(got[k] - before[k]).max() > 0, "/".join(k)
         np.testing.assert_allclose(got[k], want[k], rtol=1e-4, atol=1e-5, err_msg="/".join(k))
-    assert _flat(state["params"])[("backbone", "bn1", "scale")].shape == (64,)
+    assert _flat(state["params"])[("model", "backbone", "bn1", "scale")].shape == (64,)
 
     poisoned = dict(unit.local_batch, images=np.full_like(unit.images, np.nan))
     bad, _ = step(state, sharding.global_batch(poisoned, unit.mesh))

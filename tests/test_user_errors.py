@@ -179,7 +179,8 @@ def test_multi_process_launchers_are_detected(monkeypatch):
         monkeypatch.delenv(key, raising=False)
     sharding.maybe_initialize_distributed()
     assert calls == [] and sharding.cluster_environment() is None  # one plain process
-    for env, name in (({"SLURM_NTASKS": "4", "SLURM_PROCID": "2"}, "SLURM"), ({"OMPI_COMM_WORLD_SIZE": "2"}, "Open MPI"),
+    for env, name in (({"SLURM_NTASKS": "4", "SLURM_PROCID": "2"}, "SLURM"),
+                      ({"OMPI_COMM_WORLD_SIZE": "2"}, "Open MPI"),
                       ({"TPU_WORKER_HOSTNAMES": "t0,t1,t2,t3"}, "TPU pod")):
         with monkeypatch.context() as m:
             for key, value in env.items():

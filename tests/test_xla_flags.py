@@ -7,8 +7,13 @@ import sys
 
 import pytest
 
-from detr_jax.xla_flags import (DEFAULT_XLA_FLAGS, NO_MALLOC_OPTIONS_ENV, default_xla_flags_string,
-                                set_default_malloc_options, set_default_xla_flags)
+from detr_jax.xla_flags import (
+    DEFAULT_XLA_FLAGS,
+    NO_MALLOC_OPTIONS_ENV,
+    default_xla_flags_string,
+    set_default_malloc_options,
+    set_default_xla_flags,
+)
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

@@ -6,7 +6,13 @@
   transforms   make_train_transforms / make_eval_transforms (official recipe; boxes end cxcywh normalised)
   batching     buckets (static pad shapes) and collate -> the batch format the model and loss consume
   loader       Loader: deterministic, resumable, multi-process aware
+  build_data   the Loader of a config's split
 """
+
+import logging
+from typing import Optional
+
+import ml_collections
 
 from detr_jax.data.batching import collate, fit_buckets, recipe_buckets, simulate_output_sizes
 from detr_jax.data.coco_folder import AnnotationError, CocoFolder, ImageReadError
@@ -14,10 +20,11 @@ from detr_jax.data.loader import Loader
 from detr_jax.data.synthetic import SyntheticDetection, write_coco_folder
 from detr_jax.data.transforms import make_eval_transforms, make_train_transforms
 
-__all__ = ["AnnotationError", "CocoFolder", "ImageReadError", "Loader", "SyntheticDetection", "build_source",
-           "collate", "fit_buckets", "make_eval_transforms", "make_train_transforms", "recipe_buckets",
+__all__ = ["AnnotationError", "CocoFolder", "build_data", "ImageReadError", "Loader", "SyntheticDetection",
+           "build_source", "collate", "fit_buckets", "make_eval_transforms", "make_train_transforms", "recipe_buckets",
            "simulate_output_sizes", "write_coco_folder"]
 
+logger = logging.getLogger(__name__)
 SOURCES = ("synthetic", "coco_folder", "tfds")
 
 
@@ -37,3 +44,35 @@ def build_source(kind: str, /, **kwargs):
         from detr_jax.data import tfds_coco  # lazy: pulls in tensorflow_datasets
         return tfds_coco.TfdsCoco(**kwargs)
     raise ValueError(f"unknown data source {kind!r}; known: {SOURCES}")
+
+
+def build_data(config: ml_collections.ConfigDict, split: str, *, train: bool, process_index: int = 0,
+               process_count: int = 1, batch_size: Optional[int] = None) -> Loader:
+    """The loader of `split` for this process: train augmentation and shuffling when `train`.
+
+    Batches carry uint8 images; the jitted steps normalise them on the device (`normalize_images`).
+    """
+    d = config.data
+    # The split's own kwargs (e.g. its image_dir) override the shared ones.
+    source = build_source(d.source, **dict(d.source_kwargs.to_dict(), **d[f"{split}_kwargs"].to_dict()))
+    if train:
+        transforms = make_train_transforms(tuple(d.train_scales), d.max_size, tuple(d.crop_resize_scales),
+                                           tuple(d.crop_size), normalize_pixels=False)
+    else:
+        transforms = make_eval_transforms(d.eval_size, d.max_size, normalize_pixels=False)
+    global_batch = batch_size or config.batch_size
+    if global_batch % process_count:
+        raise ValueError(f"batch_size {global_batch} must be divisible by the process count {process_count}")
+    # Evaluation groups sizes too: its order does not matter, its padding does (COCO val at batch 64: ~4% padded
+    # instead of ~45%, BENCHMARKS.md).
+    group_by_size = int(d.group_by_size)
+    buckets = d.buckets
+    if buckets == "recipe":  # fitted to the simulated output sizes of this pipeline (see data/batching.py)
+        buckets = recipe_buckets(transforms, batch_size=global_batch, max_side=d.max_size, group_by_size=group_by_size,
+                                 max_buckets=d.max_buckets)
+        logger.info("%s buckets for the %s recipe: %s", len(buckets), split, buckets)
+    return Loader(source, transforms, global_batch // process_count, seed=config.seed, max_objects=d.max_objects,
+                  buckets=[tuple(b) for b in buckets] if buckets else None, shuffle=train,
+                  num_workers=d.num_workers, process_index=process_index, process_count=process_count,
+                  drop_remainder=train, num_epochs=None if train else 1, group_by_size=group_by_size,
+                  worker_type=d.worker_type)

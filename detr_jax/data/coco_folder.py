@@ -201,8 +201,8 @@ class CocoFolder:
             labels.append(label)
             iscrowd.append(crowd)
             self.stats["objects"] += 1
-        return {i: (np.asarray(b, np.float32).reshape(-1, 4), np.asarray(l, np.int32), np.asarray(c, bool))
-                for i, (b, l, c) in per_image.items()}
+        return {i: (np.asarray(b, np.float32).reshape(-1, 4), np.asarray(lab, np.int32), np.asarray(c, bool))
+                for i, (b, lab, c) in per_image.items()}
 
     def __len__(self) -> int:
         return len(self.image_ids)

@@ -15,6 +15,9 @@ Workers: threads (`worker_type="thread"`, one example per job, GIL-bound beyond 
 (`worker_type="process"`, one whole batch per job, through grain's `mp_prefetch`: spawned workers, batches
 handed over in shared memory, round-robin so the order is the workers' order). Either way a batch is a pure
 function of (seed, epoch, position), so every worker type and count gives the same batches.
+
+Longer than 400 lines: both worker types live in one Loader because they share the ordering, bucketing, state and
+counting code that the determinism above rests on.
 """
 
 import collections

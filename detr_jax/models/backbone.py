@@ -2,15 +2,18 @@
 
 The layout (stride on the 3x3 conv of a bottleneck, `downsample` on the first block of a stage) and the
 parameter names follow torchvision's ResNet so that official DETR and torchvision checkpoints convert
-one-to-one (see `detr_jax.convert`).
+one-to-one (see `detr_jax.convert`). Convolutions are `layers.Conv2d`, torch's `nn.Conv2d`; how it runs fast is
+its business (`detr_jax.models.layers`).
 """
 
-from typing import Any, Callable, Sequence
+from typing import Sequence
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+from detr_jax.models.layers import Conv2d, kaiming_normal_fan_out
 
 # depth -> (block type, blocks per stage)
 RESNET_SPECS = {
@@ -130,114 +133,15 @@ def _norm(kind: str, name: str, train: bool = False):
     raise ValueError(f"backbone norm must be one of {BACKBONE_NORMS}, got {kind!r}")
 
 
-_KAIMING_FAN_OUT = nn.initializers.variance_scaling(2.0, "fan_out", "normal")
+def conv3x3(planes: int, stride: int = 1, dilation: int = 1, name=None, dtype=jnp.float32):
+    """torchvision's `conv3x3`: 3x3, padding = dilation, no bias; kaiming fan-out init as torchvision's ResNet."""
+    return Conv2d(planes, 3, stride, padding=dilation, dilation=dilation, use_bias=False,
+                  kernel_init=kaiming_normal_fan_out, dtype=dtype, name=name)
 
 
-class Conv1x1(nn.Module):
-    """A bias-free 1x1 convolution (stride s: every s-th pixel) computed as a matrix product over channels.
-
-    Same parameter as `nn.Conv` ("kernel" [1, 1, Cin, Cout], same initialisation) and the same outputs; only the
-    formulation differs, for speed: XLA:CPU turns the weight gradient of a 1x1 `nn.Conv` into a convolution whose
-    window is the whole feature map with the batch as its feature dimension (3-5x slower than the forward), while
-    the gradient of a matrix product is one GEMM. See BENCHMARKS.md (CPU optimisation sweep).
-    """
-    features: int
-    stride: int = 1
-    dtype: Any = jnp.float32
-    kernel_init: Callable = _KAIMING_FAN_OUT
-    use_bias: bool = False
-    bias_init: Callable = nn.initializers.zeros
-
-    @nn.compact
-    def __call__(self, x):  # [B, H, W, Cin] -> [B, ceil(H / s), ceil(W / s), features]
-        kernel = self.param("kernel", self.kernel_init, (1, 1, x.shape[-1], self.features), jnp.float32)
-        bias = self.param("bias", self.bias_init, (self.features,), jnp.float32) if self.use_bias else None
-        x, kernel, bias = nn.dtypes.promote_dtype(x, kernel, bias, dtype=self.dtype)
-        if self.stride > 1:
-            x = x[:, ::self.stride, ::self.stride]
-        # One [B*H*W, Cin] x [Cin, Cout] product. Flattened first: the weight gradient is then a 2-D product
-        # contracting the leading axis of both operands, which XLA:CPU runs without transposing them (with the 4-D
-        # dot_general it materialises a transposed copy of the gradient, fused with the batch-norm backward).
-        y = jnp.dot(x.reshape(-1, x.shape[-1]), kernel[0, 0])
-        if bias is not None:
-            y = y + bias
-        return y.reshape(x.shape[:-1] + (self.features,))
-
-
-def _conv3x3_s2(x, kernel):
-    return jax.lax.conv_general_dilated(x, kernel, (2, 2), [(1, 1), (1, 1)], dimension_numbers=("NHWC", "HWIO", "NHWC"))
-
-
-def _input_grad_3x3_s2(g, kernel, in_hw):
-    """Gradient of `_conv3x3_s2` w.r.t. its input, split by output parity into four stride-1 convolutions.
-
-    Input pixel (2a + p, 2b + q) receives kernel rows {1} (p = 0) or {2, 0} from gradient rows a, a + 1 (p = 1),
-    and the same for columns: 1 + 2 + 2 + 4 = 9 taps in all, the forward's work. XLA's own transpose convolves the
-    gradient dilated with zeros (lhs_dilation 2), 4x the work, on a slower Eigen path.
-    """
-    h, w = in_hw
-    hh, hw = -(-h // 2), -(-w // 2)
-    gp = jnp.pad(g, ((0, 0), (0, 1), (0, 1), (0, 0)))
-    taps = ([1], [2, 0])
-    phases = []
-    for p in (0, 1):
-        row = []
-        for q in (0, 1):
-            k = kernel[jnp.array(taps[p])][:, jnp.array(taps[q])]  # [kh, kw, Cin, Cout]
-            out = jax.lax.conv_general_dilated(gp, k, (1, 1), "VALID", dimension_numbers=("NHWC", "HWOI", "NHWC"))
-            row.append(jnp.pad(out[:, :hh, :hw], ((0, 0), (0, hh - min(hh, out.shape[1])),
-                                                  (0, hw - min(hw, out.shape[2])), (0, 0))))
-        phases.append(jnp.stack(row, axis=3))  # [B, hh, hw, 2 (q), Cin]
-    dx = jnp.stack(phases, axis=2)  # [B, hh, 2 (p), hw, 2 (q), Cin]
-    return dx.reshape(g.shape[0], 2 * hh, 2 * hw, -1)[:, :h, :w]
-
-
-@jax.custom_vjp
-def conv3x3_stride2(x, kernel):
-    """3x3 convolution, stride 2, padding 1 (the strided convolution of a ResNet stage), NHWC / HWIO.
-
-    Same forward as `lax.conv_general_dilated`; the input gradient is computed by `_input_grad_3x3_s2`.
-    """
-    return _conv3x3_s2(x, kernel)
-
-
-def _conv3x3_s2_fwd(x, kernel):
-    return _conv3x3_s2(x, kernel), (x, kernel)
-
-
-def _conv3x3_s2_bwd(residuals, g):
-    x, kernel = residuals
-    dx = _input_grad_3x3_s2(g, kernel, x.shape[1:3]).astype(x.dtype)
-    (dkernel,) = jax.vjp(lambda k: _conv3x3_s2(x, k), kernel)[1](g)
-    return dx, dkernel
-
-
-conv3x3_stride2.defvjp(_conv3x3_s2_fwd, _conv3x3_s2_bwd)
-
-
-class Conv3x3Stride2(nn.Module):
-    """`nn.Conv(features, (3, 3), strides=2, padding=1, use_bias=False)` (same parameter, same outputs) with a
-    faster input gradient on XLA:CPU (see `_input_grad_3x3_s2`)."""
-    features: int
-    dtype: Any = jnp.float32
-    kernel_init: Callable = _KAIMING_FAN_OUT
-
-    @nn.compact
-    def __call__(self, x):  # [B, H, W, Cin] -> [B, ceil(H / 2), ceil(W / 2), features]
-        kernel = self.param("kernel", self.kernel_init, (3, 3, x.shape[-1], self.features), jnp.float32)
-        x, kernel = nn.dtypes.promote_dtype(x, kernel, dtype=self.dtype)
-        return conv3x3_stride2(x, kernel)
-
-
-def _conv(features, kernel, stride=1, dilation=1, name=None, dtype=jnp.float32):
-    if kernel == 1:
-        return Conv1x1(features, stride, dtype, name=name)
-    if kernel == 3 and stride == 2 and dilation == 1:
-        return Conv3x3Stride2(features, dtype, name=name)
-    pad = dilation * (kernel // 2)  # torchvision: padding = dilation for 3x3, 3 for the 7x7 stem
-    return nn.Conv(features, (kernel, kernel), strides=(stride, stride), padding=[(pad, pad), (pad, pad)],
-                                  kernel_dilation=(dilation, dilation), use_bias=False, name=name, dtype=dtype,
-                                  kernel_init=_KAIMING_FAN_OUT)
+def conv1x1(planes: int, stride: int = 1, name=None, dtype=jnp.float32):
+    """torchvision's `conv1x1`: no padding, no bias; kaiming fan-out init as torchvision's ResNet."""
+    return Conv2d(planes, 1, stride, use_bias=False, kernel_init=kaiming_normal_fan_out, dtype=dtype, name=name)
 
 
 class BasicBlock(nn.Module):
@@ -252,13 +156,12 @@ class BasicBlock(nn.Module):
     def __call__(self, x, pixel_mask=None, train: bool = False):  # [B, H, W, Cin] -> [B, H/s, W/s, planes]
         norm = lambda name: _norm(self.norm, name, train)  # noqa: E731
         identity = x
-        out = _conv(self.planes, 3, self.stride, name="conv1", dtype=self.dtype)(x)
+        out = conv3x3(self.planes, self.stride, name="conv1", dtype=self.dtype)(x)
         out = mask_padding(nn.relu(norm("bn1")(out, pixel_mask)), pixel_mask)
-        out = norm("bn2")(
-                _conv(self.planes, 3, name="conv2", dtype=self.dtype)(out), pixel_mask)
+        out = norm("bn2")(conv3x3(self.planes, name="conv2", dtype=self.dtype)(out), pixel_mask)
         if self.downsample:
             identity = norm("downsample_bn")(
-                    _conv(self.planes, 1, self.stride, name="downsample_conv", dtype=self.dtype)(x), pixel_mask)
+                    conv1x1(self.planes, self.stride, name="downsample_conv", dtype=self.dtype)(x), pixel_mask)
         return mask_padding(nn.relu(out + identity), pixel_mask)
 
 
@@ -274,16 +177,16 @@ class Bottleneck(nn.Module):
     def __call__(self, x, pixel_mask=None, train: bool = False):  # [B, H, W, Cin] -> [B, H/s, W/s, 4 * planes]
         norm = lambda name: _norm(self.norm, name, train)  # noqa: E731
         identity = x
-        out = norm("bn1")(_conv(self.planes, 1, name="conv1", dtype=self.dtype)(x), pixel_mask)
+        out = norm("bn1")(conv1x1(self.planes, name="conv1", dtype=self.dtype)(x), pixel_mask)
         out = mask_padding(nn.relu(out), pixel_mask)
         # v1.5: the stride sits on the 3x3 conv, not on the first 1x1.
         out = norm("bn2")(
-                _conv(self.planes, 3, self.stride, self.dilation, name="conv2", dtype=self.dtype)(out), pixel_mask)
+                conv3x3(self.planes, self.stride, self.dilation, name="conv2", dtype=self.dtype)(out), pixel_mask)
         out = mask_padding(nn.relu(out), pixel_mask)
-        out = norm("bn3")(_conv(self.planes * 4, 1, name="conv3", dtype=self.dtype)(out), pixel_mask)
+        out = norm("bn3")(conv1x1(self.planes * 4, name="conv3", dtype=self.dtype)(out), pixel_mask)
         if self.downsample:
             identity = norm("downsample_bn")(
-                    _conv(self.planes * 4, 1, self.stride, name="downsample_conv", dtype=self.dtype)(x), pixel_mask)
+                    conv1x1(self.planes * 4, self.stride, name="downsample_conv", dtype=self.dtype)(x), pixel_mask)
         return mask_padding(nn.relu(out + identity), pixel_mask)
 
 
@@ -324,7 +227,8 @@ class ResNet(nn.Module):
         block_cls = BasicBlock if kind == "basic" else Bottleneck
         expansion = 1 if kind == "basic" else 4
 
-        x = _conv(64, 7, 2, name="conv1", dtype=self.dtype)(x)
+        x = Conv2d(64, 7, 2, padding=3, use_bias=False, kernel_init=kaiming_normal_fan_out, dtype=self.dtype,
+                   name="conv1")(x)
         x = mask_padding(nn.relu(norm("bn1")(x, pixel_mask)), pixel_mask)
         # Activations are >= 0 here, so the zeros of masked padding never win the max (like -inf padding).
         x = mask_padding(nn.max_pool(x, (3, 3), strides=(2, 2), padding=[(1, 1), (1, 1)]), pixel_mask)

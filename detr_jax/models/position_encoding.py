@@ -44,7 +44,7 @@ class LearnedPositionEncoding(nn.Module):
         b, h, w = mask.shape
         if h > self.max_size or w > self.max_size:
             raise ValueError(f"learned position encoding covers at most {self.max_size}x{self.max_size} "
-                                              f"feature positions, got {h}x{w}; use position_embedding='sine' for larger images")
+                             f"feature positions, got {h}x{w}; use position_embedding='sine' for larger images")
         init = nn.initializers.uniform(1.0)  # official: nn.init.uniform_ on [0, 1)
         row_embed = self.param("row_embed", init, (self.max_size, self.num_pos_feats))
         col_embed = self.param("col_embed", init, (self.max_size, self.num_pos_feats))

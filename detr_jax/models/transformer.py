@@ -3,6 +3,7 @@
 Sequences are batch-major here ([B, S, D]; the official code is sequence-major). Position encodings are
 added to queries and keys, never to values, in every attention layer. Parameter names follow the
 official state dict (`self_attn`, `multihead_attn`, `linear1`, `norm1`, ...) for one-to-one conversion.
+Linear layers are `layers.Linear` (torch's `nn.Linear`); the fused attention kernels live in `layers` too.
 """
 
 from typing import Callable
@@ -11,33 +12,23 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-xavier = nn.initializers.xavier_uniform()
+from detr_jax.models.layers import (
+    Linear,
+    attention_implementation,
+    fused_attention,
+    linear,
+    xavier_uniform,
+)
 
 
-def torch_default_bias_init(fan_in: int):
-    """torch.nn.Linear's default bias init: U(-1/sqrt(fan_in), 1/sqrt(fan_in))."""
-    bound = 1.0 / fan_in ** 0.5
-
-    def init(key, shape, dtype=jnp.float32):
-        return jax.random.uniform(key, shape, dtype, -bound, bound)
-    return init
-
-
-def torch_linear(features: int, fan_in: int, name: str, dtype, xavier_weight: bool = True):
-    """A Dense initialised as the official code does: xavier weights (Transformer._reset_parameters)."""
-    kernel_init = xavier if xavier_weight else nn.initializers.variance_scaling(1 / 3, "fan_in", "uniform")
-    return nn.Dense(features, kernel_init=kernel_init, bias_init=torch_default_bias_init(fan_in),
-                                    name=name, dtype=dtype)
-
-
-def dense_2d(fn, x):
-    """Apply a map of the last axis, `fn` ([M, D] -> [M, F]), to x [..., D] as one 2-D product: [..., F].
-
-    Same numbers as `fn(x)`. For speed: the weight gradient of a 2-D product is one GEMM over the rows, which
-    XLA:CPU runs as it is, while a [B, S, D] operand makes XLA transpose it first ([D, B * S]).
-    """
-    y = fn(x.reshape(-1, x.shape[-1]))
-    return y.reshape(x.shape[:-1] + y.shape[-1:])
+def attention_weights(q, k, key_mask=None):
+    """Softmax over keys, in float32: q [B, Sq, H, hd] (already scaled), k [B, Sk, H, hd], key_mask bool [B, Sk]
+    (True on keys that may be attended; None for all) -> [B, H, Sq, Sk]."""
+    logits = jnp.einsum("bqhd,bkhd->bhqk", q, k).astype(jnp.float32)
+    if key_mask is not None:
+        # A large finite negative instead of -inf: a fully padded row stays finite (torch would give NaN).
+        logits = jnp.where(key_mask[:, None, None, :], logits, jnp.finfo(jnp.float32).min)
+    return jax.nn.softmax(logits, axis=-1)
 
 
 def masked_attention(q, k, v, key_mask=None, dropout: Callable = lambda w: w):
@@ -50,11 +41,7 @@ def masked_attention(q, k, v, key_mask=None, dropout: Callable = lambda w: w):
     Returns:
         out [B, Sq, H, hd] in v's dtype, weights float32 [B, H, Sq, Sk] (before dropout).
     """
-    logits = jnp.einsum("bqhd,bkhd->bhqk", q, k).astype(jnp.float32)
-    if key_mask is not None:
-        # A large finite negative instead of -inf: a fully padded row stays finite (torch would give NaN).
-        logits = jnp.where(key_mask[:, None, None, :], logits, jnp.finfo(jnp.float32).min)
-    weights = jax.nn.softmax(logits, axis=-1)
+    weights = attention_weights(q, k, key_mask)
     out = jnp.einsum("bhqk,bkhd->bqhd", dropout(weights).astype(v.dtype), v)
     return out, weights
 
@@ -64,10 +51,19 @@ class MultiheadAttention(nn.Module):
 
     The fused `in_proj_kernel` [D, 3D] (q, k, v blocks) keeps xavier's fan-in/out of the 3D x D torch matrix,
     so initialisation matches the official code, and converts from `in_proj_weight` by a transpose.
+
+    `attention_impl` picks how softmax(q k^T) v is computed (`layers.attention_implementation`): "reference" is
+    `masked_attention`, the explicit float32 softmax; "xla" and "cudnn" are `layers.fused_attention`
+    (`jax.nn.dot_product_attention`; "cudnn" is the fused flash-attention kernel, bfloat16/float16 only); "auto"
+    is "cudnn" where that kernel can run, else "reference" (so CPUs and float32 models compute as before). The
+    fused kernels have no dropout on the attention weights: training with dropout > 0 uses "reference" ("auto")
+    or is refused. The weights returned by `return_weights` always come from the explicit softmax; under `jit`
+    XLA drops that computation when the caller does not use them.
     """
     num_heads: int
     dropout: float = 0.0
     dtype: jnp.dtype = jnp.float32
+    attention_impl: str = "auto"
 
     @nn.compact
     def __call__(self, query, key, value, key_mask=None, train: bool = False, return_weights: bool = False):
@@ -83,21 +79,27 @@ class MultiheadAttention(nn.Module):
         if d % self.num_heads:
             raise ValueError(f"hidden dim {d} is not divisible by num_heads={self.num_heads}")
         head_dim = d // self.num_heads
-        w = self.param("in_proj_kernel", xavier, (d, 3 * d)).astype(self.dtype)
+        w = self.param("in_proj_kernel", xavier_uniform, (d, 3 * d)).astype(self.dtype)
         b = self.param("in_proj_bias", nn.initializers.zeros, (3 * d,)).astype(self.dtype)
-        q = dense_2d(lambda x: x @ w[:, :d] + b[:d], query.astype(self.dtype))
-        k = dense_2d(lambda x: x @ w[:, d:2 * d] + b[d:2 * d], key.astype(self.dtype))
-        v = dense_2d(lambda x: x @ w[:, 2 * d:] + b[2 * d:], value.astype(self.dtype))
+        q = linear(query.astype(self.dtype), w[:, :d], b[:d])
+        k = linear(key.astype(self.dtype), w[:, d:2 * d], b[d:2 * d])
+        v = linear(value.astype(self.dtype), w[:, 2 * d:], b[2 * d:])
 
         def heads(x):  # [B, S, D] -> [B, S, H, hd]
             return x.reshape(x.shape[:2] + (self.num_heads, head_dim))
 
-        dropout = nn.Dropout(self.dropout)
-        out, weights = masked_attention(heads(q) * head_dim ** -0.5, heads(k), heads(v), key_mask,
-                                        lambda w: dropout(w, deterministic=not train))
+        q, k, v = heads(q) * head_dim ** -0.5, heads(k), heads(v)
+        impl = attention_implementation(self.attention_impl, self.dtype, head_dim,
+                                        dropout_active=train and self.dropout > 0)
+        if impl == "reference":
+            dropout = nn.Dropout(self.dropout)
+            out, weights = masked_attention(q, k, v, key_mask, lambda w: dropout(w, deterministic=not train))
+        else:
+            out = fused_attention(q, k, v, key_mask, impl)
+            weights = attention_weights(q, k, key_mask) if return_weights else None
         out = out.reshape(query.shape[:2] + (d,))
-        out = dense_2d(nn.Dense(d, kernel_init=xavier, bias_init=nn.initializers.zeros, name="out_proj",
-                                dtype=self.dtype), out)
+        out = Linear(d, kernel_init=xavier_uniform, bias_init=nn.initializers.zeros, dtype=self.dtype,
+                     name="out_proj")(out)
         return (out, weights.mean(axis=1)) if return_weights else out
 
 
@@ -109,9 +111,10 @@ class FeedForward(nn.Module):
     @nn.compact
     def __call__(self, x, train: bool):  # [B, S, D] -> [B, S, D]
         d = x.shape[-1]
-        x = nn.relu(dense_2d(torch_linear(self.dim_feedforward, d, "linear1", self.dtype), x))
+        # xavier weights as the official Transformer._reset_parameters; torch's default biases
+        x = nn.relu(Linear(self.dim_feedforward, kernel_init=xavier_uniform, dtype=self.dtype, name="linear1")(x))
         x = nn.Dropout(self.dropout)(x, deterministic=not train)
-        return dense_2d(torch_linear(d, self.dim_feedforward, "linear2", self.dtype), x)
+        return Linear(d, kernel_init=xavier_uniform, dtype=self.dtype, name="linear2")(x)
 
 
 def _layer_norm(name):
@@ -124,10 +127,11 @@ class EncoderLayer(nn.Module):
     dropout: float
     pre_norm: bool = False
     dtype: jnp.dtype = jnp.float32
+    attention_impl: str = "auto"
 
     @nn.compact
     def __call__(self, src, pos, key_mask, train: bool):  # [B, S, D], [B, S, D], bool [B, S] -> [B, S, D]
-        attn = MultiheadAttention(self.num_heads, self.dropout, self.dtype, name="self_attn")
+        attn = MultiheadAttention(self.num_heads, self.dropout, self.dtype, self.attention_impl, name="self_attn")
         ffn = FeedForward(self.dim_feedforward, self.dropout, self.dtype, name="ffn")
         drop = lambda x: nn.Dropout(self.dropout)(x, deterministic=not train)
         norm1, norm2 = _layer_norm("norm1"), _layer_norm("norm2")
@@ -145,6 +149,7 @@ class DecoderLayer(nn.Module):
     dropout: float
     pre_norm: bool = False
     dtype: jnp.dtype = jnp.float32
+    attention_impl: str = "auto"
 
     @nn.compact
     def __call__(self, tgt, memory, pos, query_pos, memory_mask, train: bool, groups: int = 1):
@@ -153,8 +158,9 @@ class DecoderLayer(nn.Module):
         With `groups` G > 1 the N queries are G independent groups of N / G (group by group): the self-attention
         runs within each group only; the cross-attention and the feed-forward are per query anyway.
         """
-        self_attn = MultiheadAttention(self.num_heads, self.dropout, self.dtype, name="self_attn")
-        cross_attn = MultiheadAttention(self.num_heads, self.dropout, self.dtype, name="multihead_attn")
+        self_attn = MultiheadAttention(self.num_heads, self.dropout, self.dtype, self.attention_impl, name="self_attn")
+        cross_attn = MultiheadAttention(self.num_heads, self.dropout, self.dtype, self.attention_impl,
+                                        name="multihead_attn")
         ffn = FeedForward(self.dim_feedforward, self.dropout, self.dtype, name="ffn")
         drop = lambda x: nn.Dropout(self.dropout)(x, deterministic=not train)
         norm1, norm2, norm3 = _layer_norm("norm1"), _layer_norm("norm2"), _layer_norm("norm3")
@@ -190,6 +196,7 @@ class Transformer(nn.Module):
     dropout: float = 0.1
     pre_norm: bool = False
     dtype: jnp.dtype = jnp.float32
+    attention_impl: str = "auto"  # see MultiheadAttention: "auto", "reference", "xla" or "cudnn"
 
     @nn.compact
     def __call__(self, src, mask, query_embed, pos, train: bool = False):
@@ -213,7 +220,7 @@ class Transformer(nn.Module):
         memory = src
         for i in range(self.num_encoder_layers):
             memory = EncoderLayer(self.num_heads, self.dim_feedforward, self.dropout, self.pre_norm, self.dtype,
-                                                        name=f"encoder_layers_{i}")(memory, pos, key_mask, train)
+                                  self.attention_impl, name=f"encoder_layers_{i}")(memory, pos, key_mask, train)
         if self.pre_norm:  # the official encoder has a final norm only in the pre-norm variant
             memory = _layer_norm("encoder_norm")(memory)
         encoded = memory
@@ -226,7 +233,7 @@ class Transformer(nn.Module):
         hs, attn = [], []
         for i in range(self.num_decoder_layers):
             layer = DecoderLayer(self.num_heads, self.dim_feedforward, self.dropout, self.pre_norm, self.dtype,
-                                 name=f"decoder_layers_{i}")
+                                 self.attention_impl, name=f"decoder_layers_{i}")
             tgt, weights = layer(tgt, memory, pos, query_pos, key_mask, train, groups)
             hs.append(decoder_norm(tgt))
             attn.append(weights)

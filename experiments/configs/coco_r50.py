@@ -17,57 +17,11 @@ prepared TFDS data (see the README). About 3 days on 16 V100s for the official c
 
 import ml_collections
 
-from detr_jax.data.transforms import COCO_TRAIN_SCALES
+from detr_jax.config import base_config
 
 
 def get_config(arg: str = ""):
-    config = ml_collections.ConfigDict()
-    config.seed = 42
-    config.batch_size = 64
-    config.eval_batch_size = 64
-    config.num_steps = 0
-    config.num_epochs = 300
-    config.log_every = 100
-    config.checkpoint_every = 2000
-    config.keep_checkpoints = 3
-    config.eval_every = 20000
-    config.eval_at_end = True
-    config.eval_top_k = None
-    config.half_precision = False
-    config.compilation_cache_dir = ""  # jax's persistent compilation cache: "" = <workdir>/jax_cache, "none" = off
-
-    config.model = ml_collections.ConfigDict(dict(
-        num_classes=91, num_queries=100, hidden_dim=256, num_heads=8, num_encoder_layers=6, num_decoder_layers=6,
-        dim_feedforward=2048, dropout=0.1, pre_norm=False, backbone_depth=50, dilation=False,
-        position_embedding="sine", aux_loss=True,
-        # Options for training from scratch, off in the official recipe (see DETR in detr_jax/models/detr.py):
-        num_query_groups=1, encoder_aux_loss=False, backbone_aux_stages=(), backbone_norm="frozen_bn",
-        train_stem=False))
-
-    config.data = ml_collections.ConfigDict(dict(
-        source="tfds",
-        # name: the TFDS dataset ("coco_like" is the built-in COCO-like set); data_dir "": TFDS's default.
-        source_kwargs=dict(label_space="official91", name="coco/2017", data_dir=""),
-        train_kwargs=dict(split="train"),
-        val_kwargs=dict(split="validation"),
-        train_scales=tuple(COCO_TRAIN_SCALES), max_size=1333, crop_resize_scales=(400, 500, 600),
-        crop_size=(384, 600), eval_size=800,
-        # 12 static shapes fitted to the recipe's simulated sizes; with size grouping the padded share is ~23%
-        # at global batch 64 instead of ~62% (BENCHMARKS.md, bench_loader.py).
-        buckets="recipe", max_buckets=12, group_by_size=32,
-        # Decoding and augmentation in worker processes (grain), whole batches each; give them the host's cores.
-        max_objects=100, num_workers=8, worker_type="process"))
-
-    config.loss = ml_collections.ConfigDict(dict(
-        eos_coef=0.1, cost_class=1.0, cost_bbox=5.0, cost_giou=2.0, ce_loss_coef=1.0, bbox_loss_coef=5.0,
-        giou_loss_coef=2.0, bbox_loss_type="l1",
-        matcher="auto"))  # Hungarian solver: "host" (scipy), "device" (optax) or "auto" (device on GPU/TPU)
-
-    config.optimizer = ml_collections.ConfigDict(dict(
-        lr=1e-4, lr_backbone=1e-5, weight_decay=1e-4, grad_clip=0.1, schedule="step", warmup_steps=0,
-        lr_drop_epochs=200, grad_accum_steps=1))
-
-    config.init = ml_collections.ConfigDict(dict(backbone_checkpoint="", detr_checkpoint="", reinit_class_head=False))
+    config = base_config()  # the base config is this recipe, on TFDS coco/2017
     if arg == "smoke":
         smoke(config)
     elif arg:
@@ -84,7 +38,7 @@ def smoke(config: ml_collections.ConfigDict) -> None:
     config.log_every = 4
     config.checkpoint_every = 12
     config.eval_every = 0
-    config.model.update(num_classes=91, num_queries=10, hidden_dim=32, num_heads=4, num_encoder_layers=1,
+    config.model.update(num_queries=10, hidden_dim=32, num_heads=4, num_encoder_layers=1,
                         num_decoder_layers=2, dim_feedforward=64, backbone_depth=18)
     config.data.source_kwargs.name = "coco_like"
     config.data.val_kwargs = dict(split="validation[:16]")

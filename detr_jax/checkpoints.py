@@ -1,0 +1,78 @@
+"""Orbax checkpoints of a training run: the train state with the loader's position, resumable exactly; and a work
+directory's latest checkpoint as a plain DETR for evaluation and inference."""
+
+import json
+import logging
+import os
+from typing import Any, Dict, Optional, Tuple
+
+import jax
+import ml_collections
+import orbax.checkpoint as ocp
+
+from detr_jax import sharding
+from detr_jax.data import Loader
+from detr_jax.models.aux_heads import detector_variables
+from detr_jax.models.detr import build_model
+from detr_jax.train_state import TrainState
+
+logger = logging.getLogger(__name__)
+
+
+def checkpoint_manager(workdir: str, config: ml_collections.ConfigDict) -> ocp.CheckpointManager:
+    options = ocp.CheckpointManagerOptions(save_interval_steps=config.checkpoint_every,
+                                           max_to_keep=config.keep_checkpoints, enable_async_checkpointing=True)
+    return ocp.CheckpointManager(os.path.abspath(os.path.join(workdir, "checkpoints")), options=options)
+
+
+def model_signature(config: ml_collections.ConfigDict) -> Dict[str, Any]:
+    """What a checkpoint must agree on to be resumed: the model architecture and its training aids (parameters)."""
+    return dict(json.loads(config.model.to_json()), training_aids=json.loads(config.training_aids.to_json()))
+
+
+def save_checkpoint(manager, step: int, state: TrainState, loader: Loader, config, force: bool = False,
+                    total_steps: Optional[int] = None) -> bool:
+    return manager.save(step, args=ocp.args.Composite(
+        state=ocp.args.StandardSave(state),
+        meta=ocp.args.JsonSave({"loader": loader.get_state(), "model": model_signature(config), "step": step,
+                                "total_steps": total_steps})),
+        force=force)
+
+
+def restore_checkpoint(manager, state: TrainState, config, mesh) -> Tuple[TrainState, Optional[Dict], int]:
+    """Resume from the latest checkpoint if there is one; refuses a checkpoint of another model config.
+
+    Returns (state, the checkpoint's meta {"loader", "model", "step", "total_steps"} or None, step)."""
+    step = manager.latest_step()
+    if step is None:
+        return state, None, 0
+    meta = manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
+    if meta["model"] != model_signature(config):
+        diff = {k: (meta["model"].get(k), v) for k, v in model_signature(config).items() if meta["model"].get(k) != v}
+        raise ValueError(f"the checkpoint in {manager.directory} (step {step}) is of another model config "
+                         f"(checkpoint vs config: {diff}); use another --workdir or the matching config")
+    repl = sharding.replicated(mesh)
+    abstract = jax.tree_util.tree_map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=repl), state)
+    restored = manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract)))["state"]
+    logger.info("resumed from %s at step %d", manager.directory, step)
+    return restored, meta, step
+
+
+def load_workdir_checkpoint(workdir: str, step: Optional[int] = None):
+    """(config, the plain `DETR`, its variables {"params", "frozen"}) from a training work directory (its config.json
+    and orbax checkpoints)."""
+    config_path = os.path.join(workdir, "config.json")
+    if not os.path.isfile(config_path):
+        raise FileNotFoundError(f"{workdir} is not a detr_jax work directory: no config.json in it")
+    with open(config_path) as f:
+        config = ml_collections.ConfigDict(json.load(f))
+    manager = ocp.CheckpointManager(os.path.abspath(os.path.join(workdir, "checkpoints")))
+    step = manager.latest_step() if step is None else step
+    if step is None:
+        raise FileNotFoundError(f"no checkpoint in {workdir}/checkpoints")
+    state = manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore()))["state"]
+    manager.close()
+    if "training_aids" not in config or "model" not in state["params"]:
+        raise ValueError(f"{workdir} was written by an older detr_jax (before the detector's parameters moved under "
+                         "'model'); train it again, or evaluate it with that version")
+    return config, build_model(config), detector_variables(state["params"], state["frozen"])

@@ -1,0 +1,144 @@
+"""The one config schema: every field with its default (the official DETR-R50 recipe) and what it means.
+
+Named configs (experiments/configs/*.py, tests/configs/tiny.py) start from `base_config()` and override only what
+they change; any field can be set on the command line (`--config.optimizer.lr=2e-4`). `check_config` refuses a
+bad value before any work, naming the field.
+"""
+
+import ml_collections
+from ml_collections.config_dict import placeholder
+
+from detr_jax.data import SOURCES
+from detr_jax.data.loader import WORKER_TYPES
+from detr_jax.data.transforms import COCO_MAX_SIZE, COCO_TRAIN_SCALES
+from detr_jax.losses import BBOX_LOSS_TYPES
+from detr_jax.matcher import CHOICES as MATCHERS
+from detr_jax.models.backbone import BACKBONE_NORMS, RESNET_SPECS
+from detr_jax.models.detr import POSITION_EMBEDDINGS
+from detr_jax.train_state import SCHEDULES
+
+
+def base_config() -> ml_collections.ConfigDict:
+    """Every field, with the official recipe's values where it has one (facebookresearch/detr main.py)."""
+    config = ml_collections.ConfigDict()
+    config.seed = 42
+    config.batch_size = 64  # global, split over every device of every process (official: 16 GPUs x 4)
+    config.eval_batch_size = 64
+    config.num_steps = 0  # steps to train; 0: num_epochs epochs
+    config.num_epochs = 300
+    config.log_every = 100  # one row of metrics.jsonl / TensorBoard / the progress line
+    config.checkpoint_every = 2000
+    config.keep_checkpoints = 3
+    config.eval_every = 20000  # 0: no periodic evaluation
+    config.eval_at_end = True
+    config.eval_top_k = placeholder(int)  # None: every query is a detection (official); k: the k best per image
+    # Evaluate with padding that changes no image's outputs (see ResNet); False: the official behaviour, where a
+    # batch's padding changes every image's backbone output a little.
+    config.eval_padding_invariant = True
+    config.half_precision = False  # bfloat16 compute; parameters and optimizer state stay float32
+    config.compilation_cache_dir = ""  # jax's persistent compilation cache: "" = <workdir>/jax_cache, "none" = off
+
+    # The detector: the fields of `detr_jax.models.detr.DETR`.
+    config.model = ml_collections.ConfigDict(dict(
+        num_classes=91, num_queries=100, hidden_dim=256, num_heads=8, num_encoder_layers=6, num_decoder_layers=6,
+        dim_feedforward=2048, dropout=0.1, pre_norm=False, backbone_depth=50, dilation=False,
+        position_embedding="sine",  # "sine" or "learned"
+        aux_loss=True,  # losses on every decoder layer
+        padding_invariant=False,  # in training; evaluation follows eval_padding_invariant
+        backbone_norm="frozen_bn",  # "frozen_bn" (official), "group" or "batch" (training from scratch)
+        train_stem=False))  # train the ResNet stem and stage 1 too (frozen in the official recipe)
+
+    # Training-only aids for training from scratch, off in the official recipe: see DETRWithAids in
+    # detr_jax/models/aux_heads.py. The evaluated and exported model never has them.
+    config.training_aids = ml_collections.ConfigDict(dict(
+        num_query_groups=1, encoder_aux_loss=False, backbone_aux_stages=()))
+
+    config.data = ml_collections.ConfigDict(dict(
+        source="tfds",  # "synthetic", "coco_folder" or "tfds" (detr_jax.data.build_source)
+        # The source's arguments; train_kwargs / val_kwargs override them per split.
+        # tfds: name (the TFDS dataset; "coco_like" is the built-in COCO-like set), data_dir ("": TFDS's default).
+        source_kwargs=dict(label_space="official91", name="coco/2017", data_dir=""),
+        train_kwargs=dict(split="train"),
+        val_kwargs=dict(split="validation"),
+        # The official augmentation: shorter side from train_scales (longer <= max_size), or a resize to
+        # crop_resize_scales + a random crop of crop_size (min, max) then the same; evaluation at eval_size.
+        train_scales=COCO_TRAIN_SCALES, max_size=COCO_MAX_SIZE,
+        crop_resize_scales=(400, 500, 600), crop_size=(384, 600), eval_size=800,
+        # The static padded shapes: "recipe" (fitted to the simulated output sizes, at most max_buckets) or a
+        # tuple of (height, width); group_by_size > 0 groups images of similar shape within that many batches
+        # (~23% padding at batch 64 on COCO instead of ~62%, BENCHMARKS.md).
+        buckets="recipe", max_buckets=12, group_by_size=32,
+        max_objects=100,  # targets per image after augmentation (more are dropped, counted and logged)
+        num_workers=8, worker_type="process"))  # loader workers: "thread" or "process" (grain)
+
+    config.loss = ml_collections.ConfigDict(dict(
+        eos_coef=0.1,  # the no-object class's weight in the cross-entropy
+        cost_class=1.0, cost_bbox=5.0, cost_giou=2.0,  # the matching cost
+        ce_loss_coef=1.0, bbox_loss_coef=5.0, giou_loss_coef=2.0,  # the loss
+        bbox_loss_type="l1",  # "l1" (official) or "smooth_l1"
+        matcher="auto"))  # Hungarian solver: "host" (scipy), "device" (optax) or "auto" (device on GPU/TPU)
+
+    config.optimizer = ml_collections.ConfigDict(dict(
+        lr=1e-4, lr_backbone=1e-5,  # AdamW; lr_backbone 0: the backbone does not train
+        weight_decay=1e-4,
+        grad_clip=0.1,  # global gradient-norm clip (0: none)
+        schedule="step",  # "step" (x0.1 at lr_drop_epochs), "cosine" (down to cosine_alpha * lr) or "constant"
+        lr_drop_epochs=200, cosine_alpha=0.01,
+        warmup_steps=0,  # linear warmup from 0 in front of the schedule
+        grad_accum_steps=1))  # gradients of that many steps are summed before one update
+
+    # Weights to start from: a torchvision ImageNet ResNet .pth and/or an official DETR .pth; reinit_class_head
+    # keeps a fresh class head (fine-tuning on other classes).
+    config.init = ml_collections.ConfigDict(dict(backbone_checkpoint="", detr_checkpoint="", reinit_class_head=False))
+    return config
+
+
+def check_config(config: ml_collections.ConfigDict) -> None:
+    """Refuse, before any work, values that would fail later or deep inside jax: one ValueError naming the field.
+    The allowed values are the constants of the code that uses them."""
+    m, d, opt = config.model, config.data, config.optimizer
+
+    def need(ok, field, value, what):
+        if not ok:
+            raise ValueError(f"config.{field} must be {what}, got {value!r}")
+
+    def either(values):  # ("a", "b", "c") -> "'a', 'b' or 'c'"
+        quoted = [repr(v) for v in values]
+        return ", ".join(quoted[:-1]) + " or " + quoted[-1]
+
+    def positive(field, value):
+        need(isinstance(value, (int, float)) and not isinstance(value, bool) and value > 0, field, value, "> 0")
+
+    for field in ("num_classes", "num_queries", "hidden_dim", "num_heads", "num_decoder_layers", "dim_feedforward"):
+        positive(f"model.{field}", m[field])
+    need(m.num_encoder_layers >= 0, "model.num_encoder_layers", m.num_encoder_layers, ">= 0")
+    need(m.hidden_dim % m.num_heads == 0, "model.hidden_dim", m.hidden_dim, f"a multiple of num_heads={m.num_heads}")
+    need(m.backbone_depth in RESNET_SPECS, "model.backbone_depth", m.backbone_depth, f"one of {sorted(RESNET_SPECS)}")
+    need(m.backbone_norm in BACKBONE_NORMS, "model.backbone_norm", m.backbone_norm, either(BACKBONE_NORMS))
+    need(m.position_embedding in POSITION_EMBEDDINGS, "model.position_embedding", m.position_embedding,
+         either(POSITION_EMBEDDINGS))
+    need(0 <= m.dropout < 1, "model.dropout", m.dropout, "in [0, 1)")
+    for field in ("batch_size", "eval_batch_size"):
+        positive(field, config[field])
+    need(config.num_steps > 0 or config.num_epochs > 0, "num_steps", config.num_steps, "> 0 (or num_epochs > 0)")
+    need(d.source in SOURCES, "data.source", d.source, f"one of {SOURCES}")
+    need(d.worker_type in WORKER_TYPES, "data.worker_type", d.worker_type, f"one of {WORKER_TYPES}")
+    need(d.num_workers >= 0, "data.num_workers", d.num_workers, ">= 0")
+    for field in ("max_size", "eval_size", "max_objects", "max_buckets"):
+        positive(f"data.{field}", d[field])
+    for field in ("train_scales", "crop_resize_scales", "crop_size"):
+        need(len(d[field]) > 0 and all(isinstance(v, int) and v > 0 for v in d[field]), f"data.{field}", d[field],
+             "a non-empty tuple of positive integers")
+    need(d.buckets == "recipe" or (d.buckets and all(len(b) == 2 and min(b) > 0 for b in d.buckets)),
+         "data.buckets", d.buckets, "'recipe' or a tuple of (height, width) pairs")
+    need(opt.schedule in SCHEDULES, "optimizer.schedule", opt.schedule, either(SCHEDULES))
+    need(opt.lr > 0 and opt.lr_backbone >= 0, "optimizer.lr", (opt.lr, opt.lr_backbone),
+         "> 0 (and lr_backbone >= 0)")
+    need(config.loss.matcher in MATCHERS, "loss.matcher", config.loss.matcher, either(MATCHERS))
+    aids = config.training_aids
+    need(isinstance(aids.num_query_groups, int) and aids.num_query_groups >= 1, "training_aids.num_query_groups",
+         aids.num_query_groups, "an integer >= 1")
+    need(all(i in (1, 2, 3, 4) for i in aids.backbone_aux_stages), "training_aids.backbone_aux_stages",
+         aids.backbone_aux_stages, "ResNet stages among 1, 2, 3, 4")
+    need(config.loss.bbox_loss_type in BBOX_LOSS_TYPES, "loss.bbox_loss_type", config.loss.bbox_loss_type,
+         either(BBOX_LOSS_TYPES))

@@ -1,0 +1,255 @@
+"""Panoptic evaluation: PQ / SQ / RQ (all, things, stuff) of a `DETRsegm` on a panoptic source, as the official
+DETR scores COCO panoptic (engine.py `evaluate` + `PanopticEvaluator`, panopticapi's `pq_compute`).
+
+The official path, kept here: the images go through the evaluation transforms (shorter side eval_size, longer
+<= max_size) and are padded into a batch; the model predicts class logits and mask logits at stride 4 of the
+padded batch; `PostProcessPanoptic` resizes each image's kept masks to its processed size (the resized size
+before padding), takes the per-pixel argmax and resizes the id map to the original size; PQ compares it with
+the ground-truth id map. Only the forward pass is jitted: the post-processing is data dependent and runs on
+the host (`panoptic.post_process_panoptic`), one image at a time, as does the PQ bookkeeping.
+
+Labels are the model's classes; `source.category_ids[label]` is the dataset's category id. Predicted
+segments of a label that is no category of the dataset (an "N/A" label of the official 250-class space) are
+made void before scoring; panopticapi would refuse the whole prediction.
+
+Multi-process: every process predicts and scores its share of the images; the per-category counts (sum of
+IoUs, tp, fp, fn), which add up over images, are summed over the processes before the averages.
+"""
+
+import logging
+from typing import Dict, Optional, Sequence, Tuple
+
+import jax
+import numpy as np
+from jax.experimental import multihost_utils
+from jax.sharding import PartitionSpec
+
+from detr_jax import sharding
+from detr_jax.data.batching import recipe_buckets
+from detr_jax.data.loader import Loader
+from detr_jax.data.transforms import make_eval_transforms, normalize_images
+from detr_jax.panoptic import post_process_panoptic
+from detr_jax.panoptic_quality import VOID, CategoryStats, PanopticQuality
+
+logger = logging.getLogger(__name__)
+OFFICIAL_THRESHOLD = 0.85  # PostProcessPanoptic's default: a query is kept above this class probability
+UNUSED_CLASS_NAME = "N/A"  # the name of a label that is no category (panoptic_sources, official250)
+
+
+def dataset_categories(source) -> Dict[int, Dict]:
+    """{category id: {"isthing": 0/1, "name"}} of the source's real categories (labels named "N/A" left out)."""
+    return {int(c): {"isthing": int(t), "name": str(n)}
+            for c, n, t in zip(source.category_ids, source.class_names, source.is_thing) if n != UNUSED_CLASS_NAME}
+
+
+def ground_truth_segments(example: Dict, category_ids: Sequence[int]) -> Tuple[np.ndarray, list]:
+    """The COCO panoptic ground truth of a panoptic example ("masks" bool [K, H, W], "segment_ids", "labels",
+    "iscrowd"): id map int32 [H, W] (0 void) and segments_info [{"id", "category_id", "iscrowd"}]."""
+    masks = np.asarray(example["masks"], bool)
+    ids = np.zeros(masks.shape[1:], np.int32)
+    segments = []
+    for mask, seg_id, label, crowd in zip(masks, example["segment_ids"], example["labels"], example["iscrowd"]):
+        ids[mask] = seg_id
+        segments.append({"id": int(seg_id), "category_id": int(category_ids[int(label)]), "iscrowd": int(crowd)})
+    return ids, segments
+
+
+def prediction_segments(result: Dict, category_ids: Sequence[int], categories: Dict) -> Tuple[np.ndarray, list]:
+    """`post_process_panoptic`'s result for one image -> (id map int32 [H, W], segments_info) in category ids.
+
+    Segment ids are shifted by one so that 0 is void (post-processing numbers the segments from 0). Void: the
+    pixels of no listed segment (all of them when no query was kept) and those of a label not in `categories`.
+    """
+    segments = []
+    for seg in result["segments_info"]:
+        category_id = int(category_ids[seg["category_id"]])  # post-processing's "category_id" is the label
+        if category_id in categories:
+            segments.append({"id": seg["id"] + 1, "category_id": category_id})
+    raw = result["segment_ids"].astype(np.int32)
+    ids = np.where(np.isin(raw + 1, [s["id"] for s in segments]), raw + 1, VOID).astype(np.int32)
+    return ids, segments
+
+
+class PanopticScorer:
+    """PQ of predictions on a panoptic source, fed one batch of raw model outputs at a time (on the host).
+
+    Args:
+      source: a panoptic source (`CocoPanopticFolder`, `SyntheticPanoptic`): examples with "masks",
+        "segment_ids", "labels", "iscrowd", "image_id"; `category_ids`, `class_names`, `is_thing` per label.
+      threshold: `post_process_panoptic`'s class probability threshold (official 0.85).
+    """
+
+    def __init__(self, source, threshold: float = OFFICIAL_THRESHOLD):
+        self.source, self.threshold = source, threshold
+        self.category_ids = list(source.category_ids)
+        self.categories = dataset_categories(source)
+        self.is_thing_map = dict(enumerate(source.is_thing))  # in label space, as post-processing reads it
+        image_ids = getattr(source, "image_ids", None)
+        if image_ids is None:
+            image_ids = [source[i]["image_id"] for i in range(len(source))]
+        self._index_of = {int(image_id): i for i, image_id in enumerate(image_ids)}
+        self.reset()
+
+    def reset(self):
+        self.metric = PanopticQuality(self.categories)
+        self.num_images = 0
+
+    def add(self, image_ids, pred_logits, pred_masks, sizes, orig_sizes):
+        """Post-process and score one batch; padding examples (image_id < 0) are skipped.
+
+        Args:
+          image_ids: int [B].
+          pred_logits: [B, N, C + 1] class logits, no-object last.
+          pred_masks: [B, N, h, w] mask logits at stride 4 of the padded batch.
+          sizes: int [B, 2] each image's (h, w) after the transforms, before padding (the processed size).
+          orig_sizes: int [B, 2] the original (H, W): the predicted id map is made at this size.
+        """
+        real = np.asarray(image_ids) >= 0
+        if not real.any():
+            return
+        results = post_process_panoptic(np.asarray(pred_logits)[real], np.asarray(pred_masks)[real], None,
+                                        np.asarray(sizes)[real], np.asarray(orig_sizes)[real], self.is_thing_map,
+                                        self.threshold)
+        for image_id, result in zip(np.asarray(image_ids)[real], results):
+            gt_ids, gt_segments = ground_truth_segments(self.source[self._index_of[int(image_id)]], self.category_ids)
+            pred_ids, pred_segments = prediction_segments(result, self.category_ids, self.categories)
+            self.metric.update(gt_ids, gt_segments, pred_ids, pred_segments)
+            self.num_images += 1
+
+    def _gathered(self):
+        """(PanopticQuality, number of images) summed over all processes (a collective: all processes call it);
+        this scorer's own counts stay as they are."""
+        if jax.process_count() == 1:
+            return self.metric, self.num_images
+        order = sorted(self.categories)
+        stats = self.metric.stats
+        local = np.asarray([[stats[c].iou, stats[c].tp, stats[c].fp, stats[c].fn] for c in order]
+                           + [[self.num_images, 0, 0, 0]], np.float64)
+        total = np.asarray(multihost_utils.process_allgather(local)).sum(0)
+        metric = PanopticQuality(self.categories)
+        for c, (iou, tp, fp, fn) in zip(order, total[:-1]):
+            metric.stats[c] = CategoryStats(float(iou), int(tp), int(fp), int(fn))
+        return metric, int(total[-1, 0])
+
+    def compute(self) -> Dict[str, float]:
+        """{"PQ", "SQ", "RQ", "PQ_th", "SQ_th", "RQ_th", "PQ_st", "SQ_st", "RQ_st"} (fractions, not percent),
+        the numbers of categories averaged ("num_categories", "_th", "_st") and "num_images"; over all processes."""
+        metric, num_images = self._gathered()
+        pq = metric.compute()
+        metrics = {}
+        for name, suffix in (("All", ""), ("Things", "_th"), ("Stuff", "_st")):
+            for key in ("pq", "sq", "rq"):
+                metrics[key.upper() + suffix] = float(pq[name][key])
+            metrics["num_categories" + suffix] = int(pq[name]["n"])
+        metrics["num_images"] = num_images
+        return metrics
+
+
+class PanopticEvaluator:
+    """PQ of a `DETRsegm` on a panoptic source, through the official evaluation transforms and post-processing.
+
+    Args:
+      source: a panoptic source (see `PanopticScorer`); its labels must be the model's classes.
+      model: a `models.segmentation.DETRsegm`; `evaluate` takes its variables.
+      mesh: the device mesh (`sharding.make_mesh()`); the global batch is split over it.
+      eval_size, max_size: the evaluation resize (shorter side, longest side), as `make_eval_transforms`.
+      batch_size: the global batch. The host receives [B, N, H/4, W/4] float32 mask logits per batch, so
+        keep it moderate at COCO sizes (8 images at 800 x 1216: ~0.2 GB).
+      buckets: static padded shapes (H, W), "recipe" (fitted as `data.build_data` does) or None (each batch
+        padded to its own size rounded up to 32; single process only).
+      padding_invariant: evaluate with the padding-invariant backbone (not official: with the official
+        backbone a batch's padding changes every image's outputs a little).
+      threshold: post-processing's class threshold (official 0.85).
+    """
+
+    def __init__(self, source, model, mesh, *, eval_size: int = 800, max_size: int = 1333, batch_size: int = 1,
+                 buckets=None, max_buckets: int = 12, group_by_size: int = 0, num_workers: int = 0,
+                 worker_type: str = "thread", padding_invariant: bool = False,
+                 threshold: float = OFFICIAL_THRESHOLD, seed: int = 0):
+        if not hasattr(model, "detr"):
+            raise ValueError(f"PanopticEvaluator needs a DETRsegm (a model with masks), got {type(model).__name__}; "
+                             "score a detector with detr_jax.evaluate.Evaluator")
+        num_classes = model.detr.num_classes
+        if num_classes > len(source.category_ids):
+            raise ValueError(f"the model has {num_classes} classes but the panoptic data has only "
+                             f"{len(source.category_ids)} labels: use the data's label space that matches the "
+                             "model (official checkpoints: label_space='official250')")
+        if padding_invariant:
+            model = model.clone(detr=model.detr.clone(padding_invariant=True))
+        self.source, self.model, self.mesh = source, model, mesh
+        transforms = make_eval_transforms(eval_size, max_size, normalize_pixels=False)
+        process_count = jax.process_count()
+        if batch_size % process_count:
+            raise ValueError(f"batch_size {batch_size} must be divisible by the process count {process_count}")
+        if buckets == "recipe":
+            buckets = recipe_buckets(transforms, batch_size=batch_size, max_side=max_size,
+                                     group_by_size=group_by_size, max_buckets=max_buckets)
+        # The loader carries images only: the scorer reads the ground truth at the original size.
+        self.loader = Loader(_WithoutMasks(source), transforms, batch_size // process_count, seed=seed,
+                             max_objects=1, buckets=[tuple(b) for b in buckets] if buckets else None, shuffle=False,
+                             num_workers=num_workers, process_index=jax.process_index(),
+                             process_count=process_count, drop_remainder=False, num_epochs=1,
+                             group_by_size=group_by_size, worker_type=worker_type)
+        self.scorer = PanopticScorer(source, threshold)
+        repl, sharded = sharding.replicated(mesh), sharding.batch_sharded(mesh)
+
+        def predict(params, frozen, batch):
+            images = normalize_images(batch["images"], batch["pixel_mask"])  # uint8 from the loader
+            out = model.apply({"params": params, "frozen": frozen}, images, pixel_mask=batch["pixel_mask"])
+            return out["pred_logits"], out["pred_masks"]
+
+        # Outputs stay sharded: each process fetches only its own images' masks.
+        self._predict = jax.jit(predict, in_shardings=(repl, repl, sharded), out_shardings=(sharded, sharded))
+
+    @classmethod
+    def from_config(cls, config, source, model, mesh, batch_size: Optional[int] = None,
+                    threshold: float = OFFICIAL_THRESHOLD):
+        """The evaluation settings of a detr_jax config: data.eval_size, max_size, buckets, max_buckets,
+        group_by_size, num_workers, worker_type; eval_batch_size (or `batch_size`), eval_padding_invariant, seed."""
+        d = config.data
+        return cls(source, model, mesh, eval_size=d.eval_size, max_size=d.max_size,
+                   batch_size=batch_size or config.eval_batch_size, buckets=d.buckets, max_buckets=d.max_buckets,
+                   group_by_size=int(d.group_by_size), num_workers=d.num_workers, worker_type=d.worker_type,
+                   padding_invariant=config.eval_padding_invariant, threshold=threshold, seed=config.seed)
+
+    def _local(self, array):
+        """This process's rows of a batch-sharded output, as numpy."""
+        if jax.process_count() == 1:
+            return np.asarray(jax.device_get(array))
+        return np.asarray(multihost_utils.global_array_to_host_local_array(array, self.mesh,
+                                                                           PartitionSpec(sharding.DATA_AXIS)))
+
+    def evaluate(self, variables) -> Dict[str, float]:
+        """PQ / SQ / RQ (see `PanopticScorer.compute`) of the model's `variables` {"params", "frozen"}, on every
+        process."""
+        self.scorer.reset()
+        self.loader.set_state({"epoch": 0, "position": 0})
+        params, frozen = variables["params"], variables.get("frozen", {})
+        for local in self.loader:
+            batch = sharding.global_batch({k: local[k] for k in ("images", "pixel_mask")}, self.mesh)
+            logits, masks = self._predict(params, frozen, batch)
+            self.scorer.add(local["image_id"], self._local(logits), self._local(masks), local["size"],
+                            local["orig_size"])
+        metrics = self.scorer.compute()
+        logger.info("panoptic: PQ %.4f SQ %.4f RQ %.4f (things PQ %.4f, stuff PQ %.4f) on %d images",
+                    metrics["PQ"], metrics["SQ"], metrics["RQ"], metrics["PQ_th"], metrics["PQ_st"],
+                    metrics["num_images"])
+        return metrics
+
+
+class _WithoutMasks:
+    """A panoptic source seen as an image source (no objects) for the loader: the ground truth is the scorer's."""
+
+    def __init__(self, source):
+        self.source = source
+
+    def __len__(self):
+        return len(self.source)
+
+    def __getitem__(self, index):
+        ex = self.source[index]
+        return {"image": ex["image"], "image_id": ex["image_id"], "orig_size": ex["orig_size"],
+                "boxes": np.zeros((0, 4), np.float32), "labels": np.zeros(0, np.int32), "iscrowd": np.zeros(0, bool)}
+
+    def image_size(self, index):
+        return self.source.image_size(index)

@@ -1,0 +1,87 @@
+"""The optimizer and the train state: what `train.py`, the tests and the benchmarks all start from.
+
+    model = aux_heads.build_training_model(config)
+    state, tx, schedules = create_train_state(config, model, total_steps, steps_per_epoch)
+"""
+
+from typing import Any, Dict, Tuple
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import optax
+
+from detr_jax.convert import load_pretrained
+from detr_jax.models.aux_heads import DETRWithAids, detector_variables, training_parameter_groups
+from detr_jax.models.backbone import FROZEN_COLLECTION
+
+TrainState = Dict[str, Any]  # {"step", "params", "frozen", "opt_state", "nonfinite_step"}
+SCHEDULES = ("step", "cosine", "constant")  # config.optimizer.schedule
+
+
+def learning_rate_schedule(base_lr: float, config: ml_collections.ConfigDict, total_steps: int,
+                           steps_per_epoch: int) -> optax.Schedule:
+    """Step decay (official: x0.1 at `lr_drop_epochs`), or cosine; optional linear warmup in front."""
+    opt = config.optimizer
+    warmup = int(opt.warmup_steps)
+    if opt.schedule == "step":
+        drop_step = int(opt.lr_drop_epochs * steps_per_epoch)
+        main = optax.piecewise_constant_schedule(base_lr, {max(drop_step - warmup, 1): 0.1})
+    elif opt.schedule == "cosine":
+        main = optax.cosine_decay_schedule(base_lr, max(total_steps - warmup, 1), alpha=opt.cosine_alpha)
+    elif opt.schedule == "constant":
+        main = optax.constant_schedule(base_lr)
+    else:
+        raise ValueError(f"config.optimizer.schedule must be one of {SCHEDULES}, got {opt.schedule!r}")
+    if warmup <= 0:
+        return main
+    return optax.join_schedules([optax.linear_schedule(0.0, base_lr, warmup), main], [warmup])
+
+
+def build_optimizer(config: ml_collections.ConfigDict, params, total_steps: int, steps_per_epoch: int):
+    """AdamW with the backbone at its own learning rate, frozen parameters never updated, global-norm clipping
+    of the gradients (before Adam, as torch's clip_grad_norm_ before optimizer.step()).
+
+    Args:
+        params: a `DETRWithAids` parameter tree (or its shapes).
+    Returns:
+        (optax transform, {"transformer", "backbone": schedule}).
+    """
+    opt = config.optimizer
+    labels = training_parameter_groups(params, train_stem=config.model.train_stem)
+    schedules = {"transformer": learning_rate_schedule(opt.lr, config, total_steps, steps_per_epoch),
+                 "backbone": learning_rate_schedule(opt.lr_backbone, config, total_steps, steps_per_epoch)}
+    groups = {name: optax.adamw(schedule, b1=0.9, b2=0.999, eps=1e-8, weight_decay=opt.weight_decay)
+              for name, schedule in schedules.items()}
+    if opt.lr_backbone <= 0:  # the official `lr_backbone=0` means "do not train the backbone"
+        groups["backbone"] = optax.set_to_zero()
+    groups["frozen"] = optax.set_to_zero()
+    # Frozen parameters have no gradient in the official code: zero theirs before the global norm is taken.
+    tx = optax.chain(optax.masked(optax.set_to_zero(), jax.tree_util.tree_map(lambda group: group == "frozen", labels)),
+                     optax.clip_by_global_norm(opt.grad_clip) if opt.grad_clip > 0 else optax.identity(),
+                     optax.multi_transform(groups, labels))
+    if opt.grad_accum_steps > 1:
+        tx = optax.MultiSteps(tx, every_k_schedule=opt.grad_accum_steps)
+    return tx, schedules
+
+
+def create_train_state(config: ml_collections.ConfigDict, model: DETRWithAids, total_steps: int,
+                       steps_per_epoch: int, sample_hw: Tuple[int, int] = (64, 64)):
+    """Fresh parameters (with the pretrained weights of `config.init`), the optimizer and its state.
+
+    Parameter shapes do not depend on the image size, so a small `sample_hw` initialises them.
+    Returns (state, tx, schedules): state {"step", "params", "frozen", "opt_state", "nonfinite_step"}.
+    """
+    x = jnp.zeros((1,) + tuple(sample_hw) + (3,), jnp.float32)
+    variables = jax.jit(model.init)(jax.random.PRNGKey(config.seed), x)
+    params, frozen = dict(variables["params"]), dict(variables.get(FROZEN_COLLECTION, {}))
+    init = config.init
+    if init.backbone_checkpoint or init.detr_checkpoint:
+        detector = load_pretrained(init, model.model, detector_variables(params, frozen))
+        params["model"] = detector["params"]
+        if detector.get(FROZEN_COLLECTION):
+            frozen["model"] = detector[FROZEN_COLLECTION]
+    tx, schedules = build_optimizer(config, params, total_steps, steps_per_epoch)
+    state = {"step": jnp.zeros((), jnp.int32), "params": params, "frozen": frozen, "opt_state": tx.init(params),
+             "nonfinite_step": jnp.full((), -1, jnp.int32)}
+    return state, tx, schedules

@@ -1,0 +1,152 @@
+"""Panoptic evaluation: the post-processing + PQ path on ground-truth predictions, and a panoptic checkpoint
+through experiments/evaluate.py."""
+
+import json
+import os
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from detr_jax.data.panoptic_sources import CocoPanopticFolder
+from detr_jax.data.synthetic_panoptic import SyntheticPanoptic, write_coco_panoptic_folder
+from detr_jax.data.transforms import normalize_images
+from detr_jax.evaluate_panoptic import PanopticEvaluator, PanopticScorer, dataset_categories
+from detr_jax.sharding import make_mesh
+from tests.helpers import REPO, subprocess_env
+
+TINY_CONFIG = os.path.join(os.path.dirname(__file__), "configs", "tiny.py")
+# COCO-panoptic-like ids for the 3 thing and 3 stuff classes: things <= 90, stuff above, gaps in between.
+CATEGORY_IDS = (1, 5, 17, 92, 120, 200)
+NUM_IMAGES = 4
+
+
+@pytest.fixture(scope="module")
+def panoptic_folder(tmp_path_factory):
+    """(ann_file, image_dir, panoptic_dir) of 4 synthetic 64 x 64 images with category ids CATEGORY_IDS."""
+    source = SyntheticPanoptic("val", num_examples=NUM_IMAGES, image_size=(64, 64), seed=5)
+    return write_coco_panoptic_folder(source, str(tmp_path_factory.mktemp("panoptic")), category_ids=CATEGORY_IDS)
+
+
+def _oracle_outputs(example, label_map, num_classes, num_queries=12, stride=4):
+    """Model outputs that say the ground truth: query k is segment k, its class logit one-hot (+-10) on
+    label_map[label]; its mask logits +-10 from the fraction of each stride x stride cell inside the segment
+    (what a perfect mask head at stride 4 could output). Other queries predict no-object.
+    Returns pred_logits [N, C + 1], pred_masks [N, H / stride, W / stride]."""
+    masks, labels = example["masks"], example["labels"]
+    k, (h, w) = len(labels), masks.shape[1:]
+    assert k <= num_queries
+    logits = np.full((num_queries, num_classes + 1), -10.0, np.float32)
+    logits[np.arange(k), [label_map[int(label)] for label in labels]] = 10.0
+    logits[k:, num_classes] = 10.0
+    fraction = masks.reshape(k, h // stride, stride, w // stride, stride).mean(axis=(2, 4))
+    mask_logits = np.full((num_queries, h // stride, w // stride), -10.0, np.float32)
+    mask_logits[:k] = 20.0 * fraction - 10.0
+    return logits, mask_logits
+
+
+def _oracle_pq(source, label_map):
+    scorer = PanopticScorer(source)
+    examples = [source[i] for i in range(len(source))]
+    outputs = [_oracle_outputs(ex, label_map, source.num_classes) for ex in examples]
+    sizes = np.asarray([ex["orig_size"] for ex in examples])
+    # Images of one size: the masks at stride 4 of the batch are at stride 4 of each image (no padding to
+    # stretch, see post_process_panoptic). A padding example (image id -1) must be skipped.
+    image_ids = np.asarray([ex["image_id"] for ex in examples] + [-1])
+    logits = np.stack([o[0] for o in outputs] + [outputs[0][0]])
+    masks = np.stack([o[1] for o in outputs] + [outputs[0][1]])
+    sizes = np.concatenate([sizes, sizes[:1]])
+    scorer.add(image_ids[:2], logits[:2], masks[:2], sizes[:2], sizes[:2])  # two batches
+    scorer.add(image_ids[2:], logits[2:], masks[2:], sizes[2:], sizes[2:])
+    return scorer.compute()
+
+
+@pytest.mark.parametrize("label_space", ["official250", "contiguous"])
+def test_pq_of_ground_truth_predictions_is_near_one_and_of_wrong_labels_zero(panoptic_folder, label_space):
+    source = CocoPanopticFolder(*panoptic_folder, label_space=label_space)
+    assert set(dataset_categories(source)) == set(CATEGORY_IDS)
+    real_labels = [label for label, name in enumerate(source.class_names) if name != "N/A"]
+    assert len(real_labels) == len(CATEGORY_IDS)
+
+    metrics = _oracle_pq(source, {label: label for label in real_labels})
+    assert metrics["num_images"] == NUM_IMAGES
+    assert metrics["num_categories_th"] == 3 and metrics["num_categories_st"] == 3
+    # Not exactly 1: the masks are 16 x 16 logits upsampled to 64 x 64, so boundaries (the triangles' tips,
+    # the slanted stuff bands) move by a pixel or two; every segment is still matched (RQ 1) with IoU > 0.85.
+    assert metrics["RQ"] == pytest.approx(1.0)
+    assert 0.85 < metrics["SQ"] < 1.0
+    assert metrics["PQ"] == pytest.approx(metrics["SQ"])
+    for part in ("_th", "_st"):
+        assert metrics["PQ" + part] > 0.85
+
+    # Every segment predicted as another category of the dataset: nothing matches.
+    shifted = {label: real_labels[(i + 1) % len(real_labels)] for i, label in enumerate(real_labels)}
+    wrong = _oracle_pq(source, shifted)
+    assert wrong["PQ"] == 0.0 and wrong["RQ"] == 0.0
+    assert wrong["num_categories"] == len(CATEGORY_IDS)
+
+
+class _OracleModel:
+    """A stand-in for DETRsegm whose outputs for an image are the oracle outputs of the nearest stored image:
+    it lets the whole evaluator loop (loader, jitted forward, batch rows -> image ids -> ground truth) be
+    checked against the scorer alone."""
+
+    def __init__(self, num_classes):
+        self.detr = type("Detr", (), {"num_classes": num_classes})()
+
+    def apply(self, variables, images, pixel_mask):
+        p = variables["params"]
+        stored = normalize_images(p["images"], jnp.ones(p["images"].shape[:3], bool))
+        distance = jnp.abs(images[:, None] - stored[None]).sum(axis=(2, 3, 4))  # [B, num stored]
+        nearest = jnp.argmin(distance, axis=1)
+        return {"pred_logits": p["logits"][nearest], "pred_masks": p["masks"][nearest]}
+
+
+def test_evaluator_loop_scores_each_image_against_its_own_ground_truth(panoptic_folder):
+    source = CocoPanopticFolder(*panoptic_folder, label_space="contiguous")
+    identity = {label: label for label in range(source.num_classes)}
+    examples = [source[i] for i in range(len(source))]
+    outputs = [_oracle_outputs(ex, identity, source.num_classes) for ex in examples]
+    params = {"images": jnp.asarray(np.stack([ex["image"] for ex in examples])),
+              "logits": jnp.asarray(np.stack([o[0] for o in outputs])),
+              "masks": jnp.asarray(np.stack([o[1] for o in outputs]))}
+    # Batch 3 for 4 images: a last batch with 2 padding examples. 64 x 64 images, no resize, no padding.
+    evaluator = PanopticEvaluator(source, _OracleModel(source.num_classes), make_mesh(), eval_size=64, max_size=64,
+                                  batch_size=3 * jax.process_count(), buckets=((64, 64),))
+    metrics = evaluator.evaluate({"params": params, "frozen": {}})
+    assert metrics == _oracle_pq(source, identity)
+    assert metrics["PQ"] > 0.85
+    assert evaluator.evaluate({"params": params, "frozen": {}}) == metrics  # evaluate twice: same numbers
+
+
+def test_predictions_of_labels_outside_the_dataset_are_void(panoptic_folder):
+    """Official250: a label that is no category ("N/A") is not scored as a category of its own."""
+    source = CocoPanopticFolder(*panoptic_folder, label_space="official250")
+    metrics = _oracle_pq(source, {label: 0 for label in CATEGORY_IDS})  # label 0 is "N/A" in COCO's ids
+    assert metrics["PQ"] == 0.0
+    assert metrics["num_categories"] == len(CATEGORY_IDS)  # only false negatives, of the real categories
+
+
+def test_official_panoptic_checkpoint_through_experiments_evaluate(panoptic_folder, fixtures_dir, tmp_path):
+    """The random-weights official panoptic fixture (250 classes) scores the folder end to end: PQ ~0."""
+    checkpoint = fixtures_dir / "official_detr_r50_tiny_panoptic" / "detr_panoptic_random.pth"
+    ann_file, image_dir, panoptic_dir = panoptic_folder
+    # Batch 3 for 4 images: the last batch has 2 padding examples, which must not be scored.
+    cmd = [sys.executable, os.path.join(REPO, "experiments", "evaluate.py"), f"--checkpoint={checkpoint}",
+           f"--config={TINY_CONFIG}", "--config.eval_batch_size=3", f"--out={tmp_path}",
+           f"--panoptic_ann_file={ann_file}", f"--panoptic_image_dir={image_dir}", f"--panoptic_dir={panoptic_dir}"]
+    run = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=subprocess_env(), cwd=REPO)
+    assert run.returncode == 0, run.stderr[-3000:]
+    metrics = json.loads((tmp_path / "metrics.json").read_text())
+    assert metrics["num_images"] == NUM_IMAGES
+    assert metrics["num_categories"] > 0  # the ground truth's segments count, at least as false negatives
+    assert 0.0 <= metrics["PQ"] < 0.2
+    assert f"PQ {metrics['PQ']:.4f}" in run.stdout
+    assert not (tmp_path / "results.json").exists()
+
+    # Without the folder, a panoptic checkpoint is refused with a message naming the flags.
+    refused = subprocess.run(cmd[:5], capture_output=True, text=True, timeout=300, env=subprocess_env(), cwd=REPO)
+    assert refused.returncode != 0 and "--panoptic_ann_file" in refused.stderr
