@@ -107,13 +107,18 @@ def torch_state_dict_to_variables(state_dict: Mapping[str, np.ndarray]) -> Dict[
         if mapped is None:
             continue
         collection, path, kind = mapped
-        value = np.asarray(value, np.float32)
-        if kind == "linear":
-            value = value.T
-        elif kind == "conv":
-            value = value.transpose(2, 3, 1, 0)
-        flat[(collection,) + path] = value
+        flat[(collection,) + path] = _to_flax_layout(value, kind)
     return flax.traverse_util.unflatten_dict(flat)
+
+
+def _to_flax_layout(value, kind: str) -> np.ndarray:
+    """A torch array as flax stores it: Linear [out, in] -> [in, out], Conv [O, I, kh, kw] -> [kh, kw, I, O]."""
+    value = np.asarray(value, np.float32)
+    if kind == "linear":
+        return value.T
+    if kind == "conv":
+        return value.transpose(2, 3, 1, 0)
+    return value
 
 
 PANOPTIC_DETR_PREFIX = "detr."  # the detector's keys in a panoptic (DETRsegm) state dict
@@ -158,12 +163,7 @@ def panoptic_state_dict_to_variables(state_dict: Mapping[str, np.ndarray]) -> Di
         if key.startswith(PANOPTIC_DETR_PREFIX) or key.endswith("num_batches_tracked"):
             continue
         collection, path, kind = _segm_key_to_flax(key)
-        value = np.asarray(value, np.float32)
-        if kind == "linear":
-            value = value.T
-        elif kind == "conv":
-            value = value.transpose(2, 3, 1, 0)
-        flat[(collection,) + path] = value
+        flat[(collection,) + path] = _to_flax_layout(value, kind)
     return flax.traverse_util.unflatten_dict(flat)
 
 

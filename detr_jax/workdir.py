@@ -49,17 +49,8 @@ class MetricLogger:
             self._tb.close()
 
 
-def _progress(step, total, metrics, elapsed, start_step):
-    done = step - start_step
-    eta = elapsed / max(done, 1) * (total - step)
-    width = 20
-    bar = "#" * int(width * step / total) + "-" * (width - int(width * step / total))
-    return (f"[{bar}] step {step}/{total} loss {metrics['loss']:.4f} (ce {metrics['loss_ce']:.3f} "
-            f"l1 {metrics['loss_bbox']:.3f} giou {metrics['loss_giou']:.3f}) {metrics['images_per_sec']:.1f} img/s "
-            f"ETA {int(eta // 60)}m{int(eta % 60):02d}s")
-
-
-def progress_line(step, total, metrics, elapsed, start_step):
+def progress_line(step, total, metrics, elapsed, start_step) -> str:
+    """The one-line progress report: a bar, the losses, images/s and the time left at this rate."""
     done = step - start_step
     eta = elapsed / max(done, 1) * (total - step)
     width = 20

@@ -100,3 +100,32 @@ class TrainRun:
             if p.poll() is None:
                 p.kill()  # SIGKILL: no handler runs, as in a crash or an out-of-memory kill
                 p.wait()
+
+
+def randomize_hf_detr(model) -> None:
+    """Re-draw every weight and batch-norm buffer of an HF DETR in place (torch): HF initialises batch norms as the
+    identity, norms as (1, 0), biases at 0 and Linears with std 0.02, so a dropped or swapped weight would hardly
+    show in the outputs."""
+    import torch  # pylint: disable=g-import-not-at-top (only the HF parity tests need it)
+    from transformers.models.detr.modeling_detr import DetrFrozenBatchNorm2d  # pylint: disable=g-import-not-at-top
+
+    with torch.no_grad():
+        for module in model.modules():
+            if isinstance(module, DetrFrozenBatchNorm2d):
+                module.weight.uniform_(0.5, 1.5)
+                module.bias.normal_(0.0, 0.2)
+                module.running_mean.normal_(0.0, 0.2)
+                module.running_var.uniform_(0.5, 2.0)
+            elif isinstance(module, torch.nn.Conv2d):
+                torch.nn.init.kaiming_normal_(module.weight, nonlinearity="relu")
+                if module.bias is not None:
+                    module.bias.normal_(0.0, 0.2)
+            elif isinstance(module, torch.nn.Linear):
+                torch.nn.init.xavier_uniform_(module.weight)
+                module.bias.normal_(0.0, 0.2)
+            elif isinstance(module, (torch.nn.LayerNorm, torch.nn.GroupNorm)):
+                module.weight.normal_(1.0, 0.2)
+                module.bias.normal_(0.0, 0.2)
+            elif isinstance(module, torch.nn.Embedding):  # object queries, learned position tables
+                module.weight.normal_(0.0, 1.0)
+

@@ -19,9 +19,9 @@ torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
 from transformers import DetrConfig, DetrForObjectDetection, ResNetConfig  # noqa: E402
-from transformers.models.detr.modeling_detr import DetrFrozenBatchNorm2d  # noqa: E402
 
 from detr_jax.convert_hf import hf_state_dict_to_official, load_hf_detr  # noqa: E402
+from tests.helpers import randomize_hf_detr  # noqa: E402
 
 RESNETS = {  # our depth -> HF ResNetConfig fields
     18: {"layer_type": "basic", "depths": [2, 2, 2, 2], "hidden_sizes": [64, 128, 256, 512]},
@@ -41,25 +41,7 @@ def build_hf_detr(depth=18, seed=0, **config_fields):
     fields = {**TINY, **config_fields}
     config = DetrConfig(backbone_config=ResNetConfig(out_features=["stage4"], **RESNETS[depth]), **fields)
     model = DetrForObjectDetection(config).eval()
-    with torch.no_grad():
-        for module in model.modules():
-            if isinstance(module, DetrFrozenBatchNorm2d):
-                module.weight.uniform_(0.5, 1.5)
-                module.bias.normal_(0.0, 0.2)
-                module.running_mean.normal_(0.0, 0.2)
-                module.running_var.uniform_(0.5, 2.0)
-            elif isinstance(module, torch.nn.Conv2d):
-                torch.nn.init.kaiming_normal_(module.weight, nonlinearity="relu")
-                if module.bias is not None:
-                    module.bias.normal_(0.0, 0.2)
-            elif isinstance(module, torch.nn.Linear):
-                torch.nn.init.xavier_uniform_(module.weight)
-                module.bias.normal_(0.0, 0.2)
-            elif isinstance(module, torch.nn.LayerNorm):
-                module.weight.normal_(1.0, 0.2)
-                module.bias.normal_(0.0, 0.2)
-            elif isinstance(module, torch.nn.Embedding):  # object queries, learned position tables
-                module.weight.normal_(0.0, 1.0)
+    randomize_hf_detr(model)
     return model
 
 

@@ -244,9 +244,8 @@ def test_hf_detr_for_segmentation_parity():
     """A random HF DetrForSegmentation (ResNet-18, padded size not a multiple of 32, so the mask head's nearest
     upsampling is not a plain 2x) renamed to the official keys gives the same classes, boxes and masks."""
     transformers = pytest.importorskip("transformers")
-    from transformers.models.detr.modeling_detr import DetrFrozenBatchNorm2d
-
     from detr_jax.convert_hf import hf_state_dict_to_official
+    from tests.helpers import randomize_hf_detr
 
     torch.manual_seed(0)
     backbone = transformers.ResNetConfig(out_features=["stage1", "stage2", "stage3", "stage4"], layer_type="basic",
@@ -255,25 +254,7 @@ def test_hf_detr_for_segmentation_parity():
                                      encoder_attention_heads=8, decoder_attention_heads=8, encoder_ffn_dim=64,
                                      decoder_ffn_dim=64, num_queries=5, num_labels=7)
     hf = transformers.DetrForSegmentation(config).eval()
-    with torch.no_grad():  # HF's identity batch norms, zero biases and unit norms would hide a dropped weight
-        for module in hf.modules():
-            if isinstance(module, DetrFrozenBatchNorm2d):
-                module.weight.uniform_(0.5, 1.5)
-                module.bias.normal_(0.0, 0.2)
-                module.running_mean.normal_(0.0, 0.2)
-                module.running_var.uniform_(0.5, 2.0)
-            elif isinstance(module, torch.nn.Conv2d):
-                torch.nn.init.kaiming_normal_(module.weight, nonlinearity="relu")
-                if module.bias is not None:
-                    module.bias.normal_(0.0, 0.2)
-            elif isinstance(module, torch.nn.Linear):
-                torch.nn.init.xavier_uniform_(module.weight)
-                module.bias.normal_(0.0, 0.2)
-            elif isinstance(module, (torch.nn.LayerNorm, torch.nn.GroupNorm)):
-                module.weight.normal_(1.0, 0.2)
-                module.bias.normal_(0.0, 0.2)
-            elif isinstance(module, torch.nn.Embedding):
-                module.weight.normal_(0.0, 1.0)
+    randomize_hf_detr(hf)
 
     gen = torch.Generator().manual_seed(1)
     pixels, pixel_mask = torch.zeros(2, 3, 136, 168), torch.zeros(2, 136, 168, dtype=torch.long)

@@ -32,6 +32,22 @@ class ImageReadError(OSError):
     """An image that is missing, unreadable, or not the size the annotation file says (names the file)."""
 
 
+def read_annotation_file(ann_file: str) -> Dict:
+    """The JSON of a COCO(-panoptic) annotation file, with its "images", "annotations" and "categories" lists; one
+    clear error naming the file otherwise."""
+    try:
+        with open(ann_file) as f:
+            data = json.load(f)
+    except FileNotFoundError:
+        raise FileNotFoundError(f"annotation file {ann_file} does not exist") from None
+    except json.JSONDecodeError as e:
+        raise AnnotationError(f"annotation file {ann_file} is not valid JSON: {e}") from None
+    for key in ("images", "annotations", "categories"):
+        if not isinstance(data.get(key) if isinstance(data, dict) else None, list):
+            raise AnnotationError(f"annotation file {ann_file} has no {key!r} list")
+    return data
+
+
 class CocoFolder:
     """Examples from a COCO instances JSON and its image directory, in ascending image id order.
 
@@ -67,16 +83,7 @@ class CocoFolder:
         self.label_space = label_space
         self.keep_crowd = keep_crowd
         self.skip_bad_images = skip_bad_images
-        try:
-            with open(ann_file) as f:
-                data = json.load(f)
-        except FileNotFoundError:
-            raise FileNotFoundError(f"annotation file {ann_file} does not exist") from None
-        except json.JSONDecodeError as e:
-            raise AnnotationError(f"annotation file {ann_file} is not valid JSON: {e}") from None
-        for key in ("images", "annotations", "categories"):
-            if key not in data:
-                raise AnnotationError(f"annotation file {ann_file} has no {key!r} list")
+        data = read_annotation_file(ann_file)
 
         self._build_label_space(data["categories"])
         self.num_classes = len(self.class_names) if num_classes is None else int(num_classes)

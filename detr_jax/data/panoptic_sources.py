@@ -10,14 +10,13 @@ Sources expose `class_names`, `category_ids` (the dataset id of each label), `is
 `num_classes` and `image_size(index)`. Use `panoptic_transforms` to augment them: it moves the masks too.
 """
 
-import json
 import os
 from typing import Dict, Optional, Tuple
 
 import numpy as np
 from PIL import Image
 
-from detr_jax.data.coco_folder import AnnotationError, ImageReadError
+from detr_jax.data.coco_folder import AnnotationError, ImageReadError, read_annotation_file
 from detr_jax.data.panoptic_transforms import masks_to_boxes
 from detr_jax.panoptic import rgb2id
 
@@ -62,16 +61,7 @@ class CocoPanopticFolder:
         self.ann_file, self.image_dir, self.panoptic_dir = ann_file, image_dir, panoptic_dir
         self.label_space = label_space
         self.keep_crowd = keep_crowd
-        try:
-            with open(ann_file) as f:
-                data = json.load(f)
-        except FileNotFoundError:
-            raise FileNotFoundError(f"annotation file {ann_file} does not exist") from None
-        except json.JSONDecodeError as e:
-            raise AnnotationError(f"annotation file {ann_file} is not valid JSON: {e}") from None
-        for key in ("images", "annotations", "categories"):
-            if not isinstance(data.get(key), list):
-                raise AnnotationError(f"annotation file {ann_file} has no {key!r} list")
+        data = read_annotation_file(ann_file)
         self._build_label_space(data["categories"], num_classes)
         self._images = self._parse_images(data["images"])
         self._segments = self._parse_annotations(data["annotations"])

@@ -19,7 +19,28 @@ _SPLIT_STREAMS = {"train": 0, "val": 1}
 _MIN_OBJECT_PIXELS = 4
 
 
-class SyntheticDetection:
+class SeededExamples:
+    """Examples made on the fly, example i of a split from its own generator of (seed, split, i, STREAM_TAG), so any
+    example can be drawn alone, in any order, by any worker. Subclasses set `num_examples`, `seed`, `split` and
+    `image_sizes`, and draw example i's size first (`image_size` repeats that draw without the rest)."""
+    STREAM_TAG = 0x5D  # another set's own tag gives it streams unrelated to this one's
+
+    def __len__(self) -> int:
+        return self.num_examples
+
+    def _rng(self, index: int) -> np.random.Generator:
+        index = int(index)
+        if not 0 <= index < self.num_examples:
+            raise IndexError(f"index {index} out of range for a synthetic {self.split} split of {self.num_examples}")
+        # The trailing tag word: SeedSequence zero-pads short entropy, so [seed, 0, 0] would equal default_rng(seed).
+        return np.random.default_rng([self.seed, _SPLIT_STREAMS[self.split], index, self.STREAM_TAG])
+
+    def image_size(self, index: int) -> Tuple[int, int]:
+        """(h, w) of example `index` without drawing it."""
+        return self.image_sizes[int(self._rng(index).integers(len(self.image_sizes)))]
+
+
+class SyntheticDetection(SeededExamples):
     """Deterministic synthetic detection examples: `ds[index]` is the same for the same (seed, split, index).
 
     Args:
@@ -65,20 +86,6 @@ class SyntheticDetection:
         # COCO category id of each label when written out with `write_coco_folder` (1-based, like COCO).
         self.category_ids = tuple(range(1, self.num_classes + 1))
         self.stats: Dict[str, int] = {}
-
-    def __len__(self) -> int:
-        return self.num_examples
-
-    def _rng(self, index: int) -> np.random.Generator:
-        index = int(index)
-        if not 0 <= index < self.num_examples:
-            raise IndexError(f"index {index} out of range for a synthetic {self.split} split of {self.num_examples}")
-        # The trailing tag word: SeedSequence zero-pads short entropy, so [seed, 0, 0] would equal default_rng(seed).
-        return np.random.default_rng([self.seed, _SPLIT_STREAMS[self.split], index, 0x5D])
-
-    def image_size(self, index: int) -> Tuple[int, int]:
-        """(h, w) of example `index` without drawing it."""
-        return self.image_sizes[int(self._rng(index).integers(len(self.image_sizes)))]
 
     def __getitem__(self, index: int) -> Dict:
         index = int(index)

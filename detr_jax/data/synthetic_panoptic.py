@@ -10,7 +10,7 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 from detr_jax.data.panoptic_transforms import masks_to_boxes
-from detr_jax.data.synthetic import _SPLIT_STREAMS, _draw_shape
+from detr_jax.data.synthetic import _SPLIT_STREAMS, SeededExamples, _draw_shape
 from detr_jax.panoptic import id2rgb
 
 THING_CLASSES = ("ellipse", "rectangle", "triangle")  # drawn by synthetic._draw_shape
@@ -20,7 +20,7 @@ _CLASS_COLOURS = {"ellipse": (220, 40, 40), "rectangle": (40, 40, 170), "triangl
                   "sky": (120, 180, 240), "grass": (60, 150, 60), "sand": (190, 160, 120)}
 
 
-class SyntheticPanoptic:
+class SyntheticPanoptic(SeededExamples):
     """Deterministic synthetic panoptic examples: `ds[index]` is the same for the same (seed, split, index).
 
     The image is 2-3 stuff bands (horizontal, slightly slanted boundaries, distinct stuff classes, each a class
@@ -42,6 +42,7 @@ class SyntheticPanoptic:
     Examples as `CocoPanopticFolder`'s, with "segment_ids" 1..K (stuff first, then things in drawing order),
     "image_id" index + 1, "iscrowd" all False.
     """
+    STREAM_TAG = 0x9A  # not SyntheticDetection's: the two sets draw unrelated streams
 
     def __init__(self, split: str = "train", num_examples: int = 1000,
                  image_size: Union[Tuple[int, int], Sequence[Tuple[int, int]]] = (128, 128), min_things: int = 1,
@@ -66,20 +67,6 @@ class SyntheticPanoptic:
         self.is_thing = (True,) * len(THING_CLASSES) + (False,) * len(STUFF_CLASSES)
         self.num_classes = len(self.class_names)
         self.category_ids = tuple(range(1, self.num_classes + 1))  # when written with write_coco_panoptic_folder
-
-    def __len__(self) -> int:
-        return self.num_examples
-
-    def _rng(self, index: int) -> np.random.Generator:
-        index = int(index)
-        if not 0 <= index < self.num_examples:
-            raise IndexError(f"index {index} out of range for a synthetic {self.split} split of {self.num_examples}")
-        # The tag word differs from SyntheticDetection's (0x5D), so the two sets draw unrelated streams.
-        return np.random.default_rng([self.seed, _SPLIT_STREAMS[self.split], index, 0x9A])
-
-    def image_size(self, index: int) -> Tuple[int, int]:
-        """(h, w) of example `index` without drawing it."""
-        return self.image_sizes[int(self._rng(index).integers(len(self.image_sizes)))]
 
     def __getitem__(self, index: int) -> Dict:
         index = int(index)

@@ -10,8 +10,9 @@ with a fixed one-to-many assignment on the encoder tokens (`encoder_aux_loss`) a
 (`backbone_aux_stages`, strides 8 and 16, where small shapes are still several cells wide), and 3 query groups
 (Group DETR, `num_query_groups`). Classification weighs 2 instead of 1 in the loss and the matching cost, and
 the no-object class 0.2 instead of 0.1. The model that is evaluated and exported is a plain DETR (its batch norms
-frozen at their running statistics). On an idle 2-core CPU it reaches AP50 0.67 on the validation split in 12.9
-minutes end to end; docs/default_run.md has the measured AP-vs-minutes curve and what each of these choices bought.
+frozen at their running statistics). On an idle 2-core CPU it reaches AP50 0.59-0.67 on the validation split in
+12-13 minutes end to end; the README has the measured AP-vs-minutes curve, docs/default_run.md what each of these
+choices bought.
 """
 
 from detr_jax.config import base_config
@@ -20,7 +21,7 @@ from detr_jax.config import base_config
 def get_config():
     config = base_config()
     config.update(seed=0, batch_size=8, eval_batch_size=16,
-                  num_steps=2500,  # 12.9 minutes end to end on an idle 2-core CPU (README)
+                  num_steps=2500,  # 11.8-12.9 minutes end to end on an idle 2-core CPU (README)
                   num_epochs=0, log_every=50, checkpoint_every=500, eval_every=500)
     config.model.update(num_classes=5, num_queries=20, hidden_dim=128, num_encoder_layers=3, num_decoder_layers=3,
                         dim_feedforward=512, dropout=0.0, backbone_depth=18, train_stem=True, backbone_norm="batch")
