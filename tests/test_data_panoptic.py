@@ -297,3 +297,32 @@ def test_train_and_eval_pipelines_keep_masks_consistent():
                                  np.random.default_rng(i))
         pan_image, _ = train(ex["image"], target, np.random.default_rng(i))
         np.testing.assert_array_equal(det_image, pan_image)
+
+
+@pytest.mark.parametrize("train", [True, False])
+def test_build_data_batches_carry_the_masks_with_the_boxes(train):
+    """A panoptic source through `build_data`: the panoptic transforms move the masks, and the batch has them as
+    "target_masks" bool [B, M, H, W] at the padded size: each real object's mask spans its box (cxcywh, normalised
+    by the unpadded size), padding objects and padding pixels are empty."""
+    from detr_jax.data import build_data
+    from tests.configs import tiny
+
+    config = tiny.get_config()
+    config.data.source = "synthetic_panoptic"
+    config.data.source_kwargs = dict(image_size=(64, 64), seed=0)
+    config.data.train_kwargs = dict(split="train", num_examples=16)
+    config.data.val_kwargs = dict(split="val", num_examples=4)
+    config.model.num_classes = 6
+    with build_data(config, "train" if train else "val", train=train, batch_size=4) as loader:
+        batch = next(iter(loader))
+    masks, boxes, valid = batch["target_masks"], batch["boxes"], batch["mask"]
+    assert masks.dtype == bool and masks.shape == (4, config.data.max_objects) + batch["images"].shape[1:3]
+    assert not masks[~valid].any() and valid.any()
+    for i in range(4):
+        h, w = batch["size"][i]
+        assert not masks[i][:, h:].any() and not masks[i][:, :, w:].any()
+        for k in np.flatnonzero(valid[i]):
+            rows, cols = np.nonzero(masks[i, k])
+            cx, cy, bw, bh = boxes[i, k] * np.array([w, h, w, h])
+            extent = np.array([cols.min(), rows.min(), cols.max() + 1, rows.max() + 1])
+            np.testing.assert_allclose(extent, [cx - bw / 2, cy - bh / 2, cx + bw / 2, cy + bh / 2], atol=2.01)

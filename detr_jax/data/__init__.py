@@ -17,7 +17,10 @@ import ml_collections
 from detr_jax.data.batching import collate, fit_buckets, recipe_buckets, simulate_output_sizes
 from detr_jax.data.coco_folder import AnnotationError, CocoFolder, ImageReadError
 from detr_jax.data.loader import Loader
+from detr_jax.data.panoptic_sources import CocoPanopticFolder
+from detr_jax.data.panoptic_transforms import make_panoptic_eval_transforms, make_panoptic_train_transforms
 from detr_jax.data.synthetic import SyntheticDetection, write_coco_folder
+from detr_jax.data.synthetic_panoptic import SyntheticPanoptic
 from detr_jax.data.transforms import make_eval_transforms, make_train_transforms
 
 __all__ = ["AnnotationError", "CocoFolder", "build_data", "ImageReadError", "Loader", "SyntheticDetection",
@@ -25,7 +28,7 @@ __all__ = ["AnnotationError", "CocoFolder", "build_data", "ImageReadError", "Loa
            "simulate_output_sizes", "write_coco_folder"]
 
 logger = logging.getLogger(__name__)
-SOURCES = ("synthetic", "coco_folder", "tfds")
+SOURCES = ("synthetic", "coco_folder", "tfds", "synthetic_panoptic", "coco_panoptic")
 
 
 def build_source(kind: str, /, **kwargs):
@@ -35,6 +38,8 @@ def build_source(kind: str, /, **kwargs):
     "coco_folder": CocoFolder(ann_file, image_dir, label_space, keep_crowd, num_classes, skip_bad_images).
     "tfds": tfds_coco.TfdsCoco(split, data_dir, label_space, keep_crowd, num_classes, name, ...); imports
       tensorflow_datasets only here, so the other sources work without it installed.
+    "synthetic_panoptic": SyntheticPanoptic(split, num_examples, image_size, ..., seed) and "coco_panoptic":
+      CocoPanopticFolder(ann_file, image_dir, panoptic_dir, label_space, ...): examples with per-object "masks".
     """
     if kind == "synthetic":
         return SyntheticDetection(**kwargs)
@@ -43,6 +48,10 @@ def build_source(kind: str, /, **kwargs):
     if kind == "tfds":
         from detr_jax.data import tfds_coco  # lazy: pulls in tensorflow_datasets
         return tfds_coco.TfdsCoco(**kwargs)
+    if kind == "synthetic_panoptic":
+        return SyntheticPanoptic(**kwargs)
+    if kind == "coco_panoptic":
+        return CocoPanopticFolder(**kwargs)
     raise ValueError(f"unknown data source {kind!r}; known: {SOURCES}")
 
 
@@ -55,11 +64,15 @@ def build_data(config: ml_collections.ConfigDict, split: str, *, train: bool, pr
     d = config.data
     # The split's own kwargs (e.g. its image_dir) override the shared ones.
     source = build_source(d.source, **dict(d.source_kwargs.to_dict(), **d[f"{split}_kwargs"].to_dict()))
+    # Panoptic sources (their examples carry "masks"): the same recipe with the masks moved along with the boxes.
+    panoptic = getattr(source, "is_thing", None) is not None
     if train:
-        transforms = make_train_transforms(tuple(d.train_scales), d.max_size, tuple(d.crop_resize_scales),
-                                           tuple(d.crop_size), normalize_pixels=False)
+        make = make_panoptic_train_transforms if panoptic else make_train_transforms
+        transforms = make(tuple(d.train_scales), d.max_size, tuple(d.crop_resize_scales), tuple(d.crop_size),
+                          normalize_pixels=False)
     else:
-        transforms = make_eval_transforms(d.eval_size, d.max_size, normalize_pixels=False)
+        make = make_panoptic_eval_transforms if panoptic else make_eval_transforms
+        transforms = make(d.eval_size, d.max_size, normalize_pixels=False)
     global_batch = batch_size or config.batch_size
     if global_batch % process_count:
         raise ValueError(f"batch_size {global_batch} must be divisible by the process count {process_count}")

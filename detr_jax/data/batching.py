@@ -16,6 +16,8 @@ padded to a fixed `max_objects` with a `mask`. The batch format, consumed by the
                                       its pixel_mask and mask are all False and its sizes 0): drop its outputs
   "orig_size":  int32   [B, 2]        (h, w) of the original image
   "size":       int32   [B, 2]        (h, w) after transforms, before padding
+  "target_masks": bool  [B, M, H, W]  panoptic sources only (examples with "masks"): each object's mask at the
+                                      padded image size, zero padding, as the official `nested_tensor_from_tensor_list`
 
 Buckets are multiples of `stride` (32, the backbone's total stride, so the padded image maps to exactly
 H/32 x W/32 feature cells) and are fitted to the sizes a transform pipeline produces
@@ -235,6 +237,9 @@ def collate(examples: Sequence[Tuple[np.ndarray, Dict]], max_objects: int,
         "orig_size": np.zeros((batch_size, 2), np.int32),
         "size": np.zeros((batch_size, 2), np.int32),
     }
+    with_masks = any("masks" in target for _, target in examples)
+    if with_masks:
+        batch["target_masks"] = np.zeros((batch_size, max_objects, height, width), bool)
     for i, (image, target) in enumerate(examples):
         h, w = image.shape[:2]
         batch["images"][i, :h, :w] = image
@@ -252,6 +257,8 @@ def collate(examples: Sequence[Tuple[np.ndarray, Dict]], max_objects: int,
             k = max_objects
         batch["labels"][i, :k] = labels[:k]
         batch["boxes"][i, :k] = boxes[:k]
+        if with_masks:
+            batch["target_masks"][i, :k, :h, :w] = np.asarray(target["masks"], bool)[:k]
         batch["mask"][i, :k] = True
         batch["image_id"][i] = int(target["image_id"])
         batch["orig_size"][i] = target["orig_size"]
