@@ -12,8 +12,7 @@ import orbax.checkpoint as ocp
 
 from detr_jax import sharding
 from detr_jax.data import Loader
-from detr_jax.models.aux_heads import detector_variables
-from detr_jax.models.detr import build_model
+from detr_jax.models.aux_heads import build_inference_model, detector_variables
 from detr_jax.train_state import TrainState
 
 logger = logging.getLogger(__name__)
@@ -26,8 +25,10 @@ def checkpoint_manager(workdir: str, config: ml_collections.ConfigDict) -> ocp.C
 
 
 def model_signature(config: ml_collections.ConfigDict) -> Dict[str, Any]:
-    """What a checkpoint must agree on to be resumed: the model architecture and its training aids (parameters)."""
-    return dict(json.loads(config.model.to_json()), training_aids=json.loads(config.training_aids.to_json()))
+    """What a checkpoint must agree on to be resumed: the model architecture, its training aids and whether it has
+    the panoptic mask head (all of them parameters)."""
+    return dict(json.loads(config.model.to_json()), training_aids=json.loads(config.training_aids.to_json()),
+                masks=bool(config.panoptic.enabled))
 
 
 def save_checkpoint(manager, step: int, state: TrainState, loader: Loader, config, force: bool = False,
@@ -75,4 +76,4 @@ def load_workdir_checkpoint(workdir: str, step: Optional[int] = None):
     if "training_aids" not in config or "model" not in state["params"]:
         raise ValueError(f"{workdir} was written by an older detr_jax (before the detector's parameters moved under "
                          "'model'); train it again, or evaluate it with that version")
-    return config, build_model(config), detector_variables(state["params"], state["frozen"])
+    return config, build_inference_model(config), detector_variables(state["params"], state["frozen"])

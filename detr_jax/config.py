@@ -8,7 +8,7 @@ bad value before any work, naming the field.
 import ml_collections
 from ml_collections.config_dict import placeholder
 
-from detr_jax.data import SOURCES
+from detr_jax.data import PANOPTIC_SOURCES, SOURCES
 from detr_jax.data.loader import WORKER_TYPES
 from detr_jax.data.transforms import COCO_MAX_SIZE, COCO_TRAIN_SCALES
 from detr_jax.losses import BBOX_LOSS_TYPES
@@ -52,6 +52,14 @@ def base_config() -> ml_collections.ConfigDict:
     # detr_jax/models/aux_heads.py. The evaluated and exported model never has them.
     config.training_aids = ml_collections.ConfigDict(dict(
         num_query_groups=1, encoder_aux_loss=False, backbone_aux_stages=()))
+
+    # Panoptic segmentation (the official `--masks`): the official mask head on top of DETR (`DETRsegm`), trained
+    # with the sigmoid focal and dice losses on the matched masks; needs a panoptic data source.
+    config.panoptic = ml_collections.ConfigDict(dict(
+        enabled=False,
+        freeze_detr=False,  # the official --frozen_weights: only the mask head trains (start from a trained DETR)
+        mask_loss_coef=1.0, dice_loss_coef=1.0,  # official
+        threshold=0.85))  # evaluation: the class probability a query needs to become a segment (official)
 
     config.data = ml_collections.ConfigDict(dict(
         source="tfds",  # "synthetic", "coco_folder" or "tfds" (detr_jax.data.build_source)
@@ -140,5 +148,16 @@ def check_config(config: ml_collections.ConfigDict) -> None:
          aids.num_query_groups, "an integer >= 1")
     need(all(i in (1, 2, 3, 4) for i in aids.backbone_aux_stages), "training_aids.backbone_aux_stages",
          aids.backbone_aux_stages, "ResNet stages among 1, 2, 3, 4")
+    pan = config.panoptic
+    if pan.enabled:
+        need(d.source in PANOPTIC_SOURCES, "data.source", d.source, f"a panoptic source ({either(PANOPTIC_SOURCES)}) "
+             "with config.panoptic.enabled")
+        need(aids.num_query_groups == 1, "training_aids.num_query_groups", aids.num_query_groups,
+             "1 with config.panoptic.enabled (the mask head decodes one query set)")
+        need(m.hidden_dim % 128 == 0, "model.hidden_dim", m.hidden_dim, "a multiple of 128 with "
+             "config.panoptic.enabled (the mask head narrows it to hidden_dim / 16 channels in GroupNorms of 8)")
+    for field in ("mask_loss_coef", "dice_loss_coef"):
+        need(pan[field] >= 0, f"panoptic.{field}", pan[field], ">= 0")
+    need(0 <= pan.threshold < 1, "panoptic.threshold", pan.threshold, "in [0, 1)")
     need(config.loss.bbox_loss_type in BBOX_LOSS_TYPES, "loss.bbox_loss_type", config.loss.bbox_loss_type,
          either(BBOX_LOSS_TYPES))

@@ -23,10 +23,12 @@ from jax.sharding import PartitionSpec as P
 from detr_jax import sharding
 from detr_jax.checkpoints import checkpoint_manager, restore_checkpoint, save_checkpoint
 from detr_jax.config import check_config
-from detr_jax.data import build_data
+from detr_jax.data import build_data, build_source
 from detr_jax.data.transforms import normalize_images
 from detr_jax.evaluate import Evaluator
+from detr_jax.evaluate_panoptic import PanopticEvaluator
 from detr_jax.losses import encoder_dense_losses, set_criterion
+from detr_jax.mask_losses import mask_losses
 from detr_jax.matcher import hungarian_match, resolve_solver
 from detr_jax.models.aux_heads import DETRWithAids, build_training_model, detector_variables, split_query_groups
 from detr_jax.models.backbone import FROZEN_COLLECTION
@@ -65,8 +67,9 @@ def make_train_step(model: DETRWithAids, tx, config: ml_collections.ConfigDict, 
                           (P(sharding.DATA_AXIS),) * 3, out_specs=P(None, sharding.DATA_AXIS), check_vma=False)
 
     # backbone_norm "batch": training updates the running statistics in the "frozen" collection.
-    mutable = [FROZEN_COLLECTION] if model.model.backbone_norm == "batch" else False
-    num_classes = model.model.num_classes
+    mutable = [FROZEN_COLLECTION] if model.detector.backbone_norm == "batch" else False
+    num_classes = model.detector.num_classes
+    panoptic = config.panoptic
 
     def loss_fn(params, frozen, batch, rng):
         images = normalize_images(batch["images"], batch["pixel_mask"])  # uint8 from the loader
@@ -84,6 +87,11 @@ def make_train_step(model: DETRWithAids, tx, config: ml_collections.ConfigDict, 
                                eos_coef=loss_cfg.eos_coef, bbox_loss_coef=loss_cfg.bbox_loss_coef,
                                giou_loss_coef=loss_cfg.giou_loss_coef, ce_loss_coef=loss_cfg.ce_loss_coef,
                                bbox_loss_type=loss_cfg.bbox_loss_type, **costs)
+        if "pred_masks" in outputs:  # panoptic: the official mask losses, on the main output's matches only
+            masks = mask_losses(outputs["pred_masks"], batch["target_masks"], targets["mask"], indices[-1],
+                                targets["mask"].sum())
+            losses = dict(losses, **masks, loss=losses["loss"] + panoptic.mask_loss_coef * masks["loss_mask"]
+                          + panoptic.dice_loss_coef * masks["loss_dice"])
         for suffix, dense_outputs in aids.items():  # the one-to-many token aids, each named by DETRWithAids
             extra = encoder_dense_losses(dense_outputs, batch, num_classes=num_classes,
                                          eos_coef=loss_cfg.eos_coef, ce_loss_coef=loss_cfg.ce_loss_coef,
@@ -175,8 +183,11 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Dict
         # The work directory describes itself: predict.py needs the class names, not the training data.
         source = train_loader.source
         with open(os.path.join(workdir, "class_names.json"), "w") as f:
-            json.dump({"class_names": list(getattr(source, "class_names", [])),
-                       "category_ids": [int(c) for c in getattr(source, "category_ids", [])]}, f, indent=1)
+            names = {"class_names": list(getattr(source, "class_names", [])),
+                     "category_ids": [int(c) for c in getattr(source, "category_ids", [])]}
+            if getattr(source, "is_thing", None) is not None:  # panoptic: things and stuff
+                names["is_thing"] = [bool(t) for t in source.is_thing]
+            json.dump(names, f, indent=1)
         n_params = sum(x.size for x in jax.tree_util.tree_leaves(state["params"]))
         logger.info("DETR with %.2fM parameters; %d devices on %d processes; %d steps (%d per epoch), "
                     "global batch %d; compilation cache %s", n_params / 1e6, jax.device_count(), jax.process_count(),
@@ -184,8 +195,14 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Dict
     train_step = make_train_step(model, tx, config, mesh)
     metric_logger = MetricLogger(workdir, total_steps, is_main)
     evaluator = None
-    if config.eval_every or config.eval_at_end:
-        evaluator = Evaluator(config, model.model, mesh)  # the plain DETR: the aids are training-only
+    if config.eval_every or config.eval_at_end:  # the model without the aids, which are training-only
+        if config.panoptic.enabled:
+            d = config.data
+            val_source = build_source(d.source, **dict(d.source_kwargs.to_dict(), **d.val_kwargs.to_dict()))
+            evaluator = PanopticEvaluator.from_config(config, val_source, model.model, mesh,
+                                                      threshold=config.panoptic.threshold)
+        else:
+            evaluator = Evaluator(config, model.model, mesh)
 
     # Ctrl-C and SIGTERM (preemption) save a checkpoint before exiting.
     # Both only set a flag, so a step is never cut in half (its input state is donated to XLA).
@@ -241,7 +258,7 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Dict
                 save_checkpoint(manager, step, state, train_loader, config, total_steps=total_steps)
             if evaluator is not None and config.eval_every and step % config.eval_every == 0 \
                     and step != total_steps:
-                eval_metrics = evaluator.evaluate(detector_variables(state["params"], state["frozen"]), workdir, step)
+                eval_metrics = _evaluate(evaluator, state, workdir, step)
                 metric_logger.write(step, eval_metrics,
                                     "eval " + " ".join(f"{k} {v:.4f}" for k, v in eval_metrics.items()))
                 t_log = time.time()
@@ -250,7 +267,7 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Dict
             save_checkpoint(manager, step, state, train_loader, config, force=True, total_steps=total_steps)
         manager.wait_until_finished()
         if evaluator is not None and config.eval_at_end:
-            final = evaluator.evaluate(detector_variables(state["params"], state["frozen"]), workdir, step, draw=True)
+            final = _evaluate(evaluator, state, workdir, step, draw=True)
             metric_logger.write(step, final, "final eval " + " ".join(f"{k} {v:.4f}" for k, v in final.items()))
     except (jax.errors.JaxRuntimeError, ValueError) as e:
         # A failed collective (gloo reports one as a ValueError with an XLA status): most likely another process
@@ -283,6 +300,15 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Dict
     if is_main:
         print(final_summary(summary, step - start_step, time.time() - t_start, workdir), file=sys.stdout, flush=True)
     return summary
+
+
+def _evaluate(evaluator, state: TrainState, workdir: str, step: int, draw: bool = False) -> Dict[str, float]:
+    """The evaluation metrics of `state`'s detector ("eval_AP" ... or, panoptic, "eval_PQ" ...)."""
+    variables = detector_variables(state["params"], state["frozen"])
+    if isinstance(evaluator, PanopticEvaluator):
+        metrics = evaluator.evaluate(variables)
+        return {f"eval_{k}": v for k, v in metrics.items() if k in ("PQ", "SQ", "RQ", "PQ_th", "PQ_st")}
+    return evaluator.evaluate(variables, workdir, step, draw=draw)
 
 
 def _stop_after_losing_a_process(error: Exception, manager) -> None:

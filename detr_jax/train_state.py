@@ -4,6 +4,7 @@
     state, tx, schedules = create_train_state(config, model, total_steps, steps_per_epoch)
 """
 
+import functools
 from typing import Any, Dict, Tuple
 
 import jax
@@ -12,8 +13,9 @@ import ml_collections
 import optax
 
 from detr_jax.convert import load_pretrained
-from detr_jax.models.aux_heads import DETRWithAids, detector_variables, training_parameter_groups
+from detr_jax.models.aux_heads import DETRWithAids, training_parameter_groups
 from detr_jax.models.backbone import FROZEN_COLLECTION
+from detr_jax.models.segmentation import DETRsegm
 
 TrainState = Dict[str, Any]  # {"step", "params", "frozen", "opt_state", "nonfinite_step"}
 SCHEDULES = ("step", "cosine", "constant")  # config.optimizer.schedule
@@ -48,7 +50,8 @@ def build_optimizer(config: ml_collections.ConfigDict, params, total_steps: int,
         (optax transform, {"transformer", "backbone": schedule}).
     """
     opt = config.optimizer
-    labels = training_parameter_groups(params, train_stem=config.model.train_stem)
+    labels = training_parameter_groups(params, train_stem=config.model.train_stem,
+                                       freeze_detr=config.panoptic.enabled and config.panoptic.freeze_detr)
     schedules = {"transformer": learning_rate_schedule(opt.lr, config, total_steps, steps_per_epoch),
                  "backbone": learning_rate_schedule(opt.lr_backbone, config, total_steps, steps_per_epoch)}
     groups = {name: optax.adamw(schedule, b1=0.9, b2=0.999, eps=1e-8, weight_decay=opt.weight_decay)
@@ -77,11 +80,21 @@ def create_train_state(config: ml_collections.ConfigDict, model: DETRWithAids, t
     params, frozen = dict(variables["params"]), dict(variables.get(FROZEN_COLLECTION, {}))
     init = config.init
     if init.backbone_checkpoint or init.detr_checkpoint:
-        detector = load_pretrained(init, model.model, detector_variables(params, frozen))
-        params["model"] = detector["params"]
-        if detector.get(FROZEN_COLLECTION):
-            frozen["model"] = detector[FROZEN_COLLECTION]
+        # The pretrained weights are a DETR's: into the detector (inside the mask head's model for panoptic).
+        path = ("model", "detr") if isinstance(model.model, DETRsegm) else ("model",)
+        sub = lambda tree: functools.reduce(lambda t, k: t.get(k, {}), path, tree)  # noqa: E731
+        loaded = load_pretrained(init, model.detector, {"params": sub(params), FROZEN_COLLECTION: sub(frozen)})
+        params = _replace(params, path, loaded["params"])
+        if loaded.get(FROZEN_COLLECTION):
+            frozen = _replace(frozen, path, loaded[FROZEN_COLLECTION])
     tx, schedules = build_optimizer(config, params, total_steps, steps_per_epoch)
     state = {"step": jnp.zeros((), jnp.int32), "params": params, "frozen": frozen, "opt_state": tx.init(params),
              "nonfinite_step": jnp.full((), -1, jnp.int32)}
     return state, tx, schedules
+
+
+def _replace(tree: Dict, path: Tuple[str, ...], value) -> Dict:
+    """A copy of the nested dict `tree` with `value` at `path`."""
+    if not path:
+        return value
+    return dict(tree, **{path[0]: _replace(dict(tree.get(path[0], {})), path[1:], value)})

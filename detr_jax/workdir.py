@@ -117,6 +117,10 @@ def final_summary(summary: Dict[str, float], steps: int, seconds: float, workdir
     lines = [f"done: {steps} steps in {seconds / 60:.1f} min"
              + (f" ({summary['images_per_sec']:.1f} img/s at the end)" if "images_per_sec" in summary else "")
              + (f", last loss {summary['loss']:.4f}" if "loss" in summary else "")]
+    if "eval_PQ" in summary:
+        lines.append("eval: " + "  ".join(f"{k[5:]} {summary[k]:.4f}" for k in ("eval_PQ", "eval_SQ", "eval_RQ",
+                                                                                 "eval_PQ_th", "eval_PQ_st")
+                                           if k in summary))
     if "eval_AP" in summary:
         lines.append("eval: " + "  ".join(f"{k[5:]} {summary[k]:.4f}" for k in ("eval_AP", "eval_AP50", "eval_AP75",
                                                                                  "eval_AR100") if k in summary))

@@ -28,7 +28,8 @@ __all__ = ["AnnotationError", "CocoFolder", "build_data", "ImageReadError", "Loa
            "simulate_output_sizes", "write_coco_folder"]
 
 logger = logging.getLogger(__name__)
-SOURCES = ("synthetic", "coco_folder", "tfds", "synthetic_panoptic", "coco_panoptic")
+PANOPTIC_SOURCES = ("synthetic_panoptic", "coco_panoptic")  # examples with per-object "masks"
+SOURCES = ("synthetic", "coco_folder", "tfds") + PANOPTIC_SOURCES
 
 
 def build_source(kind: str, /, **kwargs):

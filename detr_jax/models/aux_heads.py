@@ -6,7 +6,7 @@ fine-tuning from an official checkpoint, evaluation and inference take `params["
 know which aids a run used.
 """
 
-from typing import Any, Dict, Sequence, Tuple
+from typing import Any, Dict, Sequence, Tuple, Union
 
 import flax.linen as nn
 import jax
@@ -15,6 +15,7 @@ import jax.numpy as jnp
 from detr_jax.models.backbone import downsample_mask
 from detr_jax.models.detr import DETR, MLP, build_model, parameter_groups
 from detr_jax.models.layers import Conv2d, Linear
+from detr_jax.models.segmentation import DETRsegm, segm_parameter_groups
 
 MODEL = "model"  # the detector's sub-tree in a training state's params and "frozen" collection
 
@@ -53,7 +54,8 @@ class DETRWithAids(nn.Module):
     """A DETR and the training-only aids that help it train from scratch.
 
     Attributes:
-        model: the detector (its parameters are "model/...").
+        model: the detector (its parameters are "model/..."): a `DETR`, or a `DETRsegm` (DETR with the panoptic
+            mask head, `config.panoptic`) whose outputs add "pred_masks".
         num_query_groups: Group DETR (Chen et al. 2023): with G > 1, training decodes G independent groups of
             N queries (no self-attention between groups), each matched to the targets on its own
             (`split_query_groups`). Groups 1..G-1 are the parameter "group_query_embed" [G - 1, N, D].
@@ -66,10 +68,15 @@ class DETRWithAids(nn.Module):
             the backbone learns what the objects are where small objects are still several cells wide.
             Parameters "stage{i}_proj", "stage{i}_norm", "stage{i}_heads".
     """
-    model: DETR
+    model: Union[DETR, DETRsegm]
     num_query_groups: int = 1
     encoder_aux_loss: bool = False
     backbone_aux_stages: Sequence[int] = ()
+
+    @property
+    def detector(self) -> DETR:
+        """The DETR itself (inside the mask head's model for panoptic training)."""
+        return self.model.detr if isinstance(self.model, DETRsegm) else self.model
 
     @nn.compact
     def __call__(self, images, pixel_mask=None, train: bool = False) -> Tuple[Dict, Dict]:
@@ -82,14 +89,14 @@ class DETRWithAids(nn.Module):
             raise ValueError(f"backbone_aux_stages are ResNet stages 1..4, got {tuple(self.backbone_aux_stages)}")
         if self.num_query_groups < 1:
             raise ValueError(f"num_query_groups must be >= 1, got {self.num_query_groups}")
-        m = self.model
-        extra = None
-        if self.num_query_groups > 1:
-            extra = self.param("group_query_embed", nn.initializers.normal(1.0),
-                               (self.num_query_groups - 1, m.num_queries, m.hidden_dim))
+        m = self.detector
+        groups = {}
+        if self.num_query_groups > 1:  # (a DETRsegm decodes one query set: config.check_config refuses groups)
+            groups["extra_queries"] = self.param("group_query_embed", nn.initializers.normal(1.0),
+                                                 (self.num_query_groups - 1, m.num_queries, m.hidden_dim))
         if pixel_mask is None:
             pixel_mask = jnp.ones(images.shape[:3], bool)
-        outputs = m(images, pixel_mask, train=train, return_features=True, extra_queries=extra)
+        outputs = self.model(images, pixel_mask, train=train, return_features=True, **groups)
         features = outputs.pop("features")
         aids = {}
         if self.encoder_aux_loss:
@@ -131,11 +138,16 @@ def split_query_groups(outputs, targets, groups: int):
     return out, {k: jnp.repeat(v, groups, axis=0) for k, v in targets.items()}
 
 
-def training_parameter_groups(params, train_stem: bool = False) -> Dict:
-    """`detr.parameter_groups` for a `DETRWithAids` tree: the detector's labels under "model"; the aids train
-    with the transformer's learning rate."""
-    return {name: parameter_groups(sub, train_stem) if name == MODEL else
-            jax.tree_util.tree_map(lambda _: "transformer", sub) for name, sub in params.items()}
+def training_parameter_groups(params, train_stem: bool = False, freeze_detr: bool = False) -> Dict:
+    """`detr.parameter_groups` for a `DETRWithAids` tree: the detector's labels under "model" (a `DETRsegm`'s by
+    `segm_parameter_groups`); the aids train with the transformer's learning rate."""
+    def model_groups(sub):
+        if "mask_head" in sub:
+            return segm_parameter_groups(sub, train_stem, freeze_detr)
+        return parameter_groups(sub, train_stem)
+
+    return {name: model_groups(sub) if name == MODEL else jax.tree_util.tree_map(lambda _: "transformer", sub)
+            for name, sub in params.items()}
 
 
 def detector_variables(params, frozen) -> Dict:
@@ -144,6 +156,17 @@ def detector_variables(params, frozen) -> Dict:
     return {"params": params[MODEL], "frozen": frozen.get(MODEL, {})}
 
 
+def build_inference_model(config) -> Union[DETR, DETRsegm]:
+    """The model evaluation and inference apply: `detr.build_model(config)`, inside a `DETRsegm` with
+    `config.panoptic.enabled`."""
+    detector = build_model(config)
+    # Work directories of before the panoptic block have no config.panoptic.
+    if "panoptic" in config and config.panoptic.enabled:
+        return DETRsegm(detector, freeze_detr=config.panoptic.freeze_detr)
+    return detector
+
+
 def build_training_model(config) -> DETRWithAids:
-    """The module a training run applies: `detr.build_model(config)` with the aids of `config.training_aids`."""
-    return DETRWithAids(build_model(config), **config.training_aids.to_dict())
+    """The module a training run applies: `build_inference_model(config)` with the aids of
+    `config.training_aids`."""
+    return DETRWithAids(build_inference_model(config), **config.training_aids.to_dict())
