@@ -185,15 +185,16 @@ def make_torch_best(model, batch, device, bf16, compile_model=True):
 
 # ---- JAX: detr_jax -----------------------------------------------------------------------------------------
 def jax_config():
-    import ml_collections
-    return ml_collections.ConfigDict(dict(
-        seed=0,
-        model=dict(train_stem=False),  # the official trainable set: stem and stage 1 frozen
-        # The host matcher on both sides (scipy), as HF does.
-        loss=dict(eos_coef=0.1, cost_class=1.0, cost_bbox=5.0, cost_giou=2.0, ce_loss_coef=1.0, bbox_loss_coef=5.0,
-                  giou_loss_coef=2.0, bbox_loss_type="l1", matcher="host"),
-        optimizer=dict(lr=LR, lr_backbone=LR_BACKBONE, weight_decay=WEIGHT_DECAY, grad_clip=GRAD_CLIP,
-                       schedule="constant", warmup_steps=0, lr_drop_epochs=200, grad_accum_steps=1)))
+    """The base config (detr_jax/config.py) with the benchmark's optimizer: a constant learning rate."""
+    from detr_jax.config import base_config
+
+    config = base_config()
+    config.seed = 0
+    config.model.train_stem = False  # the official trainable set: stem and stage 1 frozen
+    config.loss.matcher = "host"  # the host matcher on both sides (scipy), as HF does
+    config.optimizer.update(lr=LR, lr_backbone=LR_BACKBONE, weight_decay=WEIGHT_DECAY, grad_clip=GRAD_CLIP,
+                            schedule="constant", warmup_steps=0)
+    return config
 
 
 def jax_detr(bf16):
