@@ -25,6 +25,21 @@ class SeededExamples:
     `image_sizes`, and draw example i's size first (`image_size` repeats that draw without the rest)."""
     STREAM_TAG = 0x5D  # another set's own tag gives it streams unrelated to this one's
 
+    @staticmethod
+    def _check_split(split: str) -> None:
+        if split not in _SPLIT_STREAMS:
+            raise ValueError(f"split must be one of {sorted(_SPLIT_STREAMS)}, got {split!r}")
+
+    @staticmethod
+    def _parse_image_sizes(image_size, min_side: int):
+        """(h, w) or a list of (h, w) -> [(h, w), ...]; one ValueError for anything else or a side < min_side."""
+        sizes = np.asarray(image_size, np.int64)
+        out = [tuple(int(v) for v in s) for s in (sizes[None] if sizes.ndim == 1 else sizes)]
+        if any(len(s) != 2 or min(s) < min_side for s in out):
+            raise ValueError(f"image_size must be (h, w) or a list of (h, w) with sides >= {min_side}, "
+                             f"got {image_size!r}")
+        return out
+
     def __len__(self) -> int:
         return self.num_examples
 
@@ -64,17 +79,13 @@ class SyntheticDetection(SeededExamples):
                  image_size: Union[Tuple[int, int], Sequence[Tuple[int, int]]] = (128, 128),
                  min_objects: int = 1, max_objects: int = 8, min_object_size: float = 0.15,
                  max_object_size: float = 0.6, max_occlusion: float = 0.5, seed: int = 0):
-        if split not in _SPLIT_STREAMS:
-            raise ValueError(f"split must be one of {sorted(_SPLIT_STREAMS)}, got {split!r}")
+        self._check_split(split)
         if not 1 <= min_objects <= max_objects:
             raise ValueError(f"need 1 <= min_objects <= max_objects, got {min_objects}, {max_objects}")
         if not 0 < min_object_size <= max_object_size <= 1:
             raise ValueError(f"need 0 < min_object_size <= max_object_size <= 1 (fractions of the shorter side), "
                              f"got {min_object_size}, {max_object_size}")
-        sizes = np.asarray(image_size, np.int64)
-        self.image_sizes = [tuple(int(v) for v in s) for s in (sizes[None] if sizes.ndim == 1 else sizes)]
-        if any(len(s) != 2 or min(s) < 8 for s in self.image_sizes):
-            raise ValueError(f"image_size must be (h, w) or a list of (h, w) with sides >= 8, got {image_size!r}")
+        self.image_sizes = self._parse_image_sizes(image_size, min_side=8)
         self.split = split
         self.num_examples = int(num_examples)
         self.min_objects, self.max_objects = int(min_objects), int(max_objects)

@@ -10,7 +10,7 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 from detr_jax.data.panoptic_transforms import masks_to_boxes
-from detr_jax.data.synthetic import _SPLIT_STREAMS, SeededExamples, _draw_shape
+from detr_jax.data.synthetic import SeededExamples, _draw_shape
 from detr_jax.panoptic import id2rgb
 
 THING_CLASSES = ("ellipse", "rectangle", "triangle")  # drawn by synthetic._draw_shape
@@ -48,17 +48,13 @@ class SyntheticPanoptic(SeededExamples):
                  image_size: Union[Tuple[int, int], Sequence[Tuple[int, int]]] = (128, 128), min_things: int = 1,
                  max_things: int = 6, min_thing_size: float = 0.15, max_thing_size: float = 0.45,
                  max_occlusion: float = 0.5, noise: float = 8.0, seed: int = 0):
-        if split not in _SPLIT_STREAMS:
-            raise ValueError(f"split must be one of {sorted(_SPLIT_STREAMS)}, got {split!r}")
+        self._check_split(split)
         if not 0 <= min_things <= max_things:
             raise ValueError(f"need 0 <= min_things <= max_things, got {min_things}, {max_things}")
         if not 0 < min_thing_size <= max_thing_size <= 1:
             raise ValueError(f"need 0 < min_thing_size <= max_thing_size <= 1 (fractions of the shorter side), "
                              f"got {min_thing_size}, {max_thing_size}")
-        sizes = np.asarray(image_size, np.int64)
-        self.image_sizes = [tuple(int(v) for v in s) for s in (sizes[None] if sizes.ndim == 1 else sizes)]
-        if any(len(s) != 2 or min(s) < 16 for s in self.image_sizes):
-            raise ValueError(f"image_size must be (h, w) or a list of (h, w) with sides >= 16, got {image_size!r}")
+        self.image_sizes = self._parse_image_sizes(image_size, min_side=16)
         self.split, self.num_examples, self.seed = split, int(num_examples), int(seed)
         self.min_things, self.max_things = int(min_things), int(max_things)
         self.min_thing_size, self.max_thing_size = float(min_thing_size), float(max_thing_size)
