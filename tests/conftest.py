@@ -31,3 +31,16 @@ def coco_like_dir(tmp_path_factory):
     path = tmp_path_factory.mktemp("tfds")
     coco_like.prepare(str(path))
     return str(path)
+
+
+@pytest.fixture(scope="session")
+def coco_panoptic_like_dir(tmp_path_factory):
+    """A TFDS data_dir holding the built-in COCO-panoptic-like set, tiny (16 train / 8 validation images of at
+    most 160 x 160, ArrayRecord, coco/2017_panoptic's features), prepared once per session (~1 s). Skips without
+    tensorflow_datasets."""
+    pytest.importorskip("tensorflow_datasets")
+    pytest.importorskip("array_record")
+    from detr_jax.data import coco_panoptic_like
+    path = tmp_path_factory.mktemp("tfds_panoptic")
+    coco_panoptic_like.prepare(str(path), num_train=16, num_validation=8)
+    return str(path)

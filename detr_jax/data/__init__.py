@@ -28,7 +28,7 @@ __all__ = ["AnnotationError", "CocoFolder", "build_data", "ImageReadError", "Loa
            "simulate_output_sizes", "write_coco_folder"]
 
 logger = logging.getLogger(__name__)
-PANOPTIC_SOURCES = ("synthetic_panoptic", "coco_panoptic")  # examples with per-object "masks"
+PANOPTIC_SOURCES = ("synthetic_panoptic", "coco_panoptic", "tfds_panoptic")  # examples with per-object "masks"
 SOURCES = ("synthetic", "coco_folder", "tfds") + PANOPTIC_SOURCES
 
 
@@ -39,8 +39,11 @@ def build_source(kind: str, /, **kwargs):
     "coco_folder": CocoFolder(ann_file, image_dir, label_space, keep_crowd, num_classes, skip_bad_images).
     "tfds": tfds_coco.TfdsCoco(split, data_dir, label_space, keep_crowd, num_classes, name, ...); imports
       tensorflow_datasets only here, so the other sources work without it installed.
-    "synthetic_panoptic": SyntheticPanoptic(split, num_examples, image_size, ..., seed) and "coco_panoptic":
-      CocoPanopticFolder(ann_file, image_dir, panoptic_dir, label_space, ...): examples with per-object "masks".
+    "synthetic_panoptic": SyntheticPanoptic(split, num_examples, image_size, ..., seed), "coco_panoptic":
+      CocoPanopticFolder(ann_file, image_dir, panoptic_dir, label_space, ...) and "tfds_panoptic":
+      tfds_coco_panoptic.TfdsCocoPanoptic(split, data_dir, label_space, keep_crowd, num_classes, name, ...)
+      (name "coco/2017_panoptic"; "coco_panoptic_like" is the built-in set, prepared on first use; imports
+      tensorflow_datasets only here): examples with per-object "masks".
     """
     if kind == "synthetic":
         return SyntheticDetection(**kwargs)
@@ -53,6 +56,9 @@ def build_source(kind: str, /, **kwargs):
         return SyntheticPanoptic(**kwargs)
     if kind == "coco_panoptic":
         return CocoPanopticFolder(**kwargs)
+    if kind == "tfds_panoptic":
+        from detr_jax.data import tfds_coco_panoptic  # lazy: pulls in tensorflow_datasets
+        return tfds_coco_panoptic.TfdsCocoPanoptic(**kwargs)
     raise ValueError(f"unknown data source {kind!r}; known: {SOURCES}")
 
 

@@ -22,11 +22,13 @@ is synthetic "val"), stored as record i (shuffling is disabled, so record order 
                (index % CROWD_EVERY == 0), so the crowd handling of readers and evaluation is exercised.
 """
 
+import abc
 import contextlib
 import fcntl
 import io
 import os
-from typing import Optional
+import sys
+from typing import Optional, Type
 
 import numpy as np
 import tensorflow_datasets as tfds
@@ -38,22 +40,22 @@ from detr_jax.data.synthetic import SyntheticDetection
 
 VALIDATION_ID_OFFSET = 1_000_000
 CROWD_EVERY = 8
-_SYNTHETIC_SPLITS = {"train": "train", "validation": "val"}
+SYNTHETIC_SPLITS = {"train": "train", "validation": "val"}  # TFDS split -> synthetic split
 _MAX_OBJECTS = 8  # SyntheticDetection's default; annotation ids need < 100
 
 
-class CocoLike(tfds.core.GeneratorBasedBuilder):
-    """COCO-like detection dataset: synthetic shapes with coco/2017's features (see the module docstring).
+class SyntheticSplitsBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
+    """A TFDS builder of a "train" and a "validation" split generated here (nothing is downloaded): the part that
+    CocoLike and coco_panoptic_like.CocoPanopticLike share. Subclasses give `_features()` and
+    `_generate_examples(split)`; the module's docstring is the dataset's description.
 
     Args:
       num_train, num_validation: examples per split (written into the dataset_info; a prepared data_dir holds
-        one size: prepare() raises on a mismatch).
-      seed: SyntheticDetection seed.
+        one size: prepare_locally() raises on a mismatch).
+      seed: the synthetic set's seed.
       **kwargs: tfds.core.GeneratorBasedBuilder's (data_dir, file_format, ...).
     """
 
-    VERSION = tfds.core.Version("1.0.0")
-    RELEASE_NOTES = {"1.0.0": "Synthetic shapes with the coco/2017 detection features."}
     # TFDS looks for a checksums file beside the builder's code through `code_path`, which in TFDS 4.9.10 on
     # Python >= 3.9 needs the undeclared package importlib_resources (tensorflow/datasets#11212). Nothing is
     # downloaded here, so there is no checksums file to find.
@@ -64,10 +66,31 @@ class CocoLike(tfds.core.GeneratorBasedBuilder):
         self.seed = int(seed)
         super().__init__(**kwargs)
 
+    @abc.abstractmethod
+    def _features(self) -> tfds.features.FeaturesDict:
+        """The dataset's features."""
+
     def _info(self) -> tfds.core.DatasetInfo:
+        return tfds.core.DatasetInfo(
+            builder=self, description=sys.modules[type(self).__module__].__doc__, features=self._features(),
+            disable_shuffling=True, metadata=tfds.core.MetadataDict(seed=self.seed, num_examples=self.num_examples))
+
+    def _split_generators(self, dl_manager):
+        del dl_manager  # nothing to download
+        return {split: self._generate_examples(split) for split in SYNTHETIC_SPLITS}
+
+
+class CocoLike(SyntheticSplitsBuilder):
+    """COCO-like detection dataset: synthetic shapes with coco/2017's features (see the module docstring).
+    Arguments as SyntheticSplitsBuilder's (the seed is SyntheticDetection's)."""
+
+    VERSION = tfds.core.Version("1.0.0")
+    RELEASE_NOTES = {"1.0.0": "Synthetic shapes with the coco/2017 detection features."}
+
+    def _features(self) -> tfds.features.FeaturesDict:
         # As tensorflow_datasets/object_detection/coco.py (config 2017); there ClassLabel(num_classes=80) gets
         # these names during generation.
-        features = tfds.features.FeaturesDict({
+        return tfds.features.FeaturesDict({
             "image": tfds.features.Image(encoding_format="jpeg"),
             "image/filename": tfds.features.Text(),
             "image/id": np.int64,
@@ -79,16 +102,9 @@ class CocoLike(tfds.core.GeneratorBasedBuilder):
                 "is_crowd": np.bool_,
             }),
         })
-        return tfds.core.DatasetInfo(
-            builder=self, description=__doc__, features=features, disable_shuffling=True,
-            metadata=tfds.core.MetadataDict(seed=self.seed, num_examples=self.num_examples))
-
-    def _split_generators(self, dl_manager):
-        del dl_manager  # nothing to download
-        return {split: self._generate_examples(split) for split in _SYNTHETIC_SPLITS}
 
     def _generate_examples(self, split: str):
-        source = SyntheticDetection(_SYNTHETIC_SPLITS[split], num_examples=self.num_examples[split],
+        source = SyntheticDetection(SYNTHETIC_SPLITS[split], num_examples=self.num_examples[split],
                                     image_size=list(COCO_IMAGE_SIZES), max_objects=_MAX_OBJECTS, seed=self.seed)
         for index in range(len(source)):
             yield index, synthetic_to_record(source[index], index, split)  # int keys: written in this order
@@ -103,8 +119,6 @@ def synthetic_to_record(example: dict, index: int, split: str) -> dict:
     """A SyntheticDetection example ("image" uint8 [H, W, 3], "boxes" float32 [K, 4] xyxy absolute, integer
     valued, "labels" int32 [K] in 0..4) -> a coco/2017 record dict for tfds (the image as JPEG bytes)."""
     h, w = example["image"].shape[:2]
-    buffer = io.BytesIO()
-    Image.fromarray(example["image"]).save(buffer, format="jpeg", quality=90)
     img_id = image_id(index, split)
     objects = []
     for k, ((x0, y0, x1, y1), label) in enumerate(zip(example["boxes"].tolist(), example["labels"].tolist())):
@@ -115,38 +129,48 @@ def synthetic_to_record(example: dict, index: int, split: str) -> dict:
             "label": int(label),
             "is_crowd": split == "validation" and k == 0 and index % CROWD_EVERY == 0,
         })
-    return {"image": buffer.getvalue(), "image/filename": f"{img_id:012d}.jpg", "image/id": img_id,
+    return {"image": encode_image(example["image"], "jpeg"), "image/filename": f"{img_id:012d}.jpg", "image/id": img_id,
             "objects": objects}
+
+
+def encode_image(image: np.ndarray, image_format: str) -> bytes:
+    """uint8 [H, W, 3] -> "jpeg" (quality 90) or "png" (lossless) bytes, as TFDS stores images."""
+    buffer = io.BytesIO()
+    Image.fromarray(image).save(buffer, format=image_format, **({"quality": 90} if image_format == "jpeg" else {}))
+    return buffer.getvalue()
 
 
 def prepare(data_dir: Optional[str] = None, num_train: int = 256, num_validation: int = 64,
             seed: int = 0, any_prepared: bool = False) -> CocoLike:
-    """Write coco_like into `data_dir` (default: TFDS's, ~/tensorflow_datasets) as ArrayRecord unless it is there
-    already; returns the builder.
+    """Write coco_like into `data_dir` (default: TFDS's, ~/tensorflow_datasets) unless it is there already; returns
+    the builder. See prepare_locally."""
+    return prepare_locally(CocoLike, data_dir, num_train, num_validation, seed, any_prepared)
+
+
+def prepare_locally(builder_cls: Type[SyntheticSplitsBuilder], data_dir: Optional[str], num_train: int,
+                    num_validation: int, seed: int, any_prepared: bool) -> SyntheticSplitsBuilder:
+    """Write `builder_cls`'s dataset into `data_dir` (default: TFDS's, ~/tensorflow_datasets) as ArrayRecord unless
+    it is there already; returns the builder.
 
     Idempotent: a second call only reads the dataset_info (well under a second). Processes of one machine
     preparing the same folder at once take turns (a file lock), so one writes and the others find it prepared.
-    Raises ValueError naming the folder when it holds coco_like of other sizes, another seed or another file
-    format, unless `any_prepared` (what readers use: whatever coco_like the folder holds is fine).
+    Raises ValueError naming the folder when it holds the dataset with other sizes, another seed or another file
+    format, unless `any_prepared` (what readers use: whatever the folder holds is fine).
     """
     data_dir = os.path.expanduser(data_dir or os.environ.get("TFDS_DATA_DIR", "~/tensorflow_datasets"))
     os.makedirs(data_dir, exist_ok=True)
-    with open(os.path.join(data_dir, ".coco_like.lock"), "a") as lock, contextlib.ExitStack() as stack:
+    with open(os.path.join(data_dir, f".{builder_cls.name}.lock"), "a") as lock, contextlib.ExitStack() as stack:
         fcntl.flock(lock, fcntl.LOCK_EX)
         stack.callback(fcntl.flock, lock, fcntl.LOCK_UN)
-        return _prepare_locked(data_dir, num_train, num_validation, seed, any_prepared)
-
-
-def _prepare_locked(data_dir: str, num_train: int, num_validation: int, seed: int, any_prepared: bool) -> CocoLike:
-    builder = CocoLike(data_dir=data_dir, num_train=num_train, num_validation=num_validation, seed=seed,
-                       file_format="array_record")
-    if builder.is_prepared():
-        found = {"num_examples": {s: builder.info.splits[s].num_examples for s in _SYNTHETIC_SPLITS},
-                 "seed": builder.info.metadata["seed"], "file_format": builder.info.file_format.value}
-        wanted = {"num_examples": builder.num_examples, "seed": builder.seed, "file_format": "array_record"}
-        if found != wanted and not any_prepared:
-            raise ValueError(f"{builder.data_dir} holds coco_like with {found}, not the requested {wanted}; "
-                             f"use another data_dir or delete that folder")
+        builder = builder_cls(data_dir=data_dir, num_train=num_train, num_validation=num_validation, seed=seed,
+                              file_format="array_record")
+        if builder.is_prepared():
+            found = {"num_examples": {s: builder.info.splits[s].num_examples for s in SYNTHETIC_SPLITS},
+                     "seed": builder.info.metadata["seed"], "file_format": builder.info.file_format.value}
+            wanted = {"num_examples": builder.num_examples, "seed": builder.seed, "file_format": "array_record"}
+            if found != wanted and not any_prepared:
+                raise ValueError(f"{builder.data_dir} holds {builder.name} with {found}, not the requested {wanted}; "
+                                 f"use another data_dir or delete that folder")
+            return builder
+        builder.download_and_prepare(download_config=tfds.download.DownloadConfig(try_download_gcs=False))
         return builder
-    builder.download_and_prepare(download_config=tfds.download.DownloadConfig(try_download_gcs=False))
-    return builder

@@ -29,4 +29,10 @@ _NAMES = {**dict(zip(COCO_CATEGORY_IDS, COCO_CLASS_NAMES)), **dict(COCO_PANOPTIC
 OFFICIAL250_CLASS_NAMES = tuple(_NAMES.get(i, "N/A") for i in range(OFFICIAL250_NUM_CLASSES))
 OFFICIAL250_IS_THING = tuple(i <= OFFICIAL250_THING_MAX for i in range(OFFICIAL250_NUM_CLASSES))
 
+# The 133 categories sorted by id: the order of the panoptic JSON's "categories", hence TFDS coco/2017_panoptic's
+# label order (label i is category COCO_PANOPTIC_CATEGORY_IDS[i]).
+COCO_PANOPTIC_CATEGORY_IDS = tuple(sorted(_NAMES))
+COCO_PANOPTIC_CLASS_NAMES = tuple(_NAMES[i] for i in COCO_PANOPTIC_CATEGORY_IDS)
+COCO_PANOPTIC_IS_THING = tuple(i <= OFFICIAL250_THING_MAX for i in COCO_PANOPTIC_CATEGORY_IDS)
+
 assert len(COCO_PANOPTIC_STUFF) == 53 and len(_NAMES) == 133

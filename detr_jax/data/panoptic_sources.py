@@ -216,15 +216,28 @@ class CocoPanopticFolder:
             raise ImageReadError(f"panoptic PNG {png} (image id {image_id}) is {id_map.shape[0]}x{id_map.shape[1]} "
                                  f"(h x w) but its image {self.image_path(index)} is {image.shape[0]}x{image.shape[1]}")
         seg = self._segments[image_id]
-        unknown = sorted(set(np.unique(id_map).tolist()) - seg["all_ids"] - {0})
+        masks, unknown, empty = segment_masks(id_map, seg["segment_ids"], seg["all_ids"])
         if unknown:
             raise AnnotationError(f"panoptic PNG {png} (image id {image_id}) has segment ids {unknown[:10]} that its "
                                   f"'segments_info' in {self.ann_file} does not list")
-        masks = id_map[None] == seg["segment_ids"][:, None, None]  # [K, H, W]
-        empty = seg["segment_ids"][~masks.any(axis=(1, 2))]
-        if len(empty):
-            raise AnnotationError(f"{self.ann_file}: segment ids {empty.tolist()} of image id {image_id} are not in "
+        if empty:
+            raise AnnotationError(f"{self.ann_file}: segment ids {empty} of image id {image_id} are not in "
                                   f"its panoptic PNG {png}")
         return {"image": image, "boxes": masks_to_boxes(masks), "labels": seg["labels"].copy(), "image_id": image_id,
                 "orig_size": tuple(image.shape[:2]), "iscrowd": seg["iscrowd"].copy(), "masks": masks,
                 "segment_ids": seg["segment_ids"].copy()}
+
+
+def segment_masks(id_map: np.ndarray, segment_ids: np.ndarray, listed_ids) -> Tuple[np.ndarray, list, list]:
+    """The masks of a panoptic PNG's segments, and what in it disagrees with its annotation.
+
+    Args:
+      id_map: int [H, W], the PNG's segment id per pixel (`rgb2id`; 0 is void).
+      segment_ids: int [K], the segments to cut out (the annotation's, less any dropped crowd segments).
+      listed_ids: every segment id the annotation lists (dropped ones included: their pixels become void).
+    Returns (masks bool [K, H, W], the PNG's ids that `listed_ids` lacks (sorted, void left out), the
+    `segment_ids` with no pixel in the PNG); a source raises, naming its record, when either list is not empty.
+    """
+    unknown = sorted(set(np.unique(id_map).tolist()) - set(listed_ids) - {0})
+    masks = id_map[None] == np.asarray(segment_ids)[:, None, None]
+    return masks, unknown, np.asarray(segment_ids)[~masks.any(axis=(1, 2))].tolist()

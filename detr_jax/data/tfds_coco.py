@@ -17,6 +17,7 @@ tensorflow_datasets is imported here only, so the other sources never need Tenso
 the built-in COCO-like set (`detr_jax.data.coco_like`), prepared on first use.
 """
 
+import functools
 import io
 import logging
 import os
@@ -35,17 +36,85 @@ logger = logging.getLogger(__name__)
 _STATS_LOCK = threading.Lock()
 
 
-def _import_tfds():
+def _import_tfds(source: str = "tfds", instead: str = "coco_folder"):
     try:
         import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
     except ImportError as e:
-        raise ImportError("the 'tfds' data source needs tensorflow_datasets (and array_record): "
-                          "`pip install tensorflow-datasets array-record`, or use the 'coco_folder' source with the "
+        raise ImportError(f"the {source!r} data source needs tensorflow_datasets (and array_record): "
+                          f"`pip install tensorflow-datasets array-record`, or use the {instead!r} source with the "
                           f"COCO annotation JSON and image folder instead ({e})") from e
     return tfds
 
 
-class TfdsCoco:
+class TfdsRecords:
+    """Random access to one split of a prepared TFDS dataset, and the size index of its images: the part of the
+    TFDS sources (TfdsCoco, tfds_coco_panoptic.TfdsCocoPanoptic) that does not depend on the annotations.
+
+    Args:
+      name, split, data_dir: the TFDS dataset, split and data directory (None: TFDS's).
+      encoded: the image features that `_encoded` leaves encoded (its records give sizes and ids cheaply).
+      size_cache_dir: where the image-size index is cached (default: next to the prepared data).
+    Subclasses name their build_source kind (SOURCE) and folder alternative (FOLDER_SOURCE) for the ImportError,
+    and may prepare a built-in set on first use (`_prepare_builtin`).
+    """
+
+    SOURCE, FOLDER_SOURCE = "tfds", "coco_folder"
+
+    def __init__(self, name: str, split: str, data_dir: Optional[str], encoded: Tuple[str, ...],
+                 size_cache_dir: Optional[str]):
+        tfds = _import_tfds(self.SOURCE, self.FOLDER_SOURCE)
+        data_dir = data_dir or None
+        self._prepare_builtin(name, data_dir)
+        self.name, self.split, self.data_dir = name, split, data_dir
+        try:
+            self._source = tfds.data_source(name, split=split, data_dir=data_dir)
+            # The same records with the images left encoded: sizes from the JPEG header, targets without decoding.
+            self._encoded = tfds.data_source(name, split=split, data_dir=data_dir,
+                                             decoders={key: tfds.decode.SkipDecoding() for key in encoded})
+        except Exception as e:
+            raise RuntimeError(f"cannot open {name} split {split!r} (data_dir {data_dir}) as a random-access TFDS "
+                               f"data source; prepare it with file_format='array_record' "
+                               f"(tfds.builder({name!r}).download_and_prepare(file_format='array_record')): {e}"
+                               ) from e
+        self.where = f"tfds {name} {split}"
+        self._length = len(self._source)
+        # Before any batch: a record whose image header cannot be read fails here, naming it.
+        self._sizes = image_size_index(self, size_cache_dir)  # int32 [N, 2] (h, w)
+
+    def _prepare_builtin(self, name: str, data_dir: Optional[str]) -> None:
+        """Write the built-in set `name` into data_dir if it is one and not there yet (subclasses)."""
+
+    def __len__(self) -> int:
+        return self._length
+
+    def image_size(self, index: int) -> Tuple[int, int]:
+        """(h, w) of record `index` from the size index, without decoding it."""
+        h, w = self._sizes[int(index)]
+        return int(h), int(w)
+
+    @functools.cached_property
+    def image_ids(self) -> Tuple[int, ...]:
+        """The "image/id" of every record, in record order (read once, with the images left encoded)."""
+        return tuple(int(self._record(self._encoded, i)["image/id"]) for i in range(len(self)))
+
+    def _count(self, **dropped: int) -> None:
+        """Add to the subclass's `stats` counters (counted per read, so one pass over the split counts each object
+        once)."""
+        with _STATS_LOCK:
+            for key, value in dropped.items():
+                self.stats[key] += value
+
+    def _record(self, source, index: int) -> Dict:
+        index = int(index)
+        if not 0 <= index < len(self):
+            raise IndexError(f"index {index} out of range for {len(self)} records of {self.where}")
+        try:
+            return source[index]
+        except Exception as e:  # a corrupt record or an image that does not decode
+            raise ValueError(f"{self.where}: cannot read record {index}: {type(e).__name__}: {e}") from None
+
+
+class TfdsCoco(TfdsRecords):
     """COCO detection examples from TFDS, the whole of `split` (random access).
 
     Args:
@@ -61,30 +130,12 @@ class TfdsCoco:
     "labels" int32 [K], "image_id" int, "orig_size" (H, W), "iscrowd" bool [K].
     """
 
-
     def __init__(self, split: str = "train", data_dir: Optional[str] = None, label_space: str = "contiguous",
                  keep_crowd: bool = False, num_classes: Optional[int] = None, name: str = "coco/2017",
                  size_cache_dir: Optional[str] = None):
         if label_space not in ("contiguous", "official91"):
             raise ValueError(f"label_space must be 'contiguous' or 'official91', got {label_space!r}")
-        tfds = _import_tfds()
-        data_dir = data_dir or None
-        if name == "coco_like":
-            from detr_jax.data import coco_like  # pylint: disable=g-import-not-at-top
-            coco_like.prepare(data_dir, any_prepared=True)
-        self.name, self.split, self.data_dir = name, split, data_dir
-        try:
-            self._source = tfds.data_source(name, split=split, data_dir=data_dir)
-            # The same records with the image left encoded: sizes from the JPEG header, targets without decoding.
-            self._encoded = tfds.data_source(name, split=split, data_dir=data_dir,
-                                             decoders={"image": tfds.decode.SkipDecoding()})
-        except Exception as e:
-            raise RuntimeError(f"cannot open {name} split {split!r} (data_dir {data_dir}) as a random-access TFDS "
-                               f"data source; prepare it with file_format='array_record' "
-                               f"(tfds.builder({name!r}).download_and_prepare(file_format='array_record')): {e}"
-                               ) from e
-        self.where = f"tfds {name} {split}"
-        self._length = len(self._source)
+        super().__init__(name, split, data_dir, ("image",), size_cache_dir)
         self.label_space = label_space
         self.keep_crowd = keep_crowd
         if label_space == "contiguous":
@@ -97,33 +148,17 @@ class TfdsCoco:
             self._label_map = np.asarray(COCO_CATEGORY_IDS, np.int32)
         self.num_classes = len(self.class_names) if num_classes is None else int(num_classes)
         self.stats: Dict[str, int] = {"crowd_dropped": 0, "zero_area_dropped": 0}
-        # Before any batch: a record whose image header cannot be read fails here, naming it.
-        self._sizes = image_size_index(self, size_cache_dir)  # int32 [N, 2] (h, w)
 
-    def __len__(self) -> int:
-        return self._length
-
-    def image_size(self, index: int) -> Tuple[int, int]:
-        """(h, w) of record `index` from the size index, without decoding it."""
-        h, w = self._sizes[int(index)]
-        return int(h), int(w)
-
-    def _record(self, source, index: int) -> Dict:
-        index = int(index)
-        if not 0 <= index < len(self):
-            raise IndexError(f"index {index} out of range for {len(self)} records of {self.where}")
-        try:
-            return source[index]
-        except Exception as e:  # a corrupt record or an image that does not decode
-            raise ValueError(f"{self.where}: cannot read record {index}: {type(e).__name__}: {e}") from None
+    def _prepare_builtin(self, name: str, data_dir: Optional[str]) -> None:
+        if name == "coco_like":
+            from detr_jax.data import coco_like  # pylint: disable=g-import-not-at-top
+            coco_like.prepare(data_dir, any_prepared=True)
 
     def __getitem__(self, index: int) -> Dict:
         record = self._record(self._source, index)
         example, crowd_dropped, zero_area_dropped = convert_record(
             record, self._label_map, self.num_classes, self.keep_crowd, where=f"{self.where} record {index}")
-        with _STATS_LOCK:  # counted per read, so one pass over the split counts each object once
-            self.stats["crowd_dropped"] += crowd_dropped
-            self.stats["zero_area_dropped"] += zero_area_dropped
+        self._count(crowd_dropped=crowd_dropped, zero_area_dropped=zero_area_dropped)
         return example
 
     def target(self, index: int) -> Dict:
@@ -147,7 +182,7 @@ def _encoded_image_size(record: Dict, where: str) -> Tuple[int, int]:
     return h, w
 
 
-def image_size_index(source: TfdsCoco, cache_dir: Optional[str] = None) -> np.ndarray:
+def image_size_index(source: TfdsRecords, cache_dir: Optional[str] = None) -> np.ndarray:
     """int32 [N, 2] (h, w) of every record of `source`'s split, cached.
 
     With several jax processes each reads 1/P of the records' headers and the parts are gathered (so this is a
@@ -191,7 +226,7 @@ def _jax_processes() -> Tuple[int, int]:
     return jax.process_count(), jax.process_index()
 
 
-def _size_cache_path(source: TfdsCoco, cache_dir: Optional[str]) -> str:
+def _size_cache_path(source: TfdsRecords, cache_dir: Optional[str]) -> str:
     split = re.sub(r"[^A-Za-z0-9_.-]+", "_", source.split)
     name = f"detr_jax_image_sizes.{split}.{len(source)}.npy"
     if cache_dir:
@@ -223,6 +258,14 @@ def _save_sizes(path: str, sizes: np.ndarray) -> None:
         logger.warning("could not cache the image sizes in %s (%s); they will be read again next start", path, e)
 
 
+def as_rgb(image) -> np.ndarray:
+    """A decoded TFDS image, uint8 [H, W, 3], [H, W, 1] or [H, W] -> uint8 [H, W, 3]."""
+    image = np.asarray(image, np.uint8)
+    if image.ndim == 2 or image.shape[-1] == 1:
+        image = np.repeat(image.reshape(image.shape[0], image.shape[1], 1), 3, axis=-1)
+    return image
+
+
 def convert_record(record: Dict, label_map: np.ndarray, num_classes: int, keep_crowd: bool, where: str = "tfds",
                    image_hw: Optional[Tuple[int, int]] = None):
     """One TFDS coco/2017 record -> (example dict, crowd objects dropped, zero-area objects dropped).
@@ -241,9 +284,7 @@ def convert_record(record: Dict, label_map: np.ndarray, num_classes: int, keep_c
         image = None
         h, w = image_hw
     else:
-        image = np.asarray(record["image"], np.uint8)
-        if image.ndim == 2 or image.shape[-1] == 1:
-            image = np.repeat(image.reshape(image.shape[0], image.shape[1], 1), 3, axis=-1)
+        image = as_rgb(record["image"])
         h, w = image.shape[:2]
     objects = record["objects"]
     image_id = int(record.get("image/id", -1))

@@ -1,0 +1,157 @@
+"""COCO 2017 panoptic from TensorFlow Datasets (`coco/2017_panoptic`) as a random-access panoptic source.
+
+The panoptic twin of `tfds_coco.TfdsCoco` (same ArrayRecord random access, size index and one-line errors naming
+the record), giving the examples of `panoptic_sources.CocoPanopticFolder`: each record's panoptic PNG is cut into
+one mask per listed segment, and the boxes are the masks' extents (the records' own "bbox" is not used, as the
+official `coco_panoptic.py` ignores the JSON's).
+
+TFDS labels are 0..132, the panoptic categories in category-id order; label_space "contiguous" keeps them,
+"official250" maps them to the raw category ids (the official panoptic DETR's 250-class space).
+name="coco_panoptic_like" is the built-in COCO-panoptic-like set (`detr_jax.data.coco_panoptic_like`), prepared on
+first use.
+"""
+
+import logging
+from typing import Dict, Optional
+
+import numpy as np
+
+from detr_jax.data.coco_folder import AnnotationError
+from detr_jax.data.coco_panoptic_categories import (
+    COCO_PANOPTIC_CATEGORY_IDS,
+    COCO_PANOPTIC_CLASS_NAMES,
+    COCO_PANOPTIC_IS_THING,
+    OFFICIAL250_CLASS_NAMES,
+    OFFICIAL250_IS_THING,
+)
+from detr_jax.data.panoptic_sources import LABEL_SPACES, segment_masks
+from detr_jax.data.panoptic_transforms import masks_to_boxes
+from detr_jax.data.tfds_coco import TfdsRecords, as_rgb
+from detr_jax.panoptic import rgb2id
+
+logger = logging.getLogger(__name__)
+
+
+class TfdsCocoPanoptic(TfdsRecords):
+    """COCO panoptic examples from TFDS, the whole of `split` (random access).
+
+    Args:
+      split: TFDS split ("train", "validation", "validation[:500]", ...).
+      data_dir: TFDS data directory (default: TFDS's).
+      label_space: "official250" (label = COCO panoptic category id, num_classes 250, as the official panoptic
+        DETR; `category_ids[label] == label`, unused labels "N/A") or "contiguous" (labels 0..132).
+      keep_crowd: keep is_crowd segments (flagged in "iscrowd"). True by default, as the official panoptic
+        training and CocoPanopticFolder; False drops them (their pixels become void).
+      num_classes: labels >= num_classes raise ValueError naming the record and segment. Default: the space's size.
+      name: TFDS dataset name ("coco/2017_panoptic"; "coco_panoptic_like" is prepared on first use).
+      size_cache_dir: where the image-size index is cached (default: next to the prepared data).
+
+    Examples as CocoPanopticFolder's: "image" uint8 [H, W, 3], "boxes" float32 [K, 4] xyxy absolute (the masks'
+    extents), "labels" int32 [K], "image_id", "orig_size" (H, W), "iscrowd" bool [K], "masks" bool [K, H, W],
+    "segment_ids" int32 [K] (the segments' ids in the panoptic PNG).
+    """
+
+    SOURCE, FOLDER_SOURCE = "tfds_panoptic", "coco_panoptic"
+
+    def __init__(self, split: str = "train", data_dir: Optional[str] = None, label_space: str = "official250",
+                 keep_crowd: bool = True, num_classes: Optional[int] = None, name: str = "coco/2017_panoptic",
+                 size_cache_dir: Optional[str] = None):
+        if label_space not in LABEL_SPACES:
+            raise ValueError(f"label_space must be one of {LABEL_SPACES}, got {label_space!r}")
+        super().__init__(name, split, data_dir, ("image", "panoptic_image"), size_cache_dir)
+        self._check_label_names()
+        self.label_space = label_space
+        self.keep_crowd = keep_crowd
+        if label_space == "contiguous":
+            self.category_ids = COCO_PANOPTIC_CATEGORY_IDS
+            self.class_names = COCO_PANOPTIC_CLASS_NAMES
+            self.is_thing = COCO_PANOPTIC_IS_THING
+            self._label_map = np.arange(len(COCO_PANOPTIC_CATEGORY_IDS), dtype=np.int32)
+        else:
+            self.category_ids = tuple(range(len(OFFICIAL250_CLASS_NAMES)))
+            self.class_names = OFFICIAL250_CLASS_NAMES
+            self.is_thing = OFFICIAL250_IS_THING
+            self._label_map = np.asarray(COCO_PANOPTIC_CATEGORY_IDS, np.int32)
+        self.num_classes = len(self.class_names) if num_classes is None else int(num_classes)
+        self.stats: Dict[str, int] = {"crowd_dropped": 0}
+
+    def _prepare_builtin(self, name: str, data_dir: Optional[str]) -> None:
+        if name == "coco_panoptic_like":
+            from detr_jax.data import coco_panoptic_like  # pylint: disable=g-import-not-at-top
+            coco_panoptic_like.prepare(data_dir, any_prepared=True)
+
+    def _check_label_names(self) -> None:
+        """The labels must be the 133 categories in id order: the label -> category id map assumes it."""
+        info = getattr(self._source, "dataset_info", None)
+        try:
+            names = tuple(info.features["panoptic_objects"]["label"].names)
+        except (AttributeError, KeyError, TypeError):
+            return  # no dataset_info to check against (a stand-in data source)
+        if len(names) != len(COCO_PANOPTIC_CLASS_NAMES):
+            raise ValueError(f"{self.where}: panoptic_objects/label has {len(names)} classes, not the "
+                             f"{len(COCO_PANOPTIC_CLASS_NAMES)} COCO panoptic categories this source maps to ids")
+        differ = [(i, n, want) for i, (n, want) in enumerate(zip(names, COCO_PANOPTIC_CLASS_NAMES)) if n != want]
+        if differ:
+            logger.warning("%s: %d label names differ from the COCO panoptic categories in id order, e.g. label %d "
+                           "is %r, expected %r; labels are mapped by position", self.where, len(differ), *differ[0])
+
+    def __getitem__(self, index: int) -> Dict:
+        record = self._record(self._source, index)
+        example, crowd_dropped = convert_panoptic_record(record, self._label_map, self.num_classes, self.keep_crowd,
+                                                         where=f"{self.where} record {index}")
+        self._count(crowd_dropped=crowd_dropped)
+        return example
+
+
+def convert_panoptic_record(record: Dict, label_map: np.ndarray, num_classes: int, keep_crowd: bool,
+                            where: str = "tfds"):
+    """One TFDS coco/2017_panoptic record -> (example dict as CocoPanopticFolder's, crowd segments dropped).
+
+    Args:
+      record: {"image": uint8 [H, W, 3], "image/id", "panoptic_image": uint8 [H, W, 3] (id = R + 256 G + 256^2 B,
+        0 void), "panoptic_objects": {"id": int [K] (the segment ids in the PNG), "label": int [K] in 0..132,
+        "is_crowd": bool [K], ...}}.
+      label_map: int [133], the label of each TFDS label (identity, or the category ids for official250).
+      num_classes: labels >= num_classes raise ValueError naming the segment.
+      keep_crowd: keep is_crowd segments (flagged) instead of dropping them.
+      where: names the record in errors ("tfds coco/2017_panoptic train record 7").
+    Raises AnnotationError (a ValueError), one line naming `where` and the image id, when the PNG and
+    panoptic_objects disagree: an id in the PNG not listed, a listed id with no pixel, fields of different lengths.
+    """
+    image = as_rgb(record["image"])
+    where = f"{where} (image id {int(record.get('image/id', -1))})"
+    id_map = rgb2id(as_rgb(record["panoptic_image"]))  # int32 [H, W]
+    if id_map.shape != image.shape[:2]:
+        raise AnnotationError(f"{where}: the panoptic PNG is {id_map.shape[0]}x{id_map.shape[1]} (h x w) but the "
+                              f"image is {image.shape[0]}x{image.shape[1]}")
+    objects = record["panoptic_objects"]
+    ids = np.asarray(objects["id"], np.int64).reshape(-1)
+    tfds_labels = np.asarray(objects["label"], np.int64).reshape(-1)
+    crowd = np.asarray(objects["is_crowd"], bool).reshape(-1)
+    if not len(ids) == len(tfds_labels) == len(crowd):
+        raise AnnotationError(f"{where}: panoptic_objects has {len(ids)} ids, {len(tfds_labels)} labels and "
+                              f"{len(crowd)} is_crowd flags")
+    if np.any(ids <= 0) or len(np.unique(ids)) != len(ids):
+        raise AnnotationError(f"{where}: panoptic_objects ids {ids.tolist()} must be positive (0 is void) and "
+                              "distinct")
+    outside = (tfds_labels < 0) | (tfds_labels >= len(label_map))
+    if np.any(outside):
+        bad = int(np.flatnonzero(outside)[0])
+        raise AnnotationError(f"{where}: segment id {ids[bad]} has TFDS label {tfds_labels[bad]} outside "
+                              f"0..{len(label_map) - 1}")
+    labels = np.asarray(label_map, np.int32)[tfds_labels]
+    too_big = labels >= num_classes
+    if np.any(too_big):
+        bad = int(np.flatnonzero(too_big)[0])
+        raise AnnotationError(f"{where}: segment id {ids[bad]} has label {labels[bad]} >= num_classes={num_classes}")
+    keep = np.ones(len(ids), bool) if keep_crowd else ~crowd
+    masks, unknown, empty = segment_masks(id_map, ids[keep], ids.tolist())
+    if unknown:
+        raise AnnotationError(f"{where}: the panoptic PNG has segment ids {unknown[:10]} that panoptic_objects does "
+                              "not list")
+    if empty:
+        raise AnnotationError(f"{where}: panoptic_objects ids {empty} are not in the panoptic PNG")
+    example = {"image": image, "boxes": masks_to_boxes(masks), "labels": labels[keep],
+               "image_id": int(record.get("image/id", -1)), "orig_size": tuple(image.shape[:2]),
+               "iscrowd": crowd[keep], "masks": masks, "segment_ids": ids[keep].astype(np.int32)}
+    return example, int(np.sum(~keep))
