@@ -59,10 +59,15 @@ def base_config() -> ml_collections.ConfigDict:
         enabled=False,
         freeze_detr=False,  # the official --frozen_weights: only the mask head trains (start from a trained DETR)
         mask_loss_coef=1.0, dice_loss_coef=1.0,  # official
+        # 0: the mask losses on every pixel of the padded batch, the targets travelling as whole masks (official;
+        # at COCO sizes ~1 GB of bool masks per batch of 8 with 100 objects). P > 0: on P pixels per image drawn
+        # uniformly (unbiased for the focal loss, as Mask2Former's point losses): P values per object travel.
+        mask_loss_points=0,
         threshold=0.85))  # evaluation: the class probability a query needs to become a segment (official)
 
     config.data = ml_collections.ConfigDict(dict(
-        source="tfds",  # "synthetic", "coco_folder" or "tfds" (detr_jax.data.build_source)
+        # "synthetic", "coco_folder", "tfds"; panoptic: "synthetic_panoptic", "coco_panoptic", "tfds_panoptic"
+        source="tfds",  # (detr_jax.data.build_source)
         # The source's arguments; train_kwargs / val_kwargs override them per split.
         # tfds: name (the TFDS dataset; "coco_like" is the built-in COCO-like set), data_dir ("": TFDS's default).
         source_kwargs=dict(label_space="official91", name="coco/2017", data_dir=""),
@@ -159,5 +164,7 @@ def check_config(config: ml_collections.ConfigDict) -> None:
     for field in ("mask_loss_coef", "dice_loss_coef"):
         need(pan[field] >= 0, f"panoptic.{field}", pan[field], ">= 0")
     need(0 <= pan.threshold < 1, "panoptic.threshold", pan.threshold, "in [0, 1)")
+    need(isinstance(pan.mask_loss_points, int) and pan.mask_loss_points >= 0, "panoptic.mask_loss_points",
+         pan.mask_loss_points, "an int >= 0 (0: every pixel)")
     need(config.loss.bbox_loss_type in BBOX_LOSS_TYPES, "loss.bbox_loss_type", config.loss.bbox_loss_type,
          either(BBOX_LOSS_TYPES))

@@ -123,13 +123,19 @@ class PanopticScorer:
             return self.metric, self.num_images
         order = sorted(self.categories)
         stats = self.metric.stats
-        local = np.asarray([[stats[c].iou, stats[c].tp, stats[c].fp, stats[c].fn] for c in order]
-                           + [[self.num_images, 0, 0, 0]], np.float64)
-        total = np.asarray(multihost_utils.process_allgather(local)).sum(0)
+        # jax gathers float32 (x64 is off): each IoU sum travels as a float32 and its float32 remainder, so the
+        # total keeps float64 precision; the counts are exact in float32 up to 2^24.
+        iou = np.asarray([stats[c].iou for c in order] + [0.0], np.float64)
+        iou_high = iou.astype(np.float32)
+        local = np.stack([iou_high, (iou - iou_high).astype(np.float32),
+                          [stats[c].tp for c in order] + [self.num_images],
+                          [stats[c].fp for c in order] + [0], [stats[c].fn for c in order] + [0]], 1)
+        gathered = np.asarray(multihost_utils.process_allgather(local.astype(np.float32)), np.float64)
+        total = gathered.sum(0)
         metric = PanopticQuality(self.categories)
-        for c, (iou, tp, fp, fn) in zip(order, total[:-1]):
-            metric.stats[c] = CategoryStats(float(iou), int(tp), int(fp), int(fn))
-        return metric, int(total[-1, 0])
+        for c, (high, low, tp, fp, fn) in zip(order, total[:-1]):
+            metric.stats[c] = CategoryStats(float(high + low), int(tp), int(fp), int(fn))
+        return metric, int(total[-1, 2])
 
     def compute(self) -> Dict[str, float]:
         """{"PQ", "SQ", "RQ", "PQ_th", "SQ_th", "RQ_th", "PQ_st", "SQ_st", "RQ_st"} (fractions, not percent),

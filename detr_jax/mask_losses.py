@@ -22,11 +22,12 @@ def _focal_per_mask(logits, targets, alpha, gamma):
     return loss.mean(-1)
 
 
-def _dice_per_mask(logits, targets):
-    """Official dice loss of each mask, with +1 smoothing. logits, targets [..., P] -> [...]."""
+def _dice_per_mask(logits, targets, pixels_per_sample=1.0):
+    """Official dice loss of each mask, with +1 smoothing. logits, targets [..., P] -> [...]. With sampled pixels,
+    `pixels_per_sample` scales the sums to the whole image's."""
     prob = jax.nn.sigmoid(logits)
-    numerator = 2.0 * (prob * targets).sum(-1)
-    denominator = prob.sum(-1) + targets.sum(-1)
+    numerator = 2.0 * pixels_per_sample * (prob * targets).sum(-1)
+    denominator = pixels_per_sample * (prob.sum(-1) + targets.sum(-1))
     return 1.0 - (numerator + 1.0) / (denominator + 1.0)
 
 
@@ -72,38 +73,82 @@ def upsample_bilinear(x, height, width):
     return jax.image.resize(x, shape, method="bilinear", antialias=False)
 
 
-def mask_losses(pred_masks, target_masks, target_valid, indices, num_boxes, *, alpha=0.25, gamma=2):
+def bilinear_at_pixels(x, points, height, width):
+    """The values of `upsample_bilinear(x, height, width)` at some pixels, without making the [height, width] map.
+
+    Args:
+      x: [B, M, h, w] low-resolution maps.
+      points: int [B, P] flat pixel indices (y * width + x) into the [height, width] upsampled map, per image.
+    Returns:
+      [B, M, P] float32, torch's `interpolate(..., mode="bilinear", align_corners=False)` at those pixels.
+    """
+    h, w = x.shape[-2:]
+
+    def taps(index, size, out_size):  # source taps and weights along one axis, torch's align_corners=False rule
+        src = jnp.maximum((index.astype(jnp.float32) + 0.5) * (size / out_size) - 0.5, 0.0)
+        low = jnp.minimum(jnp.floor(src).astype(jnp.int32), size - 1)
+        return low, jnp.minimum(low + 1, size - 1), src - low
+
+    y0, y1, wy = taps(points // width, h, height)  # [B, P] each
+    x0, x1, wx = taps(points % width, w, width)
+    flat = x.astype(jnp.float32).reshape(x.shape[:2] + (h * w,))  # [B, M, h * w]
+
+    def at(y, x_):
+        return jnp.take_along_axis(flat, (y * w + x_)[:, None, :], axis=2)  # [B, M, P]
+
+    wy, wx = wy[:, None, :], wx[:, None, :]
+    return ((1 - wy) * ((1 - wx) * at(y0, x0) + wx * at(y0, x1))
+            + wy * ((1 - wx) * at(y1, x0) + wx * at(y1, x1)))
+
+
+def mask_losses(pred_masks, target_masks, target_valid, indices, num_boxes, *, points=None, image_size=None,
+                alpha=0.25, gamma=2):
     """Focal and dice losses between each matched query's mask and its target mask (official `loss_masks`).
 
     Args:
       pred_masks: [B, N, h, w] float mask logits of the main decoder layer, at stride 4 of the padded
         batch (the official model's `pred_masks`).
       target_masks: bool [B, M, H, W] instance masks, zero-padded bottom/right to the largest target
-        in the batch, as the official `nested_tensor_from_tensor_list` does.
+        in the batch, as the official `nested_tensor_from_tensor_list` does. With `points`: bool [B, M, P],
+        the masks at those pixels only.
       target_valid: bool [B, M], True on real objects (the targets' "mask").
       indices: int [B, M] matched query per target slot, -1 where unmatched (`hungarian_match(...)[-1]`,
         the main layer).
       num_boxes: scalar normaliser, the same as the box losses' (real targets in the batch; clamped to >= 1
         as official).
+      points: None (every pixel: the official losses), or int [B, P] flat pixel indices (y * W + x) into the
+        padded [H, W] = `image_size`, drawn uniformly (config.panoptic.mask_loss_points): the official losses
+        estimated on those pixels. The focal loss (a mean over pixels) is an unbiased estimate; the dice sums
+        are scaled by H * W / P, so its +1 smoothing keeps its meaning. Memory then scales with P, not H * W.
+      image_size: (H, W), the padded image size; needed with `points`.
       alpha, gamma: focal loss parameters (official 0.25 and 2).
     Returns:
       dict "loss_mask" (sigmoid focal) and "loss_dice", scalars. Padded or unmatched target slots
       contribute nothing, and no gradient reaches the masks of unmatched queries.
     """
-    height, width = target_masks.shape[-2:]
     matched = jnp.asarray(target_valid, bool) & (indices >= 0)  # [B, M]
     # Gather the matched query's low-resolution mask per target slot before upsampling: the official
     # code upsamples only matched masks too, and [B, M, h, w] is far smaller than [B, N, H, W].
     # Unmatched slots read query 0 and are dropped below.
     src = jnp.take_along_axis(pred_masks, jnp.maximum(indices, 0)[:, :, None, None], axis=1)  # [B, M, h, w]
-    # float32 for the upsampling and the pixel sums, whatever the model's compute dtype.
-    src = upsample_bilinear(src.astype(jnp.float32), height, width)  # [B, M, H, W]
     batch_size, num_slots = matched.shape
-    src = src.reshape(batch_size, num_slots, height * width)
-    tgt = jnp.asarray(target_masks, jnp.float32).reshape(batch_size, num_slots, height * width)
+    # float32 for the upsampling and the pixel sums, whatever the model's compute dtype.
+    if points is None:
+        height, width = target_masks.shape[-2:]
+        src = upsample_bilinear(src.astype(jnp.float32), height, width)  # [B, M, H, W]
+        src = src.reshape(batch_size, num_slots, height * width)
+        tgt = jnp.asarray(target_masks, jnp.float32).reshape(batch_size, num_slots, height * width)
+        pixels_per_sample = 1.0
+    else:
+        if image_size is None:
+            raise ValueError("mask_losses with points needs image_size, the padded (H, W)")
+        height, width = image_size
+        src = bilinear_at_pixels(src, points, height, width)  # [B, M, P]
+        tgt = jnp.asarray(target_masks, jnp.float32)
+        pixels_per_sample = height * width / points.shape[-1]
 
     num_boxes = jnp.maximum(jnp.asarray(num_boxes, jnp.float32), 1.0)
     # `where`, not a multiplication, so that nothing (not even a nan) flows back from dropped slots.
     focal = jnp.where(matched, _focal_per_mask(src, tgt, alpha, gamma), 0.0)  # [B, M]
-    dice = jnp.where(matched, _dice_per_mask(src, tgt), 0.0)  # [B, M]
+    dice = jnp.where(matched, _dice_per_mask(src, tgt, pixels_per_sample), 0.0)  # [B, M]
     return {"loss_mask": focal.sum() / num_boxes, "loss_dice": dice.sum() / num_boxes}

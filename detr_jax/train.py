@@ -89,7 +89,8 @@ def make_train_step(model: DETRWithAids, tx, config: ml_collections.ConfigDict, 
                                bbox_loss_type=loss_cfg.bbox_loss_type, **costs)
         if "pred_masks" in outputs:  # panoptic: the official mask losses, on the main output's matches only
             masks = mask_losses(outputs["pred_masks"], batch["target_masks"], targets["mask"], indices[-1],
-                                targets["mask"].sum())
+                                targets["mask"].sum(), points=batch.get("mask_points"),
+                                image_size=batch["pixel_mask"].shape[1:])
             losses = dict(losses, **masks, loss=losses["loss"] + panoptic.mask_loss_coef * masks["loss_mask"]
                           + panoptic.dice_loss_coef * masks["loss_dice"])
         for suffix, dense_outputs in aids.items():  # the one-to-many token aids, each named by DETRWithAids

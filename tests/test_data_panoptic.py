@@ -326,3 +326,30 @@ def test_build_data_batches_carry_the_masks_with_the_boxes(train):
             cx, cy, bw, bh = boxes[i, k] * np.array([w, h, w, h])
             extent = np.array([cols.min(), rows.min(), cols.max() + 1, rows.max() + 1])
             np.testing.assert_allclose(extent, [cx - bw / 2, cy - bh / 2, cx + bw / 2, cy + bh / 2], atol=2.01)
+
+
+def test_mask_loss_points_carry_the_masks_at_the_drawn_pixels():
+    """config.panoptic.mask_loss_points: the same batch (the points are drawn after the augmentation), with
+    "mask_points" int32 [B, P] and "target_masks" bool [B, M, P] equal to the whole masks read at those pixels."""
+    from detr_jax.data import build_data
+    from tests.configs import tiny
+
+    config = tiny.get_config()
+    config.data.source = "synthetic_panoptic"
+    config.data.source_kwargs = dict(image_size=(64, 64), seed=0)
+    config.data.train_kwargs = dict(split="train", num_examples=16)
+    config.model.num_classes = 6
+    with build_data(config, "train", train=True, batch_size=4) as loader:
+        whole = next(iter(loader))
+    config.panoptic.mask_loss_points = 300
+    with build_data(config, "train", train=True, batch_size=4) as loader:
+        sampled = next(iter(loader))
+    for key in ("images", "boxes", "labels", "mask"):
+        np.testing.assert_array_equal(sampled[key], whole[key])
+    points, masks = sampled["mask_points"], sampled["target_masks"]
+    height, width = whole["images"].shape[1:3]
+    assert points.shape == (4, 300) and points.dtype == np.int32 and masks.shape == (4, config.data.max_objects, 300)
+    assert 0 <= points.min() and points.max() < height * width
+    flat = whole["target_masks"].reshape(4, config.data.max_objects, -1)
+    np.testing.assert_array_equal(masks, np.take_along_axis(flat, points[:, None, :].astype(np.int64), axis=2))
+    assert masks.any() and len(np.unique(points[0])) > 250  # spread over the image, not one pixel

@@ -16,7 +16,7 @@ from detr_jax.data.synthetic_panoptic import SyntheticPanoptic, write_coco_panop
 from detr_jax.data.transforms import normalize_images
 from detr_jax.evaluate_panoptic import PanopticEvaluator, PanopticScorer, dataset_categories
 from detr_jax.sharding import make_mesh
-from tests.helpers import REPO, subprocess_env
+from tests.helpers import REPO, free_port, subprocess_env
 
 TINY_CONFIG = os.path.join(os.path.dirname(__file__), "configs", "tiny.py")
 # COCO-panoptic-like ids for the 3 thing and 3 stuff classes: things <= 90, stuff above, gaps in between.
@@ -108,11 +108,7 @@ class _OracleModel:
 def test_evaluator_loop_scores_each_image_against_its_own_ground_truth(panoptic_folder):
     source = CocoPanopticFolder(*panoptic_folder, label_space="contiguous")
     identity = {label: label for label in range(source.num_classes)}
-    examples = [source[i] for i in range(len(source))]
-    outputs = [_oracle_outputs(ex, identity, source.num_classes) for ex in examples]
-    params = {"images": jnp.asarray(np.stack([ex["image"] for ex in examples])),
-              "logits": jnp.asarray(np.stack([o[0] for o in outputs])),
-              "masks": jnp.asarray(np.stack([o[1] for o in outputs]))}
+    params = _oracle_params(source)
     # Batch 3 for 4 images: a last batch with 2 padding examples. 64 x 64 images, no resize, no padding.
     evaluator = PanopticEvaluator(source, _OracleModel(source.num_classes), make_mesh(), eval_size=64, max_size=64,
                                   batch_size=3 * jax.process_count(), buckets=((64, 64),))
@@ -120,6 +116,55 @@ def test_evaluator_loop_scores_each_image_against_its_own_ground_truth(panoptic_
     assert metrics == _oracle_pq(source, identity)
     assert metrics["PQ"] > 0.85
     assert evaluator.evaluate({"params": params, "frozen": {}}) == metrics  # evaluate twice: same numbers
+
+
+def _oracle_params(source):
+    """_OracleModel's variables for every image of `source` (identity label map)."""
+    identity = {label: label for label in range(source.num_classes)}
+    examples = [source[i] for i in range(len(source))]
+    outputs = [_oracle_outputs(ex, identity, source.num_classes) for ex in examples]
+    return {"images": jnp.asarray(np.stack([ex["image"] for ex in examples])),
+            "logits": jnp.asarray(np.stack([o[0] for o in outputs])),
+            "masks": jnp.asarray(np.stack([o[1] for o in outputs]))}
+
+
+_TWO_PROCESS_PANOPTIC_EVAL = r"""
+import json, sys
+sys.path.insert(0, sys.argv[4])
+from detr_jax.sharding import maybe_initialize_distributed, make_mesh
+maybe_initialize_distributed(sys.argv[1], 2, int(sys.argv[2]))
+import jax
+from detr_jax.data.panoptic_sources import CocoPanopticFolder
+from detr_jax.evaluate_panoptic import PanopticEvaluator
+from test_evaluate_panoptic import _OracleModel, _oracle_params
+source = CocoPanopticFolder(*sys.argv[5:8], label_space="contiguous")
+evaluator = PanopticEvaluator(source, _OracleModel(source.num_classes), make_mesh(), eval_size=64, max_size=64,
+                              batch_size=6, buckets=((64, 64),))
+metrics = evaluator.evaluate({"params": _oracle_params(source), "frozen": {}})
+with open(sys.argv[3] + f".{jax.process_index()}", "w") as f:
+    json.dump(metrics, f)
+"""
+
+
+def test_two_process_evaluation_equals_one_process(panoptic_folder, tmp_path):
+    """Multi-host PQ: each process scores its share of every batch (global batch 6 for 4 images: padding examples
+    too), the per-category sums are gathered, and both processes report the single-process numbers."""
+    script = tmp_path / "two_process_panoptic_eval.py"
+    script.write_text(_TWO_PROCESS_PANOPTIC_EVAL)
+    env = subprocess_env(PYTHONPATH=os.pathsep.join([REPO, os.environ.get("PYTHONPATH", "")]))
+    out, port = str(tmp_path / "metrics"), free_port()
+    procs = [subprocess.Popen([sys.executable, str(script), f"127.0.0.1:{port}", str(i), out,
+                               os.path.dirname(__file__), *panoptic_folder], env=env, stderr=subprocess.PIPE)
+             for i in range(2)]
+    for p in procs:
+        _, err = p.communicate(timeout=300)
+        assert p.returncode == 0, err.decode()[-3000:]
+    source = CocoPanopticFolder(*panoptic_folder, label_space="contiguous")
+    single = _oracle_pq(source, {label: label for label in range(source.num_classes)})
+    assert single["num_images"] == NUM_IMAGES and single["PQ"] > 0.85
+    for i in range(2):
+        with open(f"{out}.{i}") as f:
+            assert json.load(f) == pytest.approx(single, abs=1e-12)
 
 
 def test_predictions_of_labels_outside_the_dataset_are_void(panoptic_folder):

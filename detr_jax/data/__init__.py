@@ -73,10 +73,13 @@ def build_data(config: ml_collections.ConfigDict, split: str, *, train: bool, pr
     source = build_source(d.source, **dict(d.source_kwargs.to_dict(), **d[f"{split}_kwargs"].to_dict()))
     # Panoptic sources (their examples carry "masks"): the same recipe with the masks moved along with the boxes.
     panoptic = getattr(source, "is_thing", None) is not None
-    if train:
-        make = make_panoptic_train_transforms if panoptic else make_train_transforms
-        transforms = make(tuple(d.train_scales), d.max_size, tuple(d.crop_resize_scales), tuple(d.crop_size),
-                          normalize_pixels=False)
+    if train and panoptic:  # the mask losses' pixels are drawn with the augmentation (mask_loss_points)
+        transforms = make_panoptic_train_transforms(
+            tuple(d.train_scales), d.max_size, tuple(d.crop_resize_scales), tuple(d.crop_size),
+            normalize_pixels=False, mask_points=config.panoptic.mask_loss_points)
+    elif train:
+        transforms = make_train_transforms(tuple(d.train_scales), d.max_size, tuple(d.crop_resize_scales),
+                                           tuple(d.crop_size), normalize_pixels=False)
     else:
         make = make_panoptic_eval_transforms if panoptic else make_eval_transforms
         transforms = make(d.eval_size, d.max_size, normalize_pixels=False)

@@ -18,6 +18,9 @@ padded to a fixed `max_objects` with a `mask`. The batch format, consumed by the
   "size":       int32   [B, 2]        (h, w) after transforms, before padding
   "target_masks": bool  [B, M, H, W]  panoptic sources only (examples with "masks"): each object's mask at the
                                       padded image size, zero padding, as the official `nested_tensor_from_tensor_list`
+                 bool  [B, M, P]     instead, when the transforms drew "mask_points" (config.panoptic.mask_loss_points):
+                                      each object's mask at P pixels of the padded image
+  "mask_points": int32 [B, P]        those pixels, flat indices y * W + x into the padded [H, W]
 
 Buckets are multiples of `stride` (32, the backbone's total stride, so the padded image maps to exactly
 H/32 x W/32 feature cells) and are fitted to the sizes a transform pipeline produces
@@ -238,7 +241,11 @@ def collate(examples: Sequence[Tuple[np.ndarray, Dict]], max_objects: int,
         "size": np.zeros((batch_size, 2), np.int32),
     }
     with_masks = any("masks" in target for _, target in examples)
-    if with_masks:
+    num_points = max((len(target["mask_points"]) for _, target in examples if "mask_points" in target), default=0)
+    if num_points:
+        batch["target_masks"] = np.zeros((batch_size, max_objects, num_points), bool)
+        batch["mask_points"] = np.zeros((batch_size, num_points), np.int32)
+    elif with_masks:
         batch["target_masks"] = np.zeros((batch_size, max_objects, height, width), bool)
     for i, (image, target) in enumerate(examples):
         h, w = image.shape[:2]
@@ -257,10 +264,24 @@ def collate(examples: Sequence[Tuple[np.ndarray, Dict]], max_objects: int,
             k = max_objects
         batch["labels"][i, :k] = labels[:k]
         batch["boxes"][i, :k] = boxes[:k]
-        if with_masks:
+        if num_points:
+            batch["mask_points"][i], batch["target_masks"][i, :k] = _masks_at_points(
+                np.asarray(target["masks"], bool).reshape(-1, h, w)[:k], target["mask_points"], height, width)
+        elif with_masks:
             batch["target_masks"][i, :k, :h, :w] = np.asarray(target["masks"], bool)[:k]
         batch["mask"][i, :k] = True
         batch["image_id"][i] = int(target["image_id"])
         batch["orig_size"][i] = target["orig_size"]
         batch["size"][i] = target.get("size", (h, w))
     return batch
+
+
+def _masks_at_points(masks: np.ndarray, fractions: np.ndarray, height: int, width: int):
+    """Pixels of the padded [height, width] image at `fractions` float [P, 2] (y, x) in [0, 1), as flat indices
+    int32 [P], and masks bool [K, h, w] (unpadded, top-left) read there: bool [K, P], False on padding pixels."""
+    ys = np.minimum((fractions[:, 0] * height).astype(np.int64), height - 1)
+    xs = np.minimum((fractions[:, 1] * width).astype(np.int64), width - 1)
+    h, w = masks.shape[1:]
+    inside = (ys < h) & (xs < w)
+    values = masks[:, np.minimum(ys, h - 1), np.minimum(xs, w - 1)] & inside
+    return (ys * width + xs).astype(np.int32), values

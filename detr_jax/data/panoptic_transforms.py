@@ -151,15 +151,38 @@ class RandomSizeCrop(transforms.RandomSizeCrop):
         return f"RandomSizeCrop({self.min_size}, {self.max_size}, boxes_from_masks={self.boxes_from_masks})"
 
 
+class SampleMaskPoints:
+    """Draw the pixels the mask losses will be computed on (config.panoptic.mask_loss_points), as fractions of
+    the padded image: target["mask_points"] float32 [P, 2] (y, x) in [0, 1). `batching.collate` turns them into
+    pixels of the batch's padded shape and reads the masks there, so the batch carries P values per object
+    instead of whole masks. The last transform: the earlier random draws, and so the images, stay the same."""
+
+    def __init__(self, num_points: int):
+        if num_points < 1:
+            raise ValueError(f"SampleMaskPoints needs num_points >= 1, got {num_points}")
+        self.num_points = int(num_points)
+
+    def __call__(self, image, target, rng: np.random.Generator):
+        if target is not None:
+            target = dict(target, mask_points=rng.random((self.num_points, 2), dtype=np.float32))
+        return image, target
+
+    def output_size(self, size_hw, rng: np.random.Generator):
+        return size_hw  # draws nothing before the others: the predicted sizes do not depend on it
+
+    def __repr__(self):
+        return f"SampleMaskPoints({self.num_points})"
+
+
 def make_panoptic_train_transforms(scales: Sequence[int] = transforms.COCO_TRAIN_SCALES,
                                    max_size: int = transforms.COCO_MAX_SIZE,
                                    crop_resize_scales: Sequence[int] = (400, 500, 600),
                                    crop_size: Tuple[int, int] = (384, 600), normalize_pixels: bool = True,
-                                   boxes_from_masks: bool = True) -> transforms.Compose:
+                                   boxes_from_masks: bool = True, mask_points: int = 0) -> transforms.Compose:
     """`transforms.make_train_transforms` (the official recipe, same random draws) carrying "masks" along.
 
     Output: the image and boxes as there (boxes cxcywh normalised by the unpadded (w, h)), masks bool [K, h, w]
-    at the output image size, unpadded.
+    at the output image size, unpadded; with `mask_points` > 0 also "mask_points" (`SampleMaskPoints`).
     """
     return transforms.Compose([
         RandomHorizontalFlip(),
@@ -171,7 +194,7 @@ def make_panoptic_train_transforms(scales: Sequence[int] = transforms.COCO_TRAIN
                 RandomResize(list(scales), max_size=max_size, boxes_from_masks=boxes_from_masks),
             ])),
         transforms.Normalize(pixels=normalize_pixels),
-    ])
+    ] + ([SampleMaskPoints(mask_points)] if mask_points else []))
 
 
 def make_panoptic_eval_transforms(size: int = 800, max_size: int = transforms.COCO_MAX_SIZE,
