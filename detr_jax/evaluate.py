@@ -47,11 +47,13 @@ def coco_ground_truth(source, category_ids: Sequence[int], class_names: Sequence
     return {"images": images, "annotations": annotations, "categories": categories}
 
 
-def coco_metrics(ground_truth: Dict, results: List[Dict]) -> Dict[str, float]:
+def coco_metrics(ground_truth: Dict, results: List[Dict], iou_type: str = "bbox") -> Dict[str, float]:
     """AP, AP50, AP75, AP/AR by size, AR@1/10/100 with pycocotools, for COCO-format results.
 
     Args:
-      results: [{"image_id", "category_id", "bbox": [x, y, w, h] absolute, "score"}].
+      results: [{"image_id", "category_id", "bbox": [x, y, w, h] absolute, "score"}]; for iou_type "segm",
+        "segmentation" (an RLE) in place of "bbox". Left as they are (pycocotools writes into its copies).
+      iou_type: "bbox" or "segm", COCOeval's iouType.
     """
     from pycocotools.coco import COCO
     from pycocotools.cocoeval import COCOeval
@@ -62,8 +64,8 @@ def coco_metrics(ground_truth: Dict, results: List[Dict]) -> Dict[str, float]:
         gt.createIndex()
         if not results:
             return {k: 0.0 for k in COCO_METRIC_NAMES}
-        dt = gt.loadRes(results)
-        coco_eval = COCOeval(gt, dt, "bbox")
+        dt = gt.loadRes([dict(r) for r in results])  # loadRes adds "area", "id" (and "bbox") to each result
+        coco_eval = COCOeval(gt, dt, iou_type)
         coco_eval.evaluate()
         coco_eval.accumulate()
         coco_eval.summarize()

@@ -1,5 +1,6 @@
 """Panoptic evaluation: PQ / SQ / RQ (all, things, stuff) of a `DETRsegm` on a panoptic source, as the official
-DETR scores COCO panoptic (engine.py `evaluate` + `PanopticEvaluator`, panopticapi's `pq_compute`).
+DETR scores COCO panoptic (engine.py `evaluate` + `PanopticEvaluator`, panopticapi's `pq_compute`), and the
+instance AP of the same outputs (COCO segm and bbox AP on the thing segments, `evaluate_segm`).
 
 The official path, kept here: the images go through the evaluation transforms (shorter side eval_size, longer
 <= max_size) and are padded into a batch; the model predicts class logits and mask logits at stride 4 of the
@@ -13,7 +14,8 @@ segments of a label that is no category of the dataset (an "N/A" label of the of
 made void before scoring; panopticapi would refuse the whole prediction.
 
 Multi-process: every process predicts and scores its share of the images; the per-category counts (sum of
-IoUs, tp, fp, fn), which add up over images, are summed over the processes before the averages.
+IoUs, tp, fp, fn), which add up over images, are summed over the processes before the averages; the instance
+AP's RLEs are gathered and scored on every process.
 """
 
 import logging
@@ -28,12 +30,12 @@ from detr_jax import sharding
 from detr_jax.data.batching import recipe_buckets
 from detr_jax.data.loader import Loader
 from detr_jax.data.transforms import make_eval_transforms, normalize_images
+from detr_jax.evaluate_segm import UNUSED_CLASS_NAME, InstanceScorer
 from detr_jax.panoptic import post_process_panoptic
 from detr_jax.panoptic_quality import VOID, CategoryStats, PanopticQuality
 
 logger = logging.getLogger(__name__)
 OFFICIAL_THRESHOLD = 0.85  # PostProcessPanoptic's default: a query is kept above this class probability
-UNUSED_CLASS_NAME = "N/A"  # the name of a label that is no category (panoptic_sources, official250)
 
 
 def dataset_categories(source) -> Dict[int, Dict]:
@@ -71,16 +73,20 @@ def prediction_segments(result: Dict, category_ids: Sequence[int], categories: D
 
 
 class PanopticScorer:
-    """PQ of predictions on a panoptic source, fed one batch of raw model outputs at a time (on the host).
+    """PQ (and instance AP) of predictions on a panoptic source, fed one batch of raw model outputs at a time (on
+    the host).
 
     Args:
       source: a panoptic source (`CocoPanopticFolder`, `SyntheticPanoptic`): examples with "masks",
         "segment_ids", "labels", "iscrowd", "image_id"; `category_ids`, `class_names`, `is_thing` per label.
       threshold: `post_process_panoptic`'s class probability threshold (official 0.85).
+      segm: also the COCO segm and bbox AP of every query (`evaluate_segm.InstanceScorer`); `add` then needs
+        pred_boxes. Costs a mask at the original size per query of a thing label, and its RLE.
     """
 
-    def __init__(self, source, threshold: float = OFFICIAL_THRESHOLD):
+    def __init__(self, source, threshold: float = OFFICIAL_THRESHOLD, segm: bool = True):
         self.source, self.threshold = source, threshold
+        self.instances = InstanceScorer(source) if segm else None
         self.category_ids = list(source.category_ids)
         self.categories = dataset_categories(source)
         self.is_thing_map = dict(enumerate(source.is_thing))  # in label space, as post-processing reads it
@@ -93,8 +99,10 @@ class PanopticScorer:
     def reset(self):
         self.metric = PanopticQuality(self.categories)
         self.num_images = 0
+        if self.instances is not None:
+            self.instances.reset()
 
-    def add(self, image_ids, pred_logits, pred_masks, sizes, orig_sizes):
+    def add(self, image_ids, pred_logits, pred_masks, sizes, orig_sizes, pred_boxes=None, padded_size=None):
         """Post-process and score one batch; padding examples (image_id < 0) are skipped.
 
         Args:
@@ -103,18 +111,31 @@ class PanopticScorer:
           pred_masks: [B, N, h, w] mask logits at stride 4 of the padded batch.
           sizes: int [B, 2] each image's (h, w) after the transforms, before padding (the processed size).
           orig_sizes: int [B, 2] the original (H, W): the predicted id map is made at this size.
+          pred_boxes: [B, N, 4] cxcywh normalised; needed with segm.
+          padded_size: (H, W) of the padded batch, for the instance masks (see `post_process_segm`); None: the
+            largest of `sizes`, as official.
         """
-        real = np.asarray(image_ids) >= 0
+        if self.instances is not None and pred_boxes is None:
+            raise ValueError("PanopticScorer(segm=True).add needs pred_boxes (the bbox AP is of the same queries); "
+                             "pass them or build the scorer with segm=False")
+        image_ids, pred_logits, pred_masks = np.asarray(image_ids), np.asarray(pred_logits), np.asarray(pred_masks)
+        sizes, orig_sizes = np.asarray(sizes), np.asarray(orig_sizes)
+        real = image_ids >= 0
         if not real.any():
             return
-        results = post_process_panoptic(np.asarray(pred_logits)[real], np.asarray(pred_masks)[real], None,
-                                        np.asarray(sizes)[real], np.asarray(orig_sizes)[real], self.is_thing_map,
-                                        self.threshold)
-        for image_id, result in zip(np.asarray(image_ids)[real], results):
-            gt_ids, gt_segments = ground_truth_segments(self.source[self._index_of[int(image_id)]], self.category_ids)
+        if padded_size is None:
+            padded_size = sizes[real].max(0)
+        results = post_process_panoptic(pred_logits[real], pred_masks[real], None, sizes[real], orig_sizes[real],
+                                        self.is_thing_map, self.threshold)
+        for i, result in zip(np.flatnonzero(real), results):
+            example = self.source[self._index_of[int(image_ids[i])]]
+            gt_ids, gt_segments = ground_truth_segments(example, self.category_ids)
             pred_ids, pred_segments = prediction_segments(result, self.category_ids, self.categories)
             self.metric.update(gt_ids, gt_segments, pred_ids, pred_segments)
             self.num_images += 1
+            if self.instances is not None:
+                self.instances.add(example, pred_logits[i], np.asarray(pred_boxes)[i], pred_masks[i], sizes[i],
+                                   padded_size)
 
     def _gathered(self):
         """(PanopticQuality, number of images) summed over all processes (a collective: all processes call it);
@@ -139,7 +160,9 @@ class PanopticScorer:
 
     def compute(self) -> Dict[str, float]:
         """{"PQ", "SQ", "RQ", "PQ_th", "SQ_th", "RQ_th", "PQ_st", "SQ_st", "RQ_st"} (fractions, not percent),
-        the numbers of categories averaged ("num_categories", "_th", "_st") and "num_images"; over all processes."""
+        the numbers of categories averaged ("num_categories", "_th", "_st") and "num_images"; with segm, the
+        instance AP ("segm_AP", "segm_AP50", "segm_AP75", "bbox_AP", "bbox_AP50", "bbox_AP75", see
+        `InstanceScorer.compute`). Over all processes."""
         metric, num_images = self._gathered()
         pq = metric.compute()
         metrics = {}
@@ -148,6 +171,8 @@ class PanopticScorer:
                 metrics[key.upper() + suffix] = float(pq[name][key])
             metrics["num_categories" + suffix] = int(pq[name]["n"])
         metrics["num_images"] = num_images
+        if self.instances is not None:
+            metrics.update(self.instances.compute())
         return metrics
 
 
@@ -166,12 +191,13 @@ class PanopticEvaluator:
       padding_invariant: evaluate with the padding-invariant backbone (not official: with the official
         backbone a batch's padding changes every image's outputs a little).
       threshold: post-processing's class threshold (official 0.85).
+      segm: also the COCO segm and bbox AP of the same outputs (see `PanopticScorer`).
     """
 
     def __init__(self, source, model, mesh, *, eval_size: int = 800, max_size: int = 1333, batch_size: int = 1,
                  buckets=None, max_buckets: int = 12, group_by_size: int = 0, num_workers: int = 0,
                  worker_type: str = "thread", padding_invariant: bool = False,
-                 threshold: float = OFFICIAL_THRESHOLD, seed: int = 0):
+                 threshold: float = OFFICIAL_THRESHOLD, segm: bool = True, seed: int = 0):
         if not hasattr(model, "detr"):
             raise ValueError(f"PanopticEvaluator needs a DETRsegm (a model with masks), got {type(model).__name__}; "
                              "score a detector with detr_jax.evaluate.Evaluator")
@@ -196,27 +222,27 @@ class PanopticEvaluator:
                              num_workers=num_workers, process_index=jax.process_index(),
                              process_count=process_count, drop_remainder=False, num_epochs=1,
                              group_by_size=group_by_size, worker_type=worker_type)
-        self.scorer = PanopticScorer(source, threshold)
+        self.scorer = PanopticScorer(source, threshold, segm=segm)
         repl, sharded = sharding.replicated(mesh), sharding.batch_sharded(mesh)
 
         def predict(params, frozen, batch):
             images = normalize_images(batch["images"], batch["pixel_mask"])  # uint8 from the loader
             out = model.apply({"params": params, "frozen": frozen}, images, pixel_mask=batch["pixel_mask"])
-            return out["pred_logits"], out["pred_masks"]
+            return out["pred_logits"], out["pred_boxes"], out["pred_masks"]
 
         # Outputs stay sharded: each process fetches only its own images' masks.
-        self._predict = jax.jit(predict, in_shardings=(repl, repl, sharded), out_shardings=(sharded, sharded))
+        self._predict = jax.jit(predict, in_shardings=(repl, repl, sharded), out_shardings=(sharded,) * 3)
 
     @classmethod
     def from_config(cls, config, source, model, mesh, batch_size: Optional[int] = None,
-                    threshold: float = OFFICIAL_THRESHOLD):
+                    threshold: float = OFFICIAL_THRESHOLD, segm: bool = True):
         """The evaluation settings of a detr_jax config: data.eval_size, max_size, buckets, max_buckets,
         group_by_size, num_workers, worker_type; eval_batch_size (or `batch_size`), eval_padding_invariant, seed."""
         d = config.data
         return cls(source, model, mesh, eval_size=d.eval_size, max_size=d.max_size,
                    batch_size=batch_size or config.eval_batch_size, buckets=d.buckets, max_buckets=d.max_buckets,
                    group_by_size=int(d.group_by_size), num_workers=d.num_workers, worker_type=d.worker_type,
-                   padding_invariant=config.eval_padding_invariant, threshold=threshold, seed=config.seed)
+                   padding_invariant=config.eval_padding_invariant, threshold=threshold, segm=segm, seed=config.seed)
 
     def _local(self, array):
         """This process's rows of a batch-sharded output, as numpy."""
@@ -226,20 +252,23 @@ class PanopticEvaluator:
                                                                            PartitionSpec(sharding.DATA_AXIS)))
 
     def evaluate(self, variables) -> Dict[str, float]:
-        """PQ / SQ / RQ (see `PanopticScorer.compute`) of the model's `variables` {"params", "frozen"}, on every
-        process."""
+        """PQ / SQ / RQ and, with segm, segm / bbox AP (see `PanopticScorer.compute`) of the model's `variables`
+        {"params", "frozen"}, on every process."""
         self.scorer.reset()
         self.loader.set_state({"epoch": 0, "position": 0})
         params, frozen = variables["params"], variables.get("frozen", {})
         for local in self.loader:
             batch = sharding.global_batch({k: local[k] for k in ("images", "pixel_mask")}, self.mesh)
-            logits, masks = self._predict(params, frozen, batch)
+            logits, boxes, masks = self._predict(params, frozen, batch)
             self.scorer.add(local["image_id"], self._local(logits), self._local(masks), local["size"],
-                            local["orig_size"])
+                            local["orig_size"], pred_boxes=self._local(boxes), padded_size=local["images"].shape[1:3])
         metrics = self.scorer.compute()
         logger.info("panoptic: PQ %.4f SQ %.4f RQ %.4f (things PQ %.4f, stuff PQ %.4f) on %d images",
                     metrics["PQ"], metrics["SQ"], metrics["RQ"], metrics["PQ_th"], metrics["PQ_st"],
                     metrics["num_images"])
+        if "segm_AP" in metrics:
+            logger.info("instances: segm AP %.4f AP50 %.4f, bbox AP %.4f AP50 %.4f", metrics["segm_AP"],
+                        metrics["segm_AP50"], metrics["bbox_AP"], metrics["bbox_AP50"])
         return metrics
 
 

@@ -225,18 +225,22 @@ def _sigmoid(x):
     return np.float32(1) / (np.float32(1) + np.exp(-x))
 
 
-def post_process_segm(pred_masks, max_target_sizes, orig_target_sizes, threshold=0.5):
+def post_process_segm(pred_masks, max_target_sizes, orig_target_sizes, threshold=0.5, padded_size=None):
     """The official `PostProcessSegm`: binary instance masks at the original image size, for COCO segm AP.
 
-    As official, all masks of the batch are resized (bilinear) to the largest processed size of the batch,
-    each image's are cropped to its processed size, binarised (sigmoid > threshold) and resized (nearest)
-    to the original size. Only the pixels that survive the crop and the nearest resize are interpolated.
+    As official, all masks of the batch are resized (bilinear) to the padded size of the batch, each image's
+    are cropped to its processed size, binarised (sigmoid > threshold) and resized (nearest) to the original
+    size. Only the pixels that survive the crop and the nearest resize are interpolated.
 
     Args:
       pred_masks: [B, N, h, w] mask logits (stride 4 of the padded batch).
       max_target_sizes: B pairs (h, w): each image's processed size (after the transforms, before padding).
       orig_target_sizes: B pairs (H, W): each image's original size.
       threshold: on the sigmoid probability.
+      padded_size: (H, W) of the padded batch the masks are at stride 4 of. None: the largest of
+        max_target_sizes, as official, whose batches are padded to exactly their largest image; detr_jax pads
+        further (to a multiple of 32 or a bucket), and stretching that padding to the largest image would
+        shift the masks.
     Returns:
       a list of B bool arrays [N, H, W] (the official returns them as uint8 [N, 1, H, W]).
     """
@@ -246,7 +250,8 @@ def post_process_segm(pred_masks, max_target_sizes, orig_target_sizes, threshold
     if not len(pred_masks) == len(max_target_sizes) == len(orig_target_sizes):
         raise ValueError(f"post_process_segm: batch sizes differ: pred_masks {len(pred_masks)}, "
                          f"max_target_sizes {len(max_target_sizes)}, orig_target_sizes {len(orig_target_sizes)}.")
-    (h, w), (max_h, max_w) = pred_masks.shape[-2:], max_target_sizes.max(0)
+    h, w = pred_masks.shape[-2:]
+    max_h, max_w = max_target_sizes.max(0) if padded_size is None else (int(s) for s in padded_size)
     rows, cols = _linear_taps(h, max_h), _linear_taps(w, max_w)
     results = []
     for masks, (img_h, img_w), (orig_h, orig_w) in zip(pred_masks, max_target_sizes, orig_target_sizes):

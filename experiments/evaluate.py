@@ -13,7 +13,8 @@ panoptic folder; the config gives the evaluation settings (eval_size, max_size, 
     --panoptic_ann_file coco/annotations/panoptic_val2017.json --panoptic_image_dir coco/val2017 \
     --panoptic_dir coco/annotations/panoptic_val2017
 
-It prints PQ, SQ, RQ and their things / stuff parts and writes metrics.json into --out.
+It prints PQ, SQ, RQ and their things / stuff parts, the COCO segm and bbox AP of the same outputs (on the
+folder's thing segments as instances) and writes metrics.json into --out.
 """
 
 import json

@@ -268,6 +268,20 @@ def test_post_process_segm_matches_official():
         np.testing.assert_array_equal(g, e[:, 0].numpy().astype(bool))
 
 
+
+def test_post_process_segm_of_a_padded_batch_is_the_official_of_a_batch_that_fills_the_padding():
+    """padded_size: the masks are at stride 4 of a canvas larger than every image (detr_jax pads to a multiple of
+    32 or a bucket; the official pads to the largest image). Upsampled to the canvas, then cropped: the official
+    result of the same batch with one more image as large as the canvas."""
+    masks = np.random.default_rng(5).normal(scale=3.0, size=(3, 5, 32, 40)).astype(np.float32)
+    max_sizes, orig_sizes = [(110, 150), (90, 160)], [(220, 300), (181, 333)]
+    got = panoptic.post_process_segm(masks[:2], max_sizes, orig_sizes, padded_size=(128, 160))
+    expected = _ref_post_process_segm(masks, max_sizes + [(128, 160)], orig_sizes + [(128, 160)])
+    for g, e in zip(got, expected[:2]):
+        np.testing.assert_array_equal(g, e[:, 0].numpy().astype(bool))
+    # Stretched to the largest image instead (padded_size None), the masks move.
+    assert any((g != s).any() for g, s in zip(got, panoptic.post_process_segm(masks[:2], max_sizes, orig_sizes)))
+
 # --- Panoptic quality: hand-computed cases ----------------------------------------------------
 
 # Categories 1, 2 are things; 3, 4 stuff.
