@@ -63,7 +63,10 @@ def base_config() -> ml_collections.ConfigDict:
         # at COCO sizes ~1 GB of bool masks per batch of 8 with 100 objects). P > 0: on P pixels per image drawn
         # uniformly (unbiased for the focal loss, as Mask2Former's point losses): P values per object travel.
         mask_loss_points=0,
-        threshold=0.85))  # evaluation: the class probability a query needs to become a segment (official)
+        threshold=0.85,  # evaluation: the class probability a query needs to become a segment (official)
+        # Evaluation also reports segm AP (and bbox AP) of the thing segments as instances; its post-processing
+        # runs on the host (~1 s per COCO-sized image with 100 queries): False keeps periodic evaluations quick.
+        eval_segm=True))
 
     config.data = ml_collections.ConfigDict(dict(
         # "synthetic", "coco_folder", "tfds"; panoptic: "synthetic_panoptic", "coco_panoptic", "tfds_panoptic"
@@ -100,8 +103,9 @@ def base_config() -> ml_collections.ConfigDict:
         warmup_steps=0,  # linear warmup from 0 in front of the schedule
         grad_accum_steps=1))  # gradients of that many steps are summed before one update
 
-    # Weights to start from: a torchvision ImageNet ResNet .pth and/or an official DETR .pth; reinit_class_head
-    # keeps a fresh class head (fine-tuning on other classes).
+    # Weights to start from: a torchvision ImageNet ResNet .pth and/or a DETR: an official .pth or a detr_jax work
+    # directory (its latest checkpoint's detector; the panoptic recipe's box model); reinit_class_head keeps a
+    # fresh class head (fine-tuning on other classes).
     config.init = ml_collections.ConfigDict(dict(backbone_checkpoint="", detr_checkpoint="", reinit_class_head=False))
     return config
 
@@ -161,6 +165,11 @@ def check_config(config: ml_collections.ConfigDict) -> None:
              "1 with config.panoptic.enabled (the mask head decodes one query set)")
         need(m.hidden_dim % 128 == 0, "model.hidden_dim", m.hidden_dim, "a multiple of 128 with "
              "config.panoptic.enabled (the mask head narrows it to hidden_dim / 16 channels in GroupNorms of 8)")
+        need((m.hidden_dim + m.num_heads) % 8 == 0, "model.num_heads", m.num_heads, "a multiple of 8 with "
+             "config.panoptic.enabled (the mask head's first GroupNorm of 8 has hidden_dim + num_heads channels)")
+        need(not pan.freeze_detr or config.init.detr_checkpoint, "init.detr_checkpoint", config.init.detr_checkpoint,
+             "the trained detector (a detr_jax work directory or an official .pth) with config.panoptic.freeze_detr "
+             "(only the mask head trains)")
     for field in ("mask_loss_coef", "dice_loss_coef"):
         need(pan[field] >= 0, f"panoptic.{field}", pan[field], ">= 0")
     need(0 <= pan.threshold < 1, "panoptic.threshold", pan.threshold, "in [0, 1)")

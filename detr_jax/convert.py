@@ -218,12 +218,15 @@ def check_variables_match(model, variables, source: str, sample_hw=(64, 64), may
                          f"unexpected [{show(unexpected)}], mis-shaped [{show(mis_shaped)}]")
 
 
-def load_pretrained(init, model: DETR, variables):
+def load_pretrained(init, model: DETR, variables, detector_variables=None):
     """Apply a config's `init`: a torchvision ImageNet backbone and/or an official DETR checkpoint.
 
     Args:
         init: `config.init` (backbone_checkpoint, detr_checkpoint, reinit_class_head).
         model, variables: a plain `DETR` and its fresh {"params", "frozen"}.
+        detector_variables: the {"params", "frozen"} of a trained detr_jax `DETR`, used instead of reading
+          `init.detr_checkpoint` when that names a work directory (the caller reads it:
+          `checkpoints.load_workdir_checkpoint`).
     Returns:
         The variables with the checkpoints' arrays; with `reinit_class_head` (fine-tuning on other classes) the
         class head keeps its fresh initialisation.
@@ -231,12 +234,16 @@ def load_pretrained(init, model: DETR, variables):
     if init.backbone_checkpoint:
         variables = load_torchvision_backbone(init.backbone_checkpoint, variables, model.backbone_depth)
     if init.detr_checkpoint:
-        state_dict = load_torch_state_dict(init.detr_checkpoint)
-        may_miss = ()
-        if init.reinit_class_head:
-            state_dict = {k: v for k, v in state_dict.items() if not k.startswith("class_embed.")}
-            may_miss = ("params/class_embed",)
-        loaded = torch_state_dict_to_variables(state_dict)
+        may_miss = ("params/class_embed",) if init.reinit_class_head else ()
+        if detector_variables is not None:  # a detr_jax work directory's detector
+            loaded = flax.core.unfreeze(detector_variables)
+            if init.reinit_class_head:
+                loaded["params"] = {k: v for k, v in loaded["params"].items() if k != "class_embed"}
+        else:
+            state_dict = load_torch_state_dict(init.detr_checkpoint)
+            if init.reinit_class_head:
+                state_dict = {k: v for k, v in state_dict.items() if not k.startswith("class_embed.")}
+            loaded = torch_state_dict_to_variables(state_dict)
         check_variables_match(model, loaded, init.detr_checkpoint, may_miss=may_miss)
         ours = flax.traverse_util.flatten_dict(flax.core.unfreeze(variables))
         ours.update({k: jnp.asarray(v) for k, v in flax.traverse_util.flatten_dict(loaded).items()})

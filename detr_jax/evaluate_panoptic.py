@@ -112,8 +112,9 @@ class PanopticScorer:
           sizes: int [B, 2] each image's (h, w) after the transforms, before padding (the processed size).
           orig_sizes: int [B, 2] the original (H, W): the predicted id map is made at this size.
           pred_boxes: [B, N, 4] cxcywh normalised; needed with segm.
-          padded_size: (H, W) of the padded batch, for the instance masks (see `post_process_segm`); None: the
-            largest of `sizes`, as official.
+          padded_size: (H, W) of the padded batch: the masks are resized to it and cropped to each image (see
+            `post_process_panoptic`, `post_process_segm`). None: as official (panoptic: each image's whole mask
+            stretched to its size; instances: the padded size taken to be the largest of `sizes`).
         """
         if self.instances is not None and pred_boxes is None:
             raise ValueError("PanopticScorer(segm=True).add needs pred_boxes (the bbox AP is of the same queries); "
@@ -123,10 +124,10 @@ class PanopticScorer:
         real = image_ids >= 0
         if not real.any():
             return
+        results = post_process_panoptic(pred_logits[real], pred_masks[real], None, sizes[real], orig_sizes[real],
+                                        self.is_thing_map, self.threshold, padded_size=padded_size)
         if padded_size is None:
             padded_size = sizes[real].max(0)
-        results = post_process_panoptic(pred_logits[real], pred_masks[real], None, sizes[real], orig_sizes[real],
-                                        self.is_thing_map, self.threshold)
         for i, result in zip(np.flatnonzero(real), results):
             example = self.source[self._index_of[int(image_ids[i])]]
             gt_ids, gt_segments = ground_truth_segments(example, self.category_ids)

@@ -164,12 +164,17 @@ def _png_bytes(image):
         return out.getvalue()
 
 
-def _panoptic_one_image(logits, masks, processed_size, target_size, is_thing_map, threshold):
+def _panoptic_one_image(logits, masks, processed_size, target_size, is_thing_map, threshold, padded_size=None):
     """`post_process_panoptic` for one image: logits [N, C + 1], masks [N, h, w] -> result dict."""
     keep, labels = _confident_queries(logits, threshold)
     classes = labels[keep]
-    # Official: the whole mask (padding included) is stretched to the processed size, not cropped.
-    masks = resize_bilinear(masks[keep], processed_size)
+    if padded_size is None:  # official: the whole mask (padding included) is stretched to the processed size
+        masks = resize_bilinear(masks[keep], processed_size)
+    else:  # resized to the padded canvas, of which only the image's pixels are computed (the crop)
+        (h, w), (img_h, img_w) = masks.shape[-2:], processed_size
+        rows = tuple(t[:img_h] for t in _linear_taps(h, int(padded_size[0])))
+        cols = tuple(t[:img_w] for t in _linear_taps(w, int(padded_size[1])))
+        masks = _apply_taps(np.asarray(masks[keep], np.float32), rows, cols)
     ids, image, area = _segment_image(masks, target_size, _stuff_equivalences(classes, is_thing_map))
     # Merged stuff queries now have area 0. Drop every segment of <= 4 pixels and redo the assignment
     # (official: without merging again) until none is that small; the dropped pixels go to the others.
@@ -186,7 +191,7 @@ def _panoptic_one_image(logits, masks, processed_size, target_size, is_thing_map
 
 
 def post_process_panoptic(pred_logits, pred_masks, pred_boxes, processed_sizes, target_sizes, is_thing_map,
-                          threshold=0.85):
+                          threshold=0.85, padded_size=None):
     """The official `PostProcessPanoptic.forward`: model outputs -> COCO panoptic predictions.
 
     Args:
@@ -199,6 +204,10 @@ def post_process_panoptic(pred_logits, pred_masks, pred_boxes, processed_sizes, 
       target_sizes: B pairs (H, W): the size of the output id map (usually the original image size).
       is_thing_map: {class id: bool}, True for thing classes, for every class a query may predict.
       threshold: a query is kept when its best class is not no-object and has probability > threshold.
+      padded_size: None (official): each image's masks, padding included, are stretched to its processed size,
+        which shifts them unless the batch was padded to exactly that image (the official evaluation pads to
+        the largest image of a batch of 2). (H, W) of the padded batch: the masks are resized to it and cropped
+        to the image instead, as `post_process_segm(padded_size=...)` does (detr_jax pads to buckets).
     Returns:
       a list of B dicts:
         "segment_ids": int32 [H, W] segment id of each pixel; ids index "segments_info". When no segment
@@ -214,7 +223,7 @@ def post_process_panoptic(pred_logits, pred_masks, pred_boxes, processed_sizes, 
                          f"target_sizes {len(target_sizes)}.")
     return [
         _panoptic_one_image(logits, masks, tuple(int(s) for s in size), tuple(int(s) for s in target),
-                            is_thing_map, threshold)
+                            is_thing_map, threshold, padded_size)
         for logits, masks, size, target in zip(pred_logits, pred_masks, processed_sizes, target_sizes)
     ]
 

@@ -21,7 +21,7 @@ import optax
 from jax.sharding import PartitionSpec as P
 
 from detr_jax import sharding
-from detr_jax.checkpoints import checkpoint_manager, restore_checkpoint, save_checkpoint
+from detr_jax.checkpoints import checkpoint_manager, load_workdir_checkpoint, restore_checkpoint, save_checkpoint
 from detr_jax.config import check_config
 from detr_jax.data import build_data, build_source
 from detr_jax.data.transforms import normalize_images
@@ -152,7 +152,11 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Dict
     steps_per_epoch = train_loader.batches_per_epoch
     total_steps = int(config.num_steps) if config.num_steps else int(config.num_epochs * steps_per_epoch)
     model = build_training_model(config)
-    state, tx, schedules = create_train_state(config, model, total_steps, steps_per_epoch)
+    pretrained = None  # init.detr_checkpoint may name a detr_jax work directory (the panoptic recipe's box model)
+    if config.init.detr_checkpoint and os.path.isdir(config.init.detr_checkpoint):
+        _, _, pretrained = load_workdir_checkpoint(config.init.detr_checkpoint)
+    state, tx, schedules = create_train_state(config, model, total_steps, steps_per_epoch,
+                                              pretrained_detector=pretrained)
     state = jax.device_put(state, sharding.replicated(mesh))
     manager = checkpoint_manager(workdir, config)
     try:
@@ -201,7 +205,8 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Dict
             d = config.data
             val_source = build_source(d.source, **dict(d.source_kwargs.to_dict(), **d.val_kwargs.to_dict()))
             evaluator = PanopticEvaluator.from_config(config, val_source, model.model, mesh,
-                                                      threshold=config.panoptic.threshold)
+                                                      threshold=config.panoptic.threshold,
+                                                      segm=config.panoptic.eval_segm)
         else:
             evaluator = Evaluator(config, model.model, mesh)
 
@@ -308,7 +313,8 @@ def _evaluate(evaluator, state: TrainState, workdir: str, step: int, draw: bool 
     variables = detector_variables(state["params"], state["frozen"])
     if isinstance(evaluator, PanopticEvaluator):
         metrics = evaluator.evaluate(variables)
-        return {f"eval_{k}": v for k, v in metrics.items() if k in ("PQ", "SQ", "RQ", "PQ_th", "PQ_st")}
+        logged = ("PQ", "SQ", "RQ", "PQ_th", "PQ_st", "segm_AP", "segm_AP50", "bbox_AP", "bbox_AP50")
+        return {f"eval_{k}": v for k, v in metrics.items() if k in logged}
     return evaluator.evaluate(variables, workdir, step, draw=draw)
 
 

@@ -69,10 +69,12 @@ def build_optimizer(config: ml_collections.ConfigDict, params, total_steps: int,
 
 
 def create_train_state(config: ml_collections.ConfigDict, model: DETRWithAids, total_steps: int,
-                       steps_per_epoch: int, sample_hw: Tuple[int, int] = (64, 64)):
+                       steps_per_epoch: int, sample_hw: Tuple[int, int] = (64, 64), pretrained_detector=None):
     """Fresh parameters (with the pretrained weights of `config.init`), the optimizer and its state.
 
     Parameter shapes do not depend on the image size, so a small `sample_hw` initialises them.
+    `pretrained_detector`: when config.init.detr_checkpoint names a detr_jax work directory, its detector's
+    {"params", "frozen"} (read by the caller with `checkpoints.load_workdir_checkpoint`).
     Returns (state, tx, schedules): state {"step", "params", "frozen", "opt_state", "nonfinite_step"}.
     """
     x = jnp.zeros((1,) + tuple(sample_hw) + (3,), jnp.float32)
@@ -83,7 +85,8 @@ def create_train_state(config: ml_collections.ConfigDict, model: DETRWithAids, t
         # The pretrained weights are a DETR's: into the detector (inside the mask head's model for panoptic).
         path = ("model", "detr") if isinstance(model.model, DETRsegm) else ("model",)
         sub = lambda tree: functools.reduce(lambda t, k: t.get(k, {}), path, tree)  # noqa: E731
-        loaded = load_pretrained(init, model.detector, {"params": sub(params), FROZEN_COLLECTION: sub(frozen)})
+        loaded = load_pretrained(init, model.detector, {"params": sub(params), FROZEN_COLLECTION: sub(frozen)},
+                                 detector_variables=pretrained_detector)
         params = _replace(params, path, loaded["params"])
         if loaded.get(FROZEN_COLLECTION):
             frozen = _replace(frozen, path, loaded[FROZEN_COLLECTION])

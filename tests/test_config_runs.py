@@ -16,6 +16,7 @@ import os
 import threading
 import time
 
+import jax
 import numpy as np
 import pytest
 
@@ -100,6 +101,8 @@ def _selected_runs(request):
             callspec = getattr(item, "callspec", None)
             if callspec:
                 names.add(callspec.params["name"])
+            elif "two_stages" in item.name:
+                names |= {"panoptic_recipe_boxes", "panoptic_recipe_masks"}
             elif "panoptic" in item.name:
                 names.add("panoptic_default")
             else:
@@ -107,10 +110,22 @@ def _selected_runs(request):
     return names
 
 
+def _after(holder, name, make):
+    """make(run) once the run `name` of the scheduler in holder["scheduler"] has finished well (for a run that
+    starts from another's work directory; list it last, as it holds the scheduler's thread while it waits)."""
+    while "scheduler" not in holder:
+        time.sleep(0.1)
+    return make(holder["scheduler"].get(name).wait_ok())
+
+
 @pytest.fixture(scope="module")
-def config_runs(request, tmp_path_factory, coco_like_dir, fixtures_dir):
+def config_runs(request, tmp_path_factory, coco_like_dir, coco_panoptic_like_dir, fixtures_dir):
     def workdir(name):
         return tmp_path_factory.mktemp(name)
+
+    holder = {}
+    panoptic_recipe = (f"--config.data.source_kwargs.data_dir={coco_panoptic_like_dir}", "--config.num_steps=3",
+                       "--config.log_every=1", "--config.model.dropout=0.0", "--config.data.max_buckets=1")
 
     env = {"TFDS_DATA_DIR": coco_like_dir}
     tfds = _tfds(coco_like_dir)
@@ -132,9 +147,16 @@ def config_runs(request, tmp_path_factory, coco_like_dir, fixtures_dir):
         "panoptic_default": lambda: TrainRun(f"{CONFIGS}/panoptic_default.py", workdir("panoptic"), *SHORT_RUN,
                                              "--config.data.val_kwargs.num_examples=4",
                                              "--config.data.num_workers=1"),
+        "panoptic_recipe_boxes": lambda: TrainRun(f"{CONFIGS}/coco_r50_panoptic.py:boxes,smoke", workdir("pboxes"),
+                                                  *panoptic_recipe),
+        # Last: it starts from the box model's work directory, once that run has finished.
+        "panoptic_recipe_masks": lambda: _after(holder, "panoptic_recipe_boxes", lambda boxes: TrainRun(
+            f"{CONFIGS}/coco_r50_panoptic.py:smoke", workdir("pmasks"), *panoptic_recipe,
+            f"--config.init.detr_checkpoint={boxes.workdir}")),
     }
     selected = _selected_runs(request)
     scheduler = _Scheduler({name: make for name, make in specs.items() if name in selected})
+    holder["scheduler"] = scheduler
     yield scheduler
     scheduler.stop()
 
@@ -204,3 +226,29 @@ def test_panoptic_default_trains_evaluates_and_predicts(config_runs):
     assert result["segment_ids"].shape == image.shape[:2]
     assert {s["id"] for s in result["segments_info"]} >= set(np.unique(result["segment_ids"])) - {0}
     assert predictor.draw(image).size == image.shape[1::-1]
+
+
+def test_coco_r50_panoptic_recipe_in_two_stages(config_runs):
+    """coco_r50_panoptic.py as the official README trains it, on TFDS (the COCO-panoptic-like set): the detector on
+    the panoptic boxes (`:boxes`, detection AP), then the mask head from that work directory with the detector
+    frozen (the mask losses on sampled pixels, PQ at the end): the second run's detector is exactly the first's."""
+    from detr_jax.checkpoints import load_workdir_checkpoint
+
+    boxes = config_runs.get("panoptic_recipe_boxes").wait_ok()
+    _check_finished(boxes, 3)
+    masks = config_runs.get("panoptic_recipe_masks").wait_ok()
+    rows = _metrics(masks)
+    train_rows = [r for r in rows if "loss" in r]
+    assert [r["step"] for r in train_rows] == [1, 2, 3], masks.stderr()[-3000:]
+    assert all(np.isfinite(r[k]) and r[k] > 0 for r in train_rows for k in ("loss_mask", "loss_dice"))
+    final = [r for r in rows if "eval_PQ" in r]
+    assert len(final) == 1 and all(0 <= final[0][k] <= 1 for k in ("eval_PQ", "eval_SQ", "eval_RQ"))
+    _, detector, detector_variables = load_workdir_checkpoint(str(boxes.workdir))
+    _, segm, segm_variables = load_workdir_checkpoint(str(masks.workdir))
+    assert type(detector).__name__ == "DETR" and type(segm).__name__ == "DETRsegm"
+    for collection in ("params", "frozen"):
+        ours = jax.tree_util.tree_leaves_with_path(segm_variables[collection]["detr"])
+        theirs = jax.tree_util.tree_leaves_with_path(detector_variables[collection])
+        assert [path for path, _ in ours] == [path for path, _ in theirs]
+        for (path, a), (_, b) in zip(ours, theirs):
+            np.testing.assert_array_equal(a, b, err_msg=jax.tree_util.keystr(path))

@@ -71,4 +71,8 @@ def test_every_config_has_exactly_the_base_schema(path):
 
     config = _load(path)
     assert _schema(config) == _schema(base_config())
+    if config.panoptic.freeze_detr:  # a mask-head stage: the user names the trained detector
+        with pytest.raises(ValueError, match="init.detr_checkpoint must be the trained detector"):
+            check_config(config)
+        config.init.detr_checkpoint = "box_model_workdir"
     check_config(config)

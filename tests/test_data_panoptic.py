@@ -313,6 +313,7 @@ def test_build_data_batches_carry_the_masks_with_the_boxes(train):
     config.data.train_kwargs = dict(split="train", num_examples=16)
     config.data.val_kwargs = dict(split="val", num_examples=4)
     config.model.num_classes = 6
+    config.panoptic.enabled = True
     with build_data(config, "train" if train else "val", train=train, batch_size=4) as loader:
         batch = next(iter(loader))
     masks, boxes, valid = batch["target_masks"], batch["boxes"], batch["mask"]
@@ -339,6 +340,7 @@ def test_mask_loss_points_carry_the_masks_at_the_drawn_pixels():
     config.data.source_kwargs = dict(image_size=(64, 64), seed=0)
     config.data.train_kwargs = dict(split="train", num_examples=16)
     config.model.num_classes = 6
+    config.panoptic.enabled = True
     with build_data(config, "train", train=True, batch_size=4) as loader:
         whole = next(iter(loader))
     config.panoptic.mask_loss_points = 300
@@ -353,3 +355,26 @@ def test_mask_loss_points_carry_the_masks_at_the_drawn_pixels():
     flat = whole["target_masks"].reshape(4, config.data.max_objects, -1)
     np.testing.assert_array_equal(masks, np.take_along_axis(flat, points[:, None, :].astype(np.int64), axis=2))
     assert masks.any() and len(np.unique(points[0])) > 250  # spread over the image, not one pixel
+
+
+def test_without_panoptic_enabled_a_panoptic_source_trains_the_detector_on_its_boxes():
+    """The official recipe's first stage (the box model): config.panoptic.enabled False on a panoptic source gives
+    detection batches (no masks travel) with the same images and boxes (things and stuff) as the panoptic ones."""
+    from detr_jax.data import build_data
+    from tests.configs import tiny
+
+    config = tiny.get_config()
+    config.data.source = "synthetic_panoptic"
+    config.data.source_kwargs = dict(image_size=(64, 64), seed=0)
+    config.data.val_kwargs = dict(split="val", num_examples=4)
+    config.model.num_classes = 6
+    with build_data(config, "val", train=False, batch_size=4) as loader:
+        boxes_only = next(iter(loader))
+        assert not hasattr(loader.source, "is_thing") and loader.source.class_names[3] == "sky"
+    config.panoptic.enabled = True
+    with build_data(config, "val", train=False, batch_size=4) as loader:
+        panoptic = next(iter(loader))
+    assert "target_masks" not in boxes_only and "target_masks" in panoptic
+    for key in ("images", "boxes", "labels", "mask"):
+        np.testing.assert_array_equal(boxes_only[key], panoptic[key])
+    assert (boxes_only["labels"][boxes_only["mask"]] >= 3).any()  # stuff boxes too

@@ -198,7 +198,7 @@ def test_build_data_batches_carry_target_masks(coco_panoptic_like_dir):
     config.data.train_kwargs = dict(split="train")
     config.data.val_kwargs = dict(split="validation")
     config.data.max_objects = 12
-    config.model.update(num_classes=133, hidden_dim=128)
+    config.model.update(num_classes=133, hidden_dim=128, num_heads=8)
     config.panoptic.enabled = True
     check_config(config)  # a panoptic source
     with build_data(config, "train", train=True, batch_size=4) as loader:

@@ -214,6 +214,23 @@ def test_post_process_panoptic_matches_torch_transcription_with_small_segments()
     assert all(len(ref["segments_info"]) < 12 for ref in expected)
 
 
+def test_post_process_panoptic_of_a_padded_batch_crops_instead_of_stretching():
+    """padded_size: each image's masks are resized (official bilinear) to the padded canvas and cropped to the
+    image, then post-processed as official: the official result on those cropped masks (whose resize to the
+    processed size is then the identity). Without it (official), the padding is stretched in and the maps move."""
+    logits, masks, boxes = _random_outputs(seed=3, mask_size=(16, 20))  # stride 4 of a 64 x 80 canvas
+    processed, targets = [(50, 80), (64, 57)], [(100, 160), (128, 111)]
+    results = panoptic.post_process_panoptic(logits, masks, boxes, processed, targets, _IS_THING, padded_size=(64, 80))
+    canvas = F.interpolate(torch.from_numpy(masks), (64, 80), mode="bilinear")
+    for b, (result, (h, w), target) in enumerate(zip(results, processed, targets)):
+        cropped = canvas[b:b + 1, :, :h, :w].numpy()
+        (ref,) = _ref_post_process_panoptic(logits[b:b + 1], cropped, [(h, w)], [target], _IS_THING)
+        np.testing.assert_array_equal(result["segment_ids"], _decode_png(ref["png_string"]))
+        assert result["segments_info"] == ref["segments_info"]
+    stretched = panoptic.post_process_panoptic(logits, masks, boxes, processed, targets, _IS_THING)
+    assert (stretched[0]["segment_ids"] != results[0]["segment_ids"]).mean() > 0.05
+
+
 def test_post_process_panoptic_without_confident_queries():
     logits, masks, boxes = _random_outputs(seed=1)
     logits[..., -1] = 50.0  # every query is no-object

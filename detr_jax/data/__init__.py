@@ -17,7 +17,7 @@ import ml_collections
 from detr_jax.data.batching import collate, fit_buckets, recipe_buckets, simulate_output_sizes
 from detr_jax.data.coco_folder import AnnotationError, CocoFolder, ImageReadError
 from detr_jax.data.loader import Loader
-from detr_jax.data.panoptic_sources import CocoPanopticFolder
+from detr_jax.data.panoptic_sources import BoxesOnly, CocoPanopticFolder
 from detr_jax.data.panoptic_transforms import make_panoptic_eval_transforms, make_panoptic_train_transforms
 from detr_jax.data.synthetic import SyntheticDetection, write_coco_folder
 from detr_jax.data.synthetic_panoptic import SyntheticPanoptic
@@ -71,8 +71,11 @@ def build_data(config: ml_collections.ConfigDict, split: str, *, train: bool, pr
     d = config.data
     # The split's own kwargs (e.g. its image_dir) override the shared ones.
     source = build_source(d.source, **dict(d.source_kwargs.to_dict(), **d[f"{split}_kwargs"].to_dict()))
-    # Panoptic sources (their examples carry "masks"): the same recipe with the masks moved along with the boxes.
+    # Panoptic sources (their examples carry "masks"): the same recipe with the masks moved along with the boxes;
+    # without config.panoptic.enabled the detector alone trains on their boxes (the official recipe's first stage).
     panoptic = getattr(source, "is_thing", None) is not None
+    if panoptic and not config.panoptic.enabled:
+        source, panoptic = BoxesOnly(source), False
     if train and panoptic:  # the mask losses' pixels are drawn with the augmentation (mask_loss_points)
         transforms = make_panoptic_train_transforms(
             tuple(d.train_scales), d.max_size, tuple(d.crop_resize_scales), tuple(d.crop_size),

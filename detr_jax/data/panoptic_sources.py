@@ -241,3 +241,27 @@ def segment_masks(id_map: np.ndarray, segment_ids: np.ndarray, listed_ids) -> Tu
     unknown = sorted(set(np.unique(id_map).tolist()) - set(listed_ids) - {0})
     masks = id_map[None] == np.asarray(segment_ids)[:, None, None]
     return masks, unknown, np.asarray(segment_ids)[~masks.any(axis=(1, 2))].tolist()
+
+
+class BoxesOnly:
+    """A panoptic source seen as a detection source: its examples without "masks" and "segment_ids" (the boxes,
+    of things and stuff, stay). The first stage of the official panoptic recipe trains the detector on these
+    (the official `coco_panoptic` dataset with `return_masks=False`). Not a panoptic source: no `is_thing`.
+    """
+
+    def __init__(self, source):
+        self.source = source
+        for name in ("class_names", "category_ids", "num_classes"):
+            if hasattr(source, name):
+                setattr(self, name, getattr(source, name))
+        if hasattr(source, "image_size"):
+            self.image_size = source.image_size
+
+    def __len__(self) -> int:
+        return len(self.source)
+
+    def __getitem__(self, index: int) -> Dict:
+        example = dict(self.source[index])
+        example.pop("masks", None)
+        example.pop("segment_ids", None)
+        return example
