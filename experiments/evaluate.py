@@ -5,8 +5,10 @@ config.json unless --config names other data) or an official DETR .pth (its arch
 weights; --config gives the data). Prints AP, AP50, AP75, ... and writes the COCO results
 JSON into --out so anyone can re-score it.
 
-A panoptic checkpoint (e.g. the official detr-r50-panoptic-00ce5173.pth) is scored with PQ / SQ / RQ on a COCO
-panoptic folder; the config gives the evaluation settings (eval_size, max_size, eval_batch_size, buckets, workers):
+A panoptic work directory is scored on its own config's panoptic validation data (TFDS coco/2017_panoptic, a
+folder, the synthetic set). A panoptic .pth (e.g. the official detr-r50-panoptic-00ce5173.pth) is scored with
+PQ / SQ / RQ on a COCO panoptic folder; the config gives the evaluation settings (eval_size, max_size,
+eval_batch_size, buckets, workers):
 
   python experiments/evaluate.py --checkpoint detr-r50-panoptic-00ce5173.pth \
     --config experiments/configs/coco_r50.py --config.eval_batch_size=8 \
@@ -53,7 +55,7 @@ def main(argv):
     quiet_logs()  # our lines at INFO; orbax's and jax's chatter only when it is a warning
     from detr_jax.checkpoints import load_workdir_checkpoint
     from detr_jax.convert import load_official_checkpoint
-    from detr_jax.data import ImageReadError
+    from detr_jax.data import PANOPTIC_SOURCES, ImageReadError, build_source
     from detr_jax.data.panoptic_sources import CocoPanopticFolder
     from detr_jax.evaluate import Evaluator, coco_metrics
     from detr_jax.evaluate_panoptic import PanopticEvaluator
@@ -78,12 +80,19 @@ def main(argv):
             raise FileNotFoundError(f"checkpoint not found: {path}")
         panoptic_paths = (_PANOPTIC_ANN_FILE.value, _PANOPTIC_IMAGE_DIR.value, _PANOPTIC_DIR.value)
         panoptic = hasattr(model, "detr")  # a DETRsegm
-        if panoptic and not all(panoptic_paths):
+        # A panoptic work directory is scored on its config's panoptic data unless the flags name a folder.
+        own_data = panoptic and not any(panoptic_paths) and config.data.source in PANOPTIC_SOURCES
+        if panoptic and not own_data and not all(panoptic_paths):
             raise ValueError(f"{path} is a panoptic model: give its data with --panoptic_ann_file, "
                              "--panoptic_image_dir and --panoptic_dir (a COCO panoptic folder)")
         if any(panoptic_paths) and not panoptic:
             raise ValueError(f"--panoptic_* flags were given but {path} is a detector without a mask head")
-        if panoptic:
+        if own_data:
+            d = config.data
+            source = build_source(d.source, **dict(d.source_kwargs.to_dict(), **d.val_kwargs.to_dict()))
+            evaluator = PanopticEvaluator.from_config(config, source, model, make_mesh(),
+                                                      threshold=config.panoptic.threshold)
+        elif panoptic:
             source = CocoPanopticFolder(*panoptic_paths, label_space=_PANOPTIC_LABEL_SPACE.value,
                                         num_classes=model.detr.num_classes)
             evaluator = PanopticEvaluator.from_config(config, source, model, make_mesh())

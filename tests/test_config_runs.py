@@ -227,6 +227,21 @@ def test_panoptic_default_trains_evaluates_and_predicts(config_runs):
     assert {s["id"] for s in result["segments_info"]} >= set(np.unique(result["segment_ids"])) - {0}
     assert predictor.draw(image).size == image.shape[1::-1]
 
+    # experiments/evaluate.py scores the work directory on its own panoptic data: the training's final numbers.
+    import subprocess
+    import sys
+
+    from tests.helpers import subprocess_env
+    out = os.path.join(str(run.workdir), "evaluated")
+    scored = subprocess.run([sys.executable, os.path.join(REPO, "experiments", "evaluate.py"),
+                             f"--checkpoint={run.workdir}", f"--out={out}"], capture_output=True, text=True,
+                            timeout=300, env=subprocess_env(), cwd=REPO)
+    assert scored.returncode == 0, scored.stderr[-3000:]
+    with open(os.path.join(out, "metrics.json")) as f:
+        metrics = json.load(f)
+    for key in ("PQ", "SQ", "RQ", "segm_AP"):
+        assert metrics[key] == pytest.approx(final[0][f"eval_{key}"], abs=1e-9), key
+
 
 def test_coco_r50_panoptic_recipe_in_two_stages(config_runs):
     """coco_r50_panoptic.py as the official README trains it, on TFDS (the COCO-panoptic-like set): the detector on
