@@ -299,17 +299,8 @@ def convert_record(record: Dict, label_map: np.ndarray, num_classes: int, keep_c
         logger.warning("%s: image id %d has object fields of different lengths %s; keeping the first %d objects",
                        where, image_id, sorted(lengths), n)
         bbox, tfds_labels, crowd, ann_ids = bbox[:n], tfds_labels[:n], crowd[:n], ann_ids[:n]
-    outside = (tfds_labels < 0) | (tfds_labels >= len(label_map))
-    if np.any(outside):
-        bad = int(np.flatnonzero(outside)[0])
-        raise ValueError(f"{where}: annotation id {ann_ids[bad]} (image id {image_id}) has TFDS label "
-                         f"{tfds_labels[bad]} outside 0..{len(label_map) - 1}")
-    labels = np.asarray(label_map, np.int32)[tfds_labels]
-    too_big = labels >= num_classes
-    if np.any(too_big):
-        bad = int(np.flatnonzero(too_big)[0])
-        raise ValueError(f"{where}: annotation id {ann_ids[bad]} (image id {image_id}) has label {labels[bad]} "
-                         f">= num_classes={num_classes}")
+    labels = map_labels(tfds_labels, label_map, num_classes,
+                        lambda i: f"{where}: annotation id {ann_ids[i]} (image id {image_id})")
     boxes = np.stack([bbox[:, 1] * w, bbox[:, 0] * h, bbox[:, 3] * w, bbox[:, 2] * h], axis=1)
     boxes = np.clip(boxes, 0, np.array([w, h, w, h], np.float32)).astype(np.float32)
     kept_crowd = np.ones(len(labels), bool) if keep_crowd else ~crowd
@@ -320,3 +311,18 @@ def convert_record(record: Dict, label_map: np.ndarray, num_classes: int, keep_c
     if image is None:
         del example["image"]
     return example, int(np.sum(~kept_crowd)), int(np.sum(kept_crowd & ~nonzero))
+
+
+def map_labels(tfds_labels: np.ndarray, label_map, num_classes: int, name, error=ValueError) -> np.ndarray:
+    """TFDS labels int [K] -> our labels int32 [K] (`label_map[tfds_label]`). A TFDS label outside the map, or a
+    label >= num_classes, raises `error` with one line that starts with `name(i)`, naming object i."""
+    outside = (tfds_labels < 0) | (tfds_labels >= len(label_map))
+    if np.any(outside):
+        bad = int(np.flatnonzero(outside)[0])
+        raise error(f"{name(bad)} has TFDS label {tfds_labels[bad]} outside 0..{len(label_map) - 1}")
+    labels = np.asarray(label_map, np.int32)[tfds_labels]
+    too_big = labels >= num_classes
+    if np.any(too_big):
+        bad = int(np.flatnonzero(too_big)[0])
+        raise error(f"{name(bad)} has label {labels[bad]} >= num_classes={num_classes}")
+    return labels

@@ -26,7 +26,7 @@ from detr_jax.data.coco_panoptic_categories import (
 )
 from detr_jax.data.panoptic_sources import LABEL_SPACES, segment_masks
 from detr_jax.data.panoptic_transforms import masks_to_boxes
-from detr_jax.data.tfds_coco import TfdsRecords, as_rgb
+from detr_jax.data.tfds_coco import TfdsRecords, as_rgb, map_labels
 from detr_jax.panoptic import rgb2id
 
 logger = logging.getLogger(__name__)
@@ -134,16 +134,8 @@ def convert_panoptic_record(record: Dict, label_map: np.ndarray, num_classes: in
     if np.any(ids <= 0) or len(np.unique(ids)) != len(ids):
         raise AnnotationError(f"{where}: panoptic_objects ids {ids.tolist()} must be positive (0 is void) and "
                               "distinct")
-    outside = (tfds_labels < 0) | (tfds_labels >= len(label_map))
-    if np.any(outside):
-        bad = int(np.flatnonzero(outside)[0])
-        raise AnnotationError(f"{where}: segment id {ids[bad]} has TFDS label {tfds_labels[bad]} outside "
-                              f"0..{len(label_map) - 1}")
-    labels = np.asarray(label_map, np.int32)[tfds_labels]
-    too_big = labels >= num_classes
-    if np.any(too_big):
-        bad = int(np.flatnonzero(too_big)[0])
-        raise AnnotationError(f"{where}: segment id {ids[bad]} has label {labels[bad]} >= num_classes={num_classes}")
+    labels = map_labels(tfds_labels, label_map, num_classes, lambda i: f"{where}: segment id {ids[i]}",
+                        AnnotationError)
     keep = np.ones(len(ids), bool) if keep_crowd else ~crowd
     masks, unknown, empty = segment_masks(id_map, ids[keep], ids.tolist())
     if unknown:
