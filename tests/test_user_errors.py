@@ -130,8 +130,9 @@ def test_work_directory_describes_itself(tmp_path):
     (["--config.model.num_classes=-1"], "config.model.num_classes must be > 0, got -1"),
     (["--config.data.worker_type=fork"], "config.data.worker_type must be one of ('thread', 'process'), got 'fork'"),
     (["--config.optimizer.schedule=linear"], "config.optimizer.schedule must be 'step', 'cosine' or 'constant'"),
-    (["--config.panoptic.enabled=True"], "config.data.source must be a panoptic source ('synthetic_panoptic' or "
-                                         "'coco_panoptic') with config.panoptic.enabled, got 'synthetic'"),
+    (["--config.panoptic.enabled=True"], "config.data.source must be a panoptic source ('synthetic_panoptic', "
+                                         "'coco_panoptic' or 'tfds_panoptic') with config.panoptic.enabled, got "
+                                         "'synthetic'"),
 ])
 def test_command_line_mistakes_get_one_line(tmp_path, args, expected):
     import subprocess
