@@ -29,7 +29,7 @@ import sys
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)  # run from a checkout
 from benchmarks import report  # noqa: E402 (no jax import)
-from detr_jax.xla_flags import set_default_xla_flags  # noqa: E402 (no jax import)
+from detr_jax.ops.xla_flags import set_default_xla_flags  # noqa: E402 (no jax import)
 
 # The entry points' XLA flags: without them (Triton GEMM fusions on) XLA:GPU in jax 0.11.2 aborted while
 # compiling the gradient of the encoder-attention case (triton_tiling_propagation.cc, openxla/xla#47381).
@@ -58,7 +58,7 @@ def parity_rows(fixtures):
     import jax.numpy as jnp
     import numpy as np
 
-    from detr_jax.convert import load_official_checkpoint
+    from detr_jax.weights.official import load_official_checkpoint
     folder = os.path.join(fixtures, "official_detr_r18_tiny")
     if not os.path.isdir(folder):
         raise SystemExit(f"fixtures folder {folder} not found: pass --fixtures or set DETR_JAX_FIXTURES")

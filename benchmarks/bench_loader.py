@@ -8,7 +8,7 @@ the global batch with 1 and 8 processes, and the static-shape bucket simulation.
 1. Throughput: the official train recipe (`experiments/configs/coco_r50.py`: flip, multi-scale 480..800 / max
    1333, 50% resize-crop-resize, recipe buckets, size grouping 32, uint8 batches) through the real path,
    `build_data(config, "train", train=True, batch_size=B)`, on the built-in COCO-like TFDS set (JPEGs at
-   COCO's mix of sizes, `detr_jax.data.coco_like`, prepared into --data-dir on first use), for worker threads and
+   COCO's mix of sizes, `detr_jax.data.sources.coco_like`, prepared into --data-dir on first use), for worker threads and
    worker processes (grain) at 1..cores workers, and inline (0 workers). CPU % is the CPU time of this process
    and of its worker processes (while they live, with psutil) over wall time x cores.
 2. Padding of the global batch 64 with the recipe's buckets, on a source that only knows image sizes (drawn from

@@ -3,7 +3,7 @@
   python benchmarks/bench_matcher.py                 # ~1 min on 2 CPU cores; appends to BENCHMARKS.md
   python benchmarks/bench_matcher.py --no-append --repeats 2
 
-Times `detr_jax.matcher.hungarian_match` (cost matrices + assignment, jitted, after a warm-up call) on random
+Times `detr_jax.criterion.matcher.hungarian_match` (cost matrices + assignment, jitted, after a warm-up call) on random
 predictions and targets at [L, B, N, M] = decoder layers x images x queries x target slots, with 70% of the
 slots real (the rest padding), as a train step calls it: one call per step for every layer and image.
 """
@@ -36,7 +36,7 @@ def inputs(shape, seed=0):
 def time_solver(shape, solver, repeats):
     import jax
 
-    from detr_jax.matcher import hungarian_match
+    from detr_jax.criterion.matcher import hungarian_match
     match = jax.jit(functools.partial(hungarian_match, solver=solver))
     return report.median_seconds(match, *inputs(shape), repeats=repeats) * 1e3
 
@@ -49,7 +49,7 @@ def main():
     args = parser.parse_args()
     import jax
     device = f"{jax.devices()[0].device_kind} ({jax.default_backend()})"
-    lines = [f"`detr_jax.matcher.hungarian_match`, jitted, median of {args.repeats} calls after a warm-up; random "
+    lines = [f"`detr_jax.criterion.matcher.hungarian_match`, jitted, median of {args.repeats} calls after a warm-up; random "
              "costs, 70% of the target slots real. Device: " + device, "",
              "| [L, B, N, M] | host (scipy, callback) ms | device (optax) ms | device / host |",
              "| --- | --- | --- | --- |"]

@@ -64,10 +64,11 @@ def bare_step(args, precision):
     import jax
     import numpy as np
 
-    from detr_jax import sharding, train
+    from detr_jax import training
     from detr_jax.data import build_data
-    from detr_jax.models.aux_heads import build_training_model
-    from detr_jax.train_state import create_train_state
+    from detr_jax.models.aids import build_training_model
+    from detr_jax.ops import sharding
+    from detr_jax.training.state import create_train_state
     from experiments.configs import coco_r50
 
     config = coco_r50.get_config()
@@ -88,7 +89,7 @@ def bare_step(args, precision):
     model = build_training_model(config)
     state, tx, _ = create_train_state(config, model, total_steps=1000, steps_per_epoch=1000)
     state = jax.device_put(state, sharding.replicated(mesh))
-    step = train.make_train_step(model, tx, config, mesh)
+    step = training.make_train_step(model, tx, config, mesh)
     global_batch = sharding.global_batch(batch, mesh)
     t0 = time.perf_counter()
     compiled = step.lower(state, global_batch).compile()

@@ -6,7 +6,7 @@
   python benchmarks/bench_train.py --sweep     # CPU optimisation table (~18 min on 2 idle cores; bench_train_sweep.py)
 
 Both sides run DETR-R50 (hidden 256, 6 + 6 layers, 8 heads, FFN 2048, 100 queries, 91 classes), the HF model
-built offline with random weights and converted with `detr_jax.convert_hf.load_hf_detr`, so both compute with
+built offline with random weights and converted with `detr_jax.weights.hf.load_hf_detr`, so both compute with
 the same weights. Dropout is 0 on both sides. A train step is forward + Hungarian matching (scipy on the host,
 on both sides) + loss with the auxiliary decoder losses + backward + gradient clipping (0.1) + AdamW (lr 1e-4,
 backbone 1e-5, weight decay 1e-4), on the official trainable set: ResNet stem and stage 1 frozen. HF's own
@@ -107,7 +107,7 @@ def time_match(batch_size, slots, repeats=5):
     """Seconds for `hungarian_match` alone, jitted: on-device costs -> host transfer -> scipy -> indices back."""
     import jax
 
-    from detr_jax.matcher import hungarian_match
+    from detr_jax.criterion.matcher import hungarian_match
     match = jax.jit(lambda lg, bx, tg: hungarian_match(lg, bx, tg, cost_class=1.0, cost_bbox=5.0, cost_giou=2.0))
     batch = sides.make_batch(batch_size, 8, 8, slots)
     return report.median_seconds(match, *match_inputs(batch), repeats=repeats)
@@ -122,7 +122,7 @@ def time_host_assignment(batch, repeats=5):
     import numpy as np
     from scipy.optimize import linear_sum_assignment
 
-    from detr_jax.matcher import match_cost_matrix
+    from detr_jax.criterion.matcher import match_cost_matrix
     logits, boxes, targets = match_inputs(batch)
     costs = jax.vmap(lambda lg, bx: match_cost_matrix(lg, bx, targets["labels"], targets["boxes"], cost_class=1.0,
                                                       cost_bbox=5.0, cost_giou=2.0))(logits, boxes)
@@ -143,7 +143,7 @@ def build_sides(args, device):
     `.flops()`; plus the torch-best notes."""
     import jax
 
-    from detr_jax.convert_hf import load_hf_detr
+    from detr_jax.weights.hf import load_hf_detr
     batch = sides.make_batch(args.batch, args.height, args.width, args.slots)
     hf = sides.build_hf(device)
     model, variables = load_hf_detr(hf.cpu(), dropout=0.0, aux_loss=True,

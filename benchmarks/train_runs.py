@@ -25,9 +25,9 @@ sys.path.insert(0, REPO)  # run from a checkout
 
 from benchmarks import report  # noqa: E402 (no jax import)
 from benchmarks import train_sides as sides  # noqa: E402
-from detr_jax.xla_flags import default_xla_flags_string  # noqa: E402 (no jax import)
+from detr_jax.ops.xla_flags import default_xla_flags_string  # noqa: E402 (no jax import)
 
-# The XLA flags the entry points set (detr_jax/xla_flags.py), used here by default. On CPU, region analysis lets
+# The XLA flags the entry points set (detr_jax/ops/xla_flags.py), used here by default. On CPU, region analysis lets
 # XLA's copy insertion see that the AdamW update may overwrite the donated optimizer state in place: without it
 # every step copies all of mu and nu first (472 copies, ~5% of a CPU step). On GPU, Triton GEMM fusions are off.
 # The other flags tried are in bench_train_sweep.FLAG_VARIANTS and BENCHMARKS.md.

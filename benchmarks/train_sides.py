@@ -208,15 +208,15 @@ def jax_detr(bf16):
 
 
 def make_jax_train_step(model, variables, batch):
-    """step() -> loss: `detr_jax.train.make_train_step` on the global batch, for the DETR `model` with `variables`
+    """step() -> loss: `detr_jax.training.loop.make_train_step` on the global batch, for the DETR `model` with `variables`
     (no training aids: `DETRWithAids(model)`, whose parameters are the DETR's under "model"); `step.flops()`
     counts one call."""
     import jax
 
-    from detr_jax import sharding
-    from detr_jax.models.aux_heads import DETRWithAids
-    from detr_jax.train import make_train_step
-    from detr_jax.train_state import build_optimizer
+    from detr_jax.models.aids import DETRWithAids
+    from detr_jax.ops import sharding
+    from detr_jax.training.loop import make_train_step
+    from detr_jax.training.state import build_optimizer
     config = jax_config()
     mesh = sharding.make_mesh()
     params, frozen = {"model": variables["params"]}, {"model": variables["frozen"]}

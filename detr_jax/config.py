@@ -8,14 +8,14 @@ bad value before any work, naming the field.
 import ml_collections
 from ml_collections.config_dict import placeholder
 
+from detr_jax.criterion.matcher import CHOICES as MATCHERS
+from detr_jax.criterion.set_losses import BBOX_LOSS_TYPES
 from detr_jax.data import PANOPTIC_SOURCES, SOURCES
 from detr_jax.data.loader import WORKER_TYPES
 from detr_jax.data.transforms import COCO_MAX_SIZE, COCO_TRAIN_SCALES
-from detr_jax.losses import BBOX_LOSS_TYPES
-from detr_jax.matcher import CHOICES as MATCHERS
 from detr_jax.models.backbone import BACKBONE_NORMS, RESNET_SPECS
 from detr_jax.models.detr import POSITION_EMBEDDINGS
-from detr_jax.train_state import SCHEDULES
+from detr_jax.training.state import SCHEDULES
 
 
 def base_config() -> ml_collections.ConfigDict:
@@ -49,7 +49,7 @@ def base_config() -> ml_collections.ConfigDict:
         train_stem=False))  # train the ResNet stem and stage 1 too (frozen in the official recipe)
 
     # Training-only aids for training from scratch, off in the official recipe: see DETRWithAids in
-    # detr_jax/models/aux_heads.py. The evaluated and exported model never has them.
+    # detr_jax/models/aids.py. The evaluated and exported model never has them.
     config.training_aids = ml_collections.ConfigDict(dict(
         num_query_groups=1, encoder_aux_loss=False, backbone_aux_stages=()))
 

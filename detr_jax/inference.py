@@ -18,17 +18,17 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from detr_jax.checkpoints import load_workdir_checkpoint
-from detr_jax.convert import load_official_checkpoint
 from detr_jax.data import build_source
-from detr_jax.data.coco_categories import OFFICIAL91_CLASS_NAMES
-from detr_jax.data.coco_panoptic_categories import OFFICIAL250_CLASS_NAMES, OFFICIAL250_IS_THING
+from detr_jax.data.sources.coco_categories import OFFICIAL91_CLASS_NAMES
+from detr_jax.data.sources.coco_panoptic_categories import OFFICIAL250_CLASS_NAMES, OFFICIAL250_IS_THING
 from detr_jax.data.transforms import make_eval_transforms
+from detr_jax.evaluation.postprocess import postprocess
+from detr_jax.evaluation.postprocess_panoptic import post_process_panoptic
+from detr_jax.evaluation.visualize import attention_picture, draw_detections, draw_panoptic
 from detr_jax.models.detr import DETR
 from detr_jax.models.segmentation import DETRsegm
-from detr_jax.panoptic import post_process_panoptic
-from detr_jax.postprocess import postprocess
-from detr_jax.visualize import attention_picture, draw_detections, draw_panoptic
+from detr_jax.training.checkpoints import load_workdir_checkpoint
+from detr_jax.weights.official import load_official_checkpoint
 
 STRIDE = 32  # pad to a multiple of the backbone stride: few compiled shapes, exact mask downsampling
 

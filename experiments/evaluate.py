@@ -29,7 +29,7 @@ from absl import app, flags
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # run from a checkout
 
 from detr_jax.cli import config_value, define_config_file, define_multihost_flags, parse_flags, quiet_logs  # noqa: E402 (no jax import)
-from detr_jax.xla_flags import set_process_defaults  # noqa: E402 (no jax import)
+from detr_jax.ops.xla_flags import set_process_defaults  # noqa: E402 (no jax import)
 
 set_process_defaults()  # before jax is imported: XLA flags (the user's XLA_FLAGS win) and glibc malloc options
 
@@ -53,13 +53,13 @@ _MULTIHOST_FLAGS = define_multihost_flags()
 def main(argv):
     del argv
     quiet_logs()  # our lines at INFO; orbax's and jax's chatter only when it is a warning
-    from detr_jax.checkpoints import load_workdir_checkpoint
-    from detr_jax.convert import load_official_checkpoint
     from detr_jax.data import PANOPTIC_SOURCES, ImageReadError, build_source
-    from detr_jax.data.panoptic_sources import CocoPanopticFolder
-    from detr_jax.evaluate import Evaluator, coco_metrics
-    from detr_jax.evaluate_panoptic import PanopticEvaluator
-    from detr_jax.sharding import make_mesh, maybe_initialize_distributed
+    from detr_jax.data.sources.coco_panoptic_folder import CocoPanopticFolder
+    from detr_jax.evaluation.coco import Evaluator, coco_metrics
+    from detr_jax.evaluation.panoptic import PanopticEvaluator
+    from detr_jax.ops.sharding import make_mesh, maybe_initialize_distributed
+    from detr_jax.training.checkpoints import load_workdir_checkpoint
+    from detr_jax.weights.official import load_official_checkpoint
 
     # Multi-host: every process predicts its share of the split; process 0 scores and writes.
     maybe_initialize_distributed(**_MULTIHOST_FLAGS())

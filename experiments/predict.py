@@ -20,7 +20,7 @@ from absl import app, flags
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # run from a checkout
 
 from detr_jax.cli import parse_flags, quiet_logs  # noqa: E402 (no jax import)
-from detr_jax.xla_flags import set_process_defaults  # noqa: E402 (no jax import)
+from detr_jax.ops.xla_flags import set_process_defaults  # noqa: E402 (no jax import)
 
 set_process_defaults()  # before jax is imported: XLA flags (the user's XLA_FLAGS win) and glibc malloc options
 

@@ -14,7 +14,7 @@ from absl import app, flags
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # run from a checkout
 
 from detr_jax.cli import config_value, define_config_file, define_multihost_flags, parse_flags, quiet_logs  # noqa: E402 (no jax import)
-from detr_jax.xla_flags import set_process_defaults  # noqa: E402 (no jax import)
+from detr_jax.ops.xla_flags import set_process_defaults  # noqa: E402 (no jax import)
 
 set_process_defaults()  # before jax is imported: XLA flags (the user's XLA_FLAGS win) and glibc malloc options
 
@@ -30,18 +30,19 @@ def main(argv):
     del argv
     quiet_logs()  # our progress at INFO; orbax's and jax's chatter only when it is a warning
     config = config_value(_CONFIG, sys.argv)  # a mistyped field or a missing file: one line, before any work
-    from detr_jax import sharding, train  # after flags: jax.distributed must start before any jax call
+    from detr_jax import training  # after flags: jax.distributed must start before any jax call
     from detr_jax.data import ImageReadError
+    from detr_jax.ops import sharding
 
     sharding.maybe_initialize_distributed(**_MULTIHOST_FLAGS())
     config_name = os.path.splitext(os.path.basename(flags.FLAGS["config"].config_filename))[0]
     workdir = _WORKDIR.value or os.path.join("workdir", config_name)
     try:
-        train.train_and_evaluate(config, workdir)
+        training.train_and_evaluate(config, workdir)
     except KeyboardInterrupt:
         logging.warning("stopped; the run resumes from %s when started again", workdir)
         sys.exit(130)
-    except (train.NonFiniteLossError, train.DataError, ImageReadError, ValueError, FileNotFoundError) as e:
+    except (training.NonFiniteLossError, training.DataError, ImageReadError, ValueError, FileNotFoundError) as e:
         # A bad config, data or checkpoint: the message names it. DETR_JAX_TRACEBACK=1 shows the traceback.
         if os.environ.get("DETR_JAX_TRACEBACK"):
             raise

@@ -1,4 +1,4 @@
-"""detr_jax.box_ops against hand-computed values and a torch copy of the official util/box_ops.py."""
+"""detr_jax.ops.box_ops against hand-computed values and a torch copy of the official util/box_ops.py."""
 
 import jax
 import jax.numpy as jnp
@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from detr_jax import box_ops
+from detr_jax.ops import box_ops
 
 # --- Reference: the official facebookresearch/detr util/box_ops.py, in torch. ---------------
 

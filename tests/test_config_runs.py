@@ -208,7 +208,7 @@ def test_coco_r50_smoke_on_one_and_two_processes(config_runs):
 def test_panoptic_default_trains_evaluates_and_predicts(config_runs):
     """The panoptic config: the mask losses train beside the detector's, the evaluation reports PQ, and the work
     directory alone gives a panoptic `Predictor` (a `DETRsegm` with the synthetic set's thing/stuff classes)."""
-    from detr_jax.data.synthetic_panoptic import SyntheticPanoptic
+    from detr_jax.data.sources.synthetic_panoptic import SyntheticPanoptic
     from detr_jax.inference import Predictor
 
     run = config_runs.get("panoptic_default").wait_ok()
@@ -247,7 +247,7 @@ def test_coco_r50_panoptic_recipe_in_two_stages(config_runs):
     """coco_r50_panoptic.py as the official README trains it, on TFDS (the COCO-panoptic-like set): the detector on
     the panoptic boxes (`:boxes`, detection AP), then the mask head from that work directory with the detector
     frozen (the mask losses on sampled pixels, PQ at the end): the second run's detector is exactly the first's."""
-    from detr_jax.checkpoints import load_workdir_checkpoint
+    from detr_jax.training.checkpoints import load_workdir_checkpoint
 
     boxes = config_runs.get("panoptic_recipe_boxes").wait_ok()
     _check_finished(boxes, 3)

@@ -9,13 +9,13 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
-from detr_jax.convert import (  # noqa: E402
+from detr_jax.models.detr import DETR  # noqa: E402
+from detr_jax.weights.official import (  # noqa: E402
     infer_detr_config,
     load_official_checkpoint,
     load_torch_state_dict,
     load_torchvision_backbone,
 )
-from detr_jax.models.detr import DETR  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -137,8 +137,8 @@ def test_finetuning_init_loads_all_but_the_class_head_and_the_training_aids(tiny
     import flax
 
     from detr_jax.config import base_config
-    from detr_jax.models.aux_heads import build_training_model
-    from detr_jax.train_state import create_train_state
+    from detr_jax.models.aids import build_training_model
+    from detr_jax.training.state import create_train_state
 
     path, _ = tiny
     official = infer_detr_config(load_torch_state_dict(str(path)))

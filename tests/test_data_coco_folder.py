@@ -10,8 +10,8 @@ from PIL import Image
 from pycocotools.coco import COCO
 
 from detr_jax.data import build_source
-from detr_jax.data.coco_folder import AnnotationError, CocoFolder, ImageReadError
-from detr_jax.data.synthetic import SyntheticDetection, write_coco_folder
+from detr_jax.data.sources.coco_folder import AnnotationError, CocoFolder, ImageReadError
+from detr_jax.data.sources.synthetic import SyntheticDetection, write_coco_folder
 
 
 @pytest.fixture(scope="module")

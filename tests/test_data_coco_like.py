@@ -14,10 +14,10 @@ array_record_module = pytest.importorskip("array_record.python.array_record_modu
 
 # pylint: disable=g-import-not-at-top,wrong-import-position
 from detr_jax.data.batching import COCO_IMAGE_SIZES  # noqa: E402 (after importorskip)
-from detr_jax.data.coco_categories import COCO_CATEGORY_IDS, COCO_CLASS_NAMES  # noqa: E402 (after importorskip)
-from detr_jax.data.coco_like import CROWD_EVERY, VALIDATION_ID_OFFSET, prepare  # noqa: E402 (after importorskip)
-from detr_jax.data.synthetic import SyntheticDetection  # noqa: E402 (after importorskip)
-from detr_jax.data.tfds_coco import TfdsCoco  # noqa: E402 (after importorskip)
+from detr_jax.data.sources.coco_categories import COCO_CATEGORY_IDS, COCO_CLASS_NAMES  # noqa: E402 (after importorskip)
+from detr_jax.data.sources.coco_like import CROWD_EVERY, VALIDATION_ID_OFFSET, prepare  # noqa: E402 (after importorskip)
+from detr_jax.data.sources.synthetic import SyntheticDetection  # noqa: E402 (after importorskip)
+from detr_jax.data.sources.tfds_coco import TfdsCoco  # noqa: E402 (after importorskip)
 
 NUM_TRAIN, NUM_VALIDATION = 24, 8
 

@@ -7,7 +7,7 @@ import pytest
 
 from detr_jax.data import batching
 from detr_jax.data.loader import Loader
-from detr_jax.data.synthetic import SyntheticDetection
+from detr_jax.data.sources.synthetic import SyntheticDetection
 from detr_jax.data.transforms import make_eval_transforms, make_train_transforms
 
 SIZES = {(48, 64): 0.5, (64, 48): 0.3, (56, 56): 0.2}

@@ -5,7 +5,7 @@ import pytest
 from pycocotools.coco import COCO
 
 from detr_jax.data import build_source
-from detr_jax.data.synthetic import CLASS_NAMES, SyntheticDetection, write_coco_folder
+from detr_jax.data.sources.synthetic import CLASS_NAMES, SyntheticDetection, write_coco_folder
 
 
 def _equal(a, b):

@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 
 from detr_jax.data import build_source
-from detr_jax.data.coco_categories import COCO_CATEGORY_IDS, COCO_CLASS_NAMES, OFFICIAL91_CLASS_NAMES
-from detr_jax.data.tfds_coco import convert_record
+from detr_jax.data.sources.coco_categories import COCO_CATEGORY_IDS, COCO_CLASS_NAMES, OFFICIAL91_CLASS_NAMES
+from detr_jax.data.sources.tfds_coco import convert_record
 
 _HAS_TF = importlib.util.find_spec("tensorflow") is not None and importlib.util.find_spec(
     "tensorflow_datasets") is not None
@@ -59,7 +59,7 @@ def test_clear_error_without_tfds():
 
 
 def test_encoded_image_size_names_a_bad_record():
-    from detr_jax.data.tfds_coco import _encoded_image_size
+    from detr_jax.data.sources.tfds_coco import _encoded_image_size
     with pytest.raises(ValueError, match=r"train record 7 \(image id 42\): the image does not decode"):
         _encoded_image_size({"image": b"not a jpeg", "image/id": 42}, "tfds coco/2017 train record 7")
 

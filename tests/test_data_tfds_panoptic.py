@@ -10,11 +10,11 @@ import numpy as np
 import pytest
 
 from detr_jax.data import PANOPTIC_SOURCES, build_data, build_source
-from detr_jax.data.coco_folder import AnnotationError
-from detr_jax.data.coco_panoptic_categories import COCO_PANOPTIC_CATEGORY_IDS
-from detr_jax.data.synthetic_panoptic import SyntheticPanoptic
-from detr_jax.data.tfds_coco_panoptic import convert_panoptic_record
-from detr_jax.panoptic import id2rgb
+from detr_jax.data.sources.coco_folder import AnnotationError
+from detr_jax.data.sources.coco_panoptic_categories import COCO_PANOPTIC_CATEGORY_IDS
+from detr_jax.data.sources.synthetic_panoptic import SyntheticPanoptic
+from detr_jax.data.sources.tfds_coco_panoptic import convert_panoptic_record
+from detr_jax.evaluation.postprocess_panoptic import id2rgb
 
 _HAS_TFDS = importlib.util.find_spec("tensorflow_datasets") is not None
 needs_tfds = pytest.mark.skipif(not _HAS_TFDS, reason="tensorflow_datasets not importable")
@@ -98,7 +98,7 @@ def test_features_equal_coco_2017_panoptic(coco_panoptic_like_dir, tmp_path):
 
 @needs_tfds
 def test_examples_are_the_synthetic_ones(coco_panoptic_like_dir):
-    from detr_jax.data.coco_panoptic_like import SEGMENT_ID_STRIDE
+    from detr_jax.data.sources.coco_panoptic_like import SEGMENT_ID_STRIDE
     src, synthetic = _source(coco_panoptic_like_dir, "train"), _synthetic("train")
     assert len(src) == NUM_EXAMPLES["train"] and src.num_classes == 250 and len(src.class_names) == 250
     for index in range(len(src)):
@@ -136,7 +136,7 @@ def test_contiguous_label_space(coco_panoptic_like_dir):
 
 @needs_tfds
 def test_crowd_segments_kept_or_dropped(coco_panoptic_like_dir):
-    from detr_jax.data.coco_like import CROWD_EVERY, VALIDATION_ID_OFFSET
+    from detr_jax.data.sources.coco_like import CROWD_EVERY, VALIDATION_ID_OFFSET
     kept = _source(coco_panoptic_like_dir, "validation")  # keep_crowd=True by default, as CocoPanopticFolder
     dropping = _source(coco_panoptic_like_dir, "validation", keep_crowd=False)
     synthetic = _synthetic("validation")
@@ -160,7 +160,7 @@ def test_crowd_segments_kept_or_dropped(coco_panoptic_like_dir):
 
 @needs_tfds
 def test_size_index_and_image_ids_agree_with_the_records(coco_panoptic_like_dir):
-    from detr_jax.data.coco_panoptic_like import IMAGE_SIZES
+    from detr_jax.data.sources.coco_panoptic_like import IMAGE_SIZES
     src = _source(coco_panoptic_like_dir, "train")
     sizes = [src.image_size(i) for i in range(len(src))]
     assert sizes == [src[i]["image"].shape[:2] for i in range(len(src))]

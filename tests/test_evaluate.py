@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 
 from detr_jax.data import SyntheticDetection
-from detr_jax.evaluate import Evaluator, coco_ground_truth, coco_metrics, to_coco_results
-from detr_jax.postprocess import postprocess
-from detr_jax.sharding import make_mesh
+from detr_jax.evaluation.coco import Evaluator, coco_ground_truth, coco_metrics, to_coco_results
+from detr_jax.evaluation.postprocess import postprocess
+from detr_jax.ops.sharding import make_mesh
 from tests.helpers import free_port, subprocess_env
 
 torch = pytest.importorskip("torch")
@@ -117,10 +117,10 @@ _TWO_PROCESS_EVAL = r"""
 import json, sys
 import jax, jax.numpy as jnp
 sys.path.insert(0, sys.argv[4])
-from detr_jax.sharding import maybe_initialize_distributed, make_mesh
+from detr_jax.ops.sharding import maybe_initialize_distributed, make_mesh
 maybe_initialize_distributed(sys.argv[1], 2, int(sys.argv[2]))
 from test_evaluate import _tiny_config
-from detr_jax.evaluate import Evaluator
+from detr_jax.evaluation.coco import Evaluator
 from detr_jax.models.detr import build_model
 config = _tiny_config(4, *(sys.argv[5:7] if len(sys.argv) > 5 else ()))
 model = build_model(config)

@@ -15,13 +15,13 @@ from pycocotools import mask as mask_util
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 
-from detr_jax.data.panoptic_sources import CocoPanopticFolder
-from detr_jax.data.synthetic_panoptic import SyntheticPanoptic, write_coco_panoptic_folder
+from detr_jax.data.sources.coco_panoptic_folder import CocoPanopticFolder
+from detr_jax.data.sources.synthetic_panoptic import SyntheticPanoptic, write_coco_panoptic_folder
 from detr_jax.data.transforms import normalize_images
-from detr_jax.evaluate_panoptic import PanopticEvaluator, PanopticScorer, dataset_categories
-from detr_jax.evaluate_segm import instance_annotations
-from detr_jax.panoptic import post_process_segm
-from detr_jax.sharding import make_mesh
+from detr_jax.evaluation.panoptic import PanopticEvaluator, PanopticScorer, dataset_categories
+from detr_jax.evaluation.postprocess_panoptic import post_process_segm
+from detr_jax.evaluation.segm import instance_annotations
+from detr_jax.ops.sharding import make_mesh
 from tests.helpers import REPO, free_port, subprocess_env
 
 TINY_CONFIG = os.path.join(os.path.dirname(__file__), "configs", "tiny.py")
@@ -153,11 +153,11 @@ def _oracle_params(source):
 _TWO_PROCESS_PANOPTIC_EVAL = r"""
 import json, sys
 sys.path.insert(0, sys.argv[4])
-from detr_jax.sharding import maybe_initialize_distributed, make_mesh
+from detr_jax.ops.sharding import maybe_initialize_distributed, make_mesh
 maybe_initialize_distributed(sys.argv[1], 2, int(sys.argv[2]))
 import jax
-from detr_jax.data.panoptic_sources import CocoPanopticFolder
-from detr_jax.evaluate_panoptic import PanopticEvaluator
+from detr_jax.data.sources.coco_panoptic_folder import CocoPanopticFolder
+from detr_jax.evaluation.panoptic import PanopticEvaluator
 from test_evaluate_panoptic import _OracleModel, _oracle_params
 source = CocoPanopticFolder(*sys.argv[5:8], label_space="contiguous")
 evaluator = PanopticEvaluator(source, _OracleModel(source.num_classes), make_mesh(), eval_size=64, max_size=64,

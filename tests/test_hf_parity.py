@@ -1,4 +1,4 @@
-"""Parity with HF transformers' `DetrForObjectDetection` through `detr_jax.convert_hf` (random weights, offline).
+"""Parity with HF transformers' `DetrForObjectDetection` through `detr_jax.weights.hf` (random weights, offline).
 
 The HF model is built from a config with its own ResNet (no download, no timm), every weight re-drawn so that no
 batch norm is the identity and no LayerNorm or bias is trivial, then run on a padded batch of two images.
@@ -20,7 +20,7 @@ transformers = pytest.importorskip("transformers")
 
 from transformers import DetrConfig, DetrForObjectDetection, ResNetConfig  # noqa: E402
 
-from detr_jax.convert_hf import hf_state_dict_to_official, load_hf_detr  # noqa: E402
+from detr_jax.weights.hf import hf_state_dict_to_official, load_hf_detr  # noqa: E402
 from tests.helpers import randomize_hf_detr  # noqa: E402
 
 RESNETS = {  # our depth -> HF ResNetConfig fields

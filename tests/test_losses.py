@@ -1,13 +1,13 @@
-"""detr_jax.losses.set_criterion against the official SetCriterion (shared fixtures) and hand references."""
+"""detr_jax.criterion.set_losses.set_criterion against the official SetCriterion (shared fixtures) and hand references."""
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from detr_jax import box_ops
-from detr_jax.losses import set_criterion
-from detr_jax.matcher import hungarian_match
+from detr_jax.criterion.matcher import hungarian_match
+from detr_jax.criterion.set_losses import set_criterion
+from detr_jax.ops import box_ops
 
 COEFS = dict(ce_loss_coef=1.0, bbox_loss_coef=5.0, giou_loss_coef=2.0)
 
@@ -185,7 +185,7 @@ def test_losses_equal_hf_transformers_detr_loss():
 def test_query_groups_loss_is_the_mean_of_each_group_alone(official):
     """Group DETR: after `split_query_groups` every group is matched one-to-one on its own, and each loss term
     is the mean over groups of what that group alone would give (a plain DETR loss when G = 1)."""
-    from detr_jax.models.aux_heads import split_query_groups
+    from detr_jax.models.aids import split_query_groups
 
     outputs, targets, _ = official
     rng = np.random.default_rng(0)
@@ -237,7 +237,7 @@ def _encoder_dense_reference(logits, pred_boxes, token_mask, centres, labels, bo
 
 
 def test_encoder_dense_losses_equal_the_per_token_reference():
-    from detr_jax.losses import encoder_dense_losses
+    from detr_jax.criterion.set_losses import encoder_dense_losses
 
     rng = np.random.default_rng(0)
     b, h, w, m, c = 3, 4, 5, 6, 5

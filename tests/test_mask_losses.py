@@ -1,4 +1,4 @@
-"""detr_jax.mask_losses against the official SetCriterion (shared fixture) and the official formulas in torch."""
+"""detr_jax.criterion.mask_losses against the official SetCriterion (shared fixture) and the official formulas in torch."""
 
 import jax
 import jax.numpy as jnp
@@ -7,8 +7,14 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from detr_jax.mask_losses import bilinear_at_pixels, dice_loss, mask_losses, sigmoid_focal_loss, upsample_bilinear
-from detr_jax.matcher import hungarian_match
+from detr_jax.criterion.mask_losses import (
+    bilinear_at_pixels,
+    dice_loss,
+    mask_losses,
+    sigmoid_focal_loss,
+    upsample_bilinear,
+)
+from detr_jax.criterion.matcher import hungarian_match
 
 _jit_mask_losses = jax.jit(mask_losses)
 

@@ -1,4 +1,4 @@
-"""detr_jax.matcher against an independent numpy cost + scipy solve (the official HungarianMatcher)."""
+"""detr_jax.criterion.matcher against an independent numpy cost + scipy solve (the official HungarianMatcher)."""
 
 import functools
 import os
@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 from scipy.optimize import linear_sum_assignment
 
-from detr_jax import matcher
+from detr_jax.criterion import matcher
 
 NUM_CLASSES = 7
 COSTS = dict(cost_class=1.0, cost_bbox=5.0, cost_giou=2.0)
@@ -146,7 +146,7 @@ def test_works_inside_shard_map_one_call_per_shard():
         import jax, numpy as np
         from jax.sharding import Mesh, PartitionSpec as P
         import test_matcher as t
-        from detr_jax import matcher
+        from detr_jax.criterion import matcher
         shapes, host_fn = [], matcher._assign_on_host
         matcher._assign_on_host = lambda c, m: shapes.append(c.shape) or host_fn(c, m)
         logits, boxes, targets = t._random_batch(7, batch_size=4, num_valid=(3, 0, 5, 2))
@@ -171,7 +171,7 @@ def test_assignment_is_optimal_against_brute_force():
     of the valid targets into the queries (brute force over permutations)."""
     import itertools
 
-    from detr_jax.matcher import _assign_on_host
+    from detr_jax.criterion.matcher import _assign_on_host
 
     rng = np.random.default_rng(7)
     for trial in range(200):
@@ -233,7 +233,7 @@ def test_device_solver_total_cost_equals_scipy(n, m, ties):
 
 def test_device_solver_through_hungarian_match_and_losses():
     """The whole match (costs + device solve) equals the host one, and so do the set-criterion losses."""
-    from detr_jax.losses import set_criterion
+    from detr_jax.criterion.set_losses import set_criterion
 
     logits, boxes, targets = _random_batch(8, num_layers=2, num_valid=(3, 0, 5))
     host = np.asarray(_match(logits, boxes, targets))

@@ -16,7 +16,7 @@ import pytest
 torch = pytest.importorskip("torch")
 F = torch.nn.functional
 
-from detr_jax.models.aux_heads import DETRWithAids, detector_variables, training_parameter_groups  # noqa: E402
+from detr_jax.models.aids import DETRWithAids, detector_variables, training_parameter_groups  # noqa: E402
 from detr_jax.models.backbone import ResNet, downsample_mask  # noqa: E402
 from detr_jax.models.detr import DETR, parameter_groups  # noqa: E402
 from detr_jax.models.position_encoding import (  # noqa: E402

@@ -1,4 +1,4 @@
-"""detr_jax.panoptic against the official DETR post-processing (fixture outputs and a torch transcription of
+"""detr_jax.evaluation.postprocess_panoptic against the official DETR post-processing (fixture outputs and a torch transcription of
 models/segmentation.py) and against a brute-force panoptic quality written from panopticapi's definition."""
 
 import io
@@ -13,7 +13,8 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from detr_jax import panoptic, panoptic_quality
+from detr_jax.evaluation import panoptic_quality
+from detr_jax.evaluation import postprocess_panoptic as panoptic
 
 # As tests/conftest.py: the official reference outputs live in ../shared/fixtures, or DETR_JAX_FIXTURES.
 _FIXTURES = Path(os.environ.get("DETR_JAX_FIXTURES",

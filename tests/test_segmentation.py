@@ -13,13 +13,6 @@ import pytest
 torch = pytest.importorskip("torch")
 F = torch.nn.functional
 
-from detr_jax.convert import (  # noqa: E402
-    check_variables_match,
-    infer_detr_config,
-    load_official_checkpoint,
-    load_torch_state_dict,
-    panoptic_state_dict_to_variables,
-)
 from detr_jax.models.detr import DETR  # noqa: E402
 from detr_jax.models.segmentation import (  # noqa: E402
     DETRsegm,
@@ -27,6 +20,13 @@ from detr_jax.models.segmentation import (  # noqa: E402
     MHAttentionMap,
     resize_nearest,
     segm_parameter_groups,
+)
+from detr_jax.weights.official import (  # noqa: E402
+    check_variables_match,
+    infer_detr_config,
+    load_official_checkpoint,
+    load_torch_state_dict,
+    panoptic_state_dict_to_variables,
 )
 
 
@@ -244,7 +244,7 @@ def test_hf_detr_for_segmentation_parity():
     """A random HF DetrForSegmentation (ResNet-18, padded size not a multiple of 32, so the mask head's nearest
     upsampling is not a plain 2x) renamed to the official keys gives the same classes, boxes and masks."""
     transformers = pytest.importorskip("transformers")
-    from detr_jax.convert_hf import hf_state_dict_to_official
+    from detr_jax.weights.hf import hf_state_dict_to_official
     from tests.helpers import randomize_hf_detr
 
     torch.manual_seed(0)

@@ -1,6 +1,6 @@
 """The trainer: data-parallel equivalence, multi-process, bit-exact resume, config checks, parameter groups.
 
-The in-process tests drive the jitted step of `detr_jax.train` on a fixed batch. The end-to-end tests run
+The in-process tests drive the jitted step of `detr_jax.training.loop` on a fixed batch. The end-to-end tests run
 `experiments/train.py --config tests/configs/tiny.py` in subprocesses (the device count and jax.distributed
 are fixed per process) and compare their per-step losses from metrics.jsonl with one uninterrupted
 single-device run of the same config, the reference. About 6 CPU-minutes; the runs overlap, so on 2 cores
@@ -19,12 +19,13 @@ import jax
 import numpy as np
 import pytest
 
-from detr_jax import sharding, train
-from detr_jax.checkpoints import checkpoint_manager
+from detr_jax import training
 from detr_jax.data import build_data
 from detr_jax.data.transforms import normalize_images
-from detr_jax.models.aux_heads import build_training_model, detector_variables, training_parameter_groups
-from detr_jax.train_state import build_optimizer, create_train_state
+from detr_jax.models.aids import build_training_model, detector_variables, training_parameter_groups
+from detr_jax.ops import sharding
+from detr_jax.training.checkpoints import checkpoint_manager
+from detr_jax.training.state import build_optimizer, create_train_state
 from tests.helpers import TrainRun
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -139,7 +140,7 @@ class _Unit:
         state, self.tx, _ = create_train_state(config, model, total_steps=1000, steps_per_epoch=1)
         self.labels = flax.traverse_util.flatten_dict(training_parameter_groups(state["params"]))
         self.initial = jax.device_get(state)
-        self.step = train.make_train_step(model, self.tx, config, self.mesh)
+        self.step = training.make_train_step(model, self.tx, config, self.mesh)
 
     def fresh_state(self):
         # The step donates its input state: every test starts from its own copy.
@@ -217,8 +218,8 @@ def test_nonfinite_step_keeps_the_parameters_and_stops_the_loop(unit, tmp_path):
     assert int(state["step"]) == 3 and int(state["nonfinite_step"]) == 1
 
     manager = checkpoint_manager(str(tmp_path), unit.config)
-    with pytest.raises(train.NonFiniteLossError, match="at step 2"):
-        train._check_finite(state, manager)
+    with pytest.raises(training.NonFiniteLossError, match="at step 2"):
+        training._check_finite(state, manager)
     manager.close()
 
 
@@ -227,8 +228,8 @@ def test_overfits_a_fixed_batch_to_ap50_above_0_9(unit):
     AP50 = 1.0 on those images after 150 steps at the time of writing, through the evaluation post-processing
     and pycocotools). A broken loss, matcher, update or post-processing stalls far below."""
     from detr_jax.data import build_source
-    from detr_jax.evaluate import coco_ground_truth, coco_metrics, to_coco_results
-    from detr_jax.postprocess import postprocess
+    from detr_jax.evaluation.coco import coco_ground_truth, coco_metrics, to_coco_results
+    from detr_jax.evaluation.postprocess import postprocess
 
     state = unit.fresh_state()
     losses = []
@@ -342,7 +343,7 @@ def _step_for(config, unit):
     model = build_training_model(config)
     tx, _ = build_optimizer(config, unit.initial["params"], total_steps=1000, steps_per_epoch=1)
     state = dict(unit.initial, opt_state=tx.init(unit.initial["params"]))
-    return train.make_train_step(model, tx, config, unit.mesh), jax.device_put(state, sharding.replicated(unit.mesh))
+    return training.make_train_step(model, tx, config, unit.mesh), jax.device_put(state, sharding.replicated(unit.mesh))
 
 
 def test_gradient_accumulation_equals_one_big_step(unit):
@@ -378,7 +379,7 @@ def test_batch_norm_backbone_step_updates_the_running_statistics(unit):
     model = build_training_model(config)
     initial, tx, _ = create_train_state(config, model, total_steps=1000, steps_per_epoch=1)
     initial = jax.device_get(initial)
-    step = train.make_train_step(model, tx, config, unit.mesh)
+    step = training.make_train_step(model, tx, config, unit.mesh)
     state, metrics = step(jax.device_put(initial, sharding.replicated(unit.mesh)), unit.batch)
     assert np.isfinite(float(metrics["loss"]))
 

@@ -1,4 +1,4 @@
-"""The optimizer and the train state of `detr_jax.train_state`: gradient clipping where torch does it (on the
+"""The optimizer and the train state of `detr_jax.training.state`: gradient clipping where torch does it (on the
 gradients, before Adam), and a dropout mask that changes every step."""
 
 import copy
@@ -9,10 +9,11 @@ import numpy as np
 import optax
 import pytest
 
-from detr_jax import sharding, train
+from detr_jax import training
 from detr_jax.data import build_data
-from detr_jax.models.aux_heads import build_training_model, training_parameter_groups
-from detr_jax.train_state import create_train_state
+from detr_jax.models.aids import build_training_model, training_parameter_groups
+from detr_jax.ops import sharding
+from detr_jax.training.state import create_train_state
 from tests.configs import tiny
 
 
@@ -69,7 +70,7 @@ def test_dropout_changes_with_the_step_and_repeats_within_it():
     initial = jax.device_get(state)
     with build_data(config, "train", train=False) as loader:
         batch = sharding.global_batch(next(iter(loader)), mesh)
-    step = train.make_train_step(model, tx, config, mesh)
+    step = training.make_train_step(model, tx, config, mesh)
 
     def loss_at(step_number):  # the step donates its input: a fresh copy each time
         fresh = dict(copy.deepcopy(initial), step=np.asarray(step_number, np.int32))

@@ -172,7 +172,7 @@ def test_a_second_run_in_a_busy_work_directory_is_refused(tmp_path):
 def test_multi_process_launchers_are_detected(monkeypatch):
     import jax
 
-    from detr_jax import sharding
+    from detr_jax.ops import sharding
 
     calls = []
     monkeypatch.setattr(jax.distributed, "initialize", lambda **kwargs: calls.append(kwargs))

@@ -7,7 +7,7 @@ import sys
 
 import pytest
 
-from detr_jax.xla_flags import (
+from detr_jax.ops.xla_flags import (
     DEFAULT_XLA_FLAGS,
     NO_MALLOC_OPTIONS_ENV,
     default_xla_flags_string,
@@ -62,7 +62,7 @@ _PRINT_MMAPPED = ("; import ctypes; libc = ctypes.CDLL(None)\n"
 @pytest.mark.skipif(not _GLIBC, reason="glibc malloc options")
 def test_malloc_options_serve_big_blocks_from_the_heap_unless_the_user_chose():
     def run(env, set_options):
-        code = ("from detr_jax.xla_flags import set_default_malloc_options as s; print(s())" if set_options
+        code = ("from detr_jax.ops.xla_flags import set_default_malloc_options as s; print(s())" if set_options
                 else "print(None)") + _PRINT_MMAPPED
         out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, check=True,
                              env=dict({k: v for k, v in os.environ.items()

@@ -15,12 +15,12 @@ from typing import Optional
 import ml_collections
 
 from detr_jax.data.batching import collate, fit_buckets, recipe_buckets, simulate_output_sizes
-from detr_jax.data.coco_folder import AnnotationError, CocoFolder, ImageReadError
 from detr_jax.data.loader import Loader
-from detr_jax.data.panoptic_sources import BoxesOnly, CocoPanopticFolder
 from detr_jax.data.panoptic_transforms import make_panoptic_eval_transforms, make_panoptic_train_transforms
-from detr_jax.data.synthetic import SyntheticDetection, write_coco_folder
-from detr_jax.data.synthetic_panoptic import SyntheticPanoptic
+from detr_jax.data.sources.coco_folder import AnnotationError, CocoFolder, ImageReadError
+from detr_jax.data.sources.coco_panoptic_folder import BoxesOnly, CocoPanopticFolder
+from detr_jax.data.sources.synthetic import SyntheticDetection, write_coco_folder
+from detr_jax.data.sources.synthetic_panoptic import SyntheticPanoptic
 from detr_jax.data.transforms import make_eval_transforms, make_train_transforms
 
 __all__ = ["AnnotationError", "CocoFolder", "build_data", "ImageReadError", "Loader", "SyntheticDetection",

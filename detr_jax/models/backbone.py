@@ -2,7 +2,7 @@
 
 The layout (stride on the 3x3 conv of a bottleneck, `downsample` on the first block of a stage) and the
 parameter names follow torchvision's ResNet so that official DETR and torchvision checkpoints convert
-one-to-one (see `detr_jax.convert`). Convolutions are `layers.Conv2d`, torch's `nn.Conv2d`; how it runs fast is
+one-to-one (see `detr_jax.weights.official`). Convolutions are `layers.Conv2d`, torch's `nn.Conv2d`; how it runs fast is
 its business (`detr_jax.models.layers`).
 """
 

@@ -4,7 +4,7 @@ Every decoder output of the last layer attends over the encoder's memory (`MHAtt
 head, no values); the maps, concatenated to the projected backbone features, are upsampled by a small FPN-like
 convolutional head (`MaskHeadSmallConv`) fed by ResNet stages 3, 2 and 1, to one mask logit map per query at
 stride 4 of the padded batch. Parameter names follow the official state dict (`detr.*`, `bbox_attention.*`,
-`mask_head.*`) so the released panoptic checkpoints convert one-to-one (`detr_jax.convert`). Layout NHWC.
+`mask_head.*`) so the released panoptic checkpoints convert one-to-one (`detr_jax.weights.official`). Layout NHWC.
 """
 
 from typing import Any, Dict

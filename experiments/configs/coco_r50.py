@@ -5,7 +5,7 @@
 
 `:smoke` runs this recipe's exact data path (TFDS ArrayRecord, the official multi-scale augmentation, recipe
 buckets, size grouping, worker processes, sharded over every process) on the built-in COCO-like set
-(`detr_jax.data.coco_like`, prepared into TFDS's data_dir on first use) with a tiny model, a few dozen steps
+(`detr_jax.data.sources.coco_like`, prepared into TFDS's data_dir on first use) with a tiny model, a few dozen steps
 and a final evaluation: a few minutes on a 2-core CPU. It also runs as several processes
 (--coordinator_address=127.0.0.1:PORT --num_processes=2 --process_id=I).
 

@@ -22,7 +22,7 @@ Where this differs from the official code, and why:
 
 `:smoke` (with or without `boxes`, e.g. `:boxes,smoke`) runs each stage's data path (TFDS ArrayRecord with the
 panoptic PNGs, the official augmentation at small scales, recipe buckets, worker processes) on the built-in
-COCO-panoptic-like set (`detr_jax.data.coco_panoptic_like`, prepared into TFDS's data_dir on first use) with a
+COCO-panoptic-like set (`detr_jax.data.sources.coco_panoptic_like`, prepared into TFDS's data_dir on first use) with a
 tiny model, a few steps and a final evaluation: a minute or two on a 2-core CPU. The second stage's smoke needs the
 first stage's smoke work directory as its init.detr_checkpoint.
 """

@@ -16,9 +16,9 @@ from typing import Dict, Optional, Tuple
 import numpy as np
 from PIL import Image
 
-from detr_jax.data.coco_folder import AnnotationError, ImageReadError, read_annotation_file
 from detr_jax.data.panoptic_transforms import masks_to_boxes
-from detr_jax.panoptic import rgb2id
+from detr_jax.data.sources.coco_folder import AnnotationError, ImageReadError, read_annotation_file
+from detr_jax.evaluation.postprocess_panoptic import rgb2id
 
 LABEL_SPACES = ("official250", "contiguous")
 OFFICIAL_NUM_CLASSES = 250  # the official panoptic DETR's num_classes (COCO panoptic ids go to 200)

@@ -10,8 +10,8 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 from detr_jax.data.panoptic_transforms import masks_to_boxes
-from detr_jax.data.synthetic import SeededExamples, _draw_shape
-from detr_jax.panoptic import id2rgb
+from detr_jax.data.sources.synthetic import SeededExamples, _draw_shape
+from detr_jax.evaluation.postprocess_panoptic import id2rgb
 
 THING_CLASSES = ("ellipse", "rectangle", "triangle")  # drawn by synthetic._draw_shape
 STUFF_CLASSES = ("sky", "grass", "sand")

@@ -20,20 +20,25 @@ import numpy as np
 import optax
 from jax.sharding import PartitionSpec as P
 
-from detr_jax import sharding
-from detr_jax.checkpoints import checkpoint_manager, load_workdir_checkpoint, restore_checkpoint, save_checkpoint
 from detr_jax.config import check_config
+from detr_jax.criterion.mask_losses import mask_losses
+from detr_jax.criterion.matcher import hungarian_match, resolve_solver
+from detr_jax.criterion.set_losses import encoder_dense_losses, set_criterion
 from detr_jax.data import build_data, build_source
 from detr_jax.data.transforms import normalize_images
-from detr_jax.evaluate import Evaluator
-from detr_jax.evaluate_panoptic import PanopticEvaluator
-from detr_jax.losses import encoder_dense_losses, set_criterion
-from detr_jax.mask_losses import mask_losses
-from detr_jax.matcher import hungarian_match, resolve_solver
-from detr_jax.models.aux_heads import DETRWithAids, build_training_model, detector_variables, split_query_groups
+from detr_jax.evaluation.coco import Evaluator
+from detr_jax.evaluation.panoptic import PanopticEvaluator
+from detr_jax.models.aids import DETRWithAids, build_training_model, detector_variables, split_query_groups
 from detr_jax.models.backbone import FROZEN_COLLECTION
-from detr_jax.train_state import TrainState, create_train_state, learning_rate_schedule
-from detr_jax.workdir import MetricLogger, enable_compilation_cache, final_summary, progress_line, workdir_lock
+from detr_jax.ops import sharding
+from detr_jax.training.checkpoints import (
+    checkpoint_manager,
+    load_workdir_checkpoint,
+    restore_checkpoint,
+    save_checkpoint,
+)
+from detr_jax.training.state import TrainState, create_train_state, learning_rate_schedule
+from detr_jax.training.workdir import MetricLogger, enable_compilation_cache, final_summary, progress_line, workdir_lock
 
 logger = logging.getLogger(__name__)
 

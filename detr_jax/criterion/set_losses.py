@@ -7,8 +7,8 @@ padded targets: every target array is [B, M] with a `mask` saying which slots ar
 import jax
 import jax.numpy as jnp
 
-from detr_jax import box_ops
-from detr_jax.matcher import hungarian_match
+from detr_jax.criterion.matcher import hungarian_match
+from detr_jax.ops import box_ops
 
 BBOX_LOSS_TYPES = ("l1", "smooth_l1")
 

@@ -6,7 +6,7 @@ a label is a thing when it is <= 90 (official `is_thing_map = {i: i <= 90 for i 
 panopticapi's `panoptic_coco_categories.json` (cocodataset/panopticapi).
 """
 
-from detr_jax.data.coco_categories import COCO_CATEGORY_IDS, COCO_CLASS_NAMES
+from detr_jax.data.sources.coco_categories import COCO_CATEGORY_IDS, COCO_CLASS_NAMES
 
 COCO_PANOPTIC_STUFF = (  # (category id, name)
     (92, "banner"), (93, "blanket"), (95, "bridge"), (100, "cardboard"), (107, "counter"), (109, "curtain"),

@@ -5,7 +5,7 @@ COCO reader `tfds_coco.TfdsCoco(..., name="coco_like")` and `tfds.data_source("c
 unchanged: the whole tfds -> loader -> train path runs on a CPU without COCO. Neither writing nor reading
 imports TensorFlow (TFDS serializes and decodes with numpy and PIL here).
 
-  python -c "from detr_jax.data.coco_like import prepare; prepare('/tmp/tfds')"   # ~3 s on 2 CPU cores
+  python -c "from detr_jax.data.sources.coco_like import prepare; prepare('/tmp/tfds')"   # ~3 s on 2 CPU cores
 
 writes /tmp/tfds/coco_like/1.0.0/{coco_like-train.array_record-00000-of-00001, ...-validation..., *.json}.
 
@@ -35,8 +35,8 @@ import tensorflow_datasets as tfds
 from PIL import Image
 
 from detr_jax.data.batching import COCO_IMAGE_SIZES
-from detr_jax.data.coco_categories import COCO_CLASS_NAMES
-from detr_jax.data.synthetic import SyntheticDetection
+from detr_jax.data.sources.coco_categories import COCO_CLASS_NAMES
+from detr_jax.data.sources.synthetic import SyntheticDetection
 
 VALIDATION_ID_OFFSET = 1_000_000
 CROWD_EVERY = 8

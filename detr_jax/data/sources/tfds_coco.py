@@ -14,7 +14,7 @@ parsed), split across processes and gathered, then cached next to the prepared d
 TFDS labels are 0..79 in COCO category-id order; label_space "contiguous" keeps them, "official91" maps them
 to the raw COCO category ids (the official DETR 91-class space of the released checkpoints).
 tensorflow_datasets is imported here only, so the other sources never need TensorFlow. name="coco_like" is
-the built-in COCO-like set (`detr_jax.data.coco_like`), prepared on first use.
+the built-in COCO-like set (`detr_jax.data.sources.coco_like`), prepared on first use.
 """
 
 import functools
@@ -28,7 +28,7 @@ from typing import Dict, Optional, Tuple
 import numpy as np
 from PIL import Image
 
-from detr_jax.data.coco_categories import COCO_CATEGORY_IDS, COCO_CLASS_NAMES, OFFICIAL91_CLASS_NAMES
+from detr_jax.data.sources.coco_categories import COCO_CATEGORY_IDS, COCO_CLASS_NAMES, OFFICIAL91_CLASS_NAMES
 
 logger = logging.getLogger(__name__)
 # Guards the sources' counters against the loader's worker threads. Module-level, not per source: a source then

@@ -7,7 +7,7 @@ official `coco_panoptic.py` ignores the JSON's).
 
 TFDS labels are 0..132, the panoptic categories in category-id order; label_space "contiguous" keeps them,
 "official250" maps them to the raw category ids (the official panoptic DETR's 250-class space).
-name="coco_panoptic_like" is the built-in COCO-panoptic-like set (`detr_jax.data.coco_panoptic_like`), prepared on
+name="coco_panoptic_like" is the built-in COCO-panoptic-like set (`detr_jax.data.sources.coco_panoptic_like`), prepared on
 first use.
 """
 
@@ -16,18 +16,18 @@ from typing import Dict, Optional
 
 import numpy as np
 
-from detr_jax.data.coco_folder import AnnotationError
-from detr_jax.data.coco_panoptic_categories import (
+from detr_jax.data.panoptic_transforms import masks_to_boxes
+from detr_jax.data.sources.coco_folder import AnnotationError
+from detr_jax.data.sources.coco_panoptic_categories import (
     COCO_PANOPTIC_CATEGORY_IDS,
     COCO_PANOPTIC_CLASS_NAMES,
     COCO_PANOPTIC_IS_THING,
     OFFICIAL250_CLASS_NAMES,
     OFFICIAL250_IS_THING,
 )
-from detr_jax.data.panoptic_sources import LABEL_SPACES, segment_masks
-from detr_jax.data.panoptic_transforms import masks_to_boxes
-from detr_jax.data.tfds_coco import TfdsRecords, as_rgb, map_labels
-from detr_jax.panoptic import rgb2id
+from detr_jax.data.sources.coco_panoptic_folder import LABEL_SPACES, segment_masks
+from detr_jax.data.sources.tfds_coco import TfdsRecords, as_rgb, map_labels
+from detr_jax.evaluation.postprocess_panoptic import rgb2id
 
 logger = logging.getLogger(__name__)
 

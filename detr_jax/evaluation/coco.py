@@ -15,11 +15,11 @@ from typing import Dict, List, Optional, Sequence
 import jax
 import numpy as np
 
-from detr_jax import sharding
 from detr_jax.data import build_data
 from detr_jax.data.transforms import normalize_images
-from detr_jax.postprocess import postprocess
-from detr_jax.visualize import evaluation_sheet
+from detr_jax.evaluation.postprocess import postprocess
+from detr_jax.evaluation.visualize import evaluation_sheet
+from detr_jax.ops import sharding
 
 logger = logging.getLogger(__name__)
 COCO_METRIC_NAMES = ("AP", "AP50", "AP75", "AP_small", "AP_medium", "AP_large",

@@ -27,7 +27,7 @@ import numpy as np
 from optax import assignment
 from scipy.optimize import linear_sum_assignment
 
-from detr_jax import box_ops
+from detr_jax.ops import box_ops
 
 SOLVERS = ("host", "device")
 CHOICES = ("auto",) + SOLVERS  # what config.loss.matcher may say

@@ -10,10 +10,10 @@ import jax
 import ml_collections
 import orbax.checkpoint as ocp
 
-from detr_jax import sharding
 from detr_jax.data import Loader
-from detr_jax.models.aux_heads import build_inference_model, detector_variables
-from detr_jax.train_state import TrainState
+from detr_jax.models.aids import build_inference_model, detector_variables
+from detr_jax.ops import sharding
+from detr_jax.training.state import TrainState
 
 logger = logging.getLogger(__name__)
 

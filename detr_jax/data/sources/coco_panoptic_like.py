@@ -5,7 +5,7 @@ written in the ArrayRecord format, so `tfds_coco_panoptic.TfdsCocoPanoptic(..., 
 `tfds.data_source("coco_panoptic_like", ...)` read them as they would COCO panoptic. Neither writing nor reading
 imports TensorFlow.
 
-  python -c "from detr_jax.data.coco_panoptic_like import prepare; prepare('/tmp/tfds')"   # ~2 s on 2 CPU cores
+  python -c "from detr_jax.data.sources.coco_panoptic_like import prepare; prepare('/tmp/tfds')"   # ~2 s on 2 CPU cores
 
 writes /tmp/tfds/coco_panoptic_like/1.0.0/{coco_panoptic_like-train.array_record-00000-of-00001, ..., *.json}.
 
@@ -30,10 +30,10 @@ import numpy as np
 import tensorflow_datasets as tfds
 
 from detr_jax.data import coco_like
-from detr_jax.data.coco_panoptic_categories import COCO_PANOPTIC_CATEGORY_IDS, COCO_PANOPTIC_CLASS_NAMES
 from detr_jax.data.panoptic_transforms import masks_to_boxes
-from detr_jax.data.synthetic_panoptic import SyntheticPanoptic
-from detr_jax.panoptic import id2rgb
+from detr_jax.data.sources.coco_panoptic_categories import COCO_PANOPTIC_CATEGORY_IDS, COCO_PANOPTIC_CLASS_NAMES
+from detr_jax.data.sources.synthetic_panoptic import SyntheticPanoptic
+from detr_jax.evaluation.postprocess_panoptic import id2rgb
 
 IMAGE_SIZES = ((96, 128), (128, 96), (112, 112), (128, 160), (160, 128))  # (h, w): small, both orientations
 # 0x030201: segment k is RGB (k, 2k, 3k), so the id decoding uses all three channels (SyntheticPanoptic has at

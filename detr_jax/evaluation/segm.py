@@ -26,8 +26,8 @@ from jax.experimental import multihost_utils
 from pycocotools import mask as mask_util
 from scipy.special import softmax
 
-from detr_jax.evaluate import coco_metrics
-from detr_jax.panoptic import post_process_segm
+from detr_jax.evaluation.coco import coco_metrics
+from detr_jax.evaluation.postprocess_panoptic import post_process_segm
 
 UNUSED_CLASS_NAME = "N/A"  # the name of a label that is no category (panoptic_sources, official250)
 

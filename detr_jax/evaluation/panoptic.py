@@ -26,13 +26,13 @@ import numpy as np
 from jax.experimental import multihost_utils
 from jax.sharding import PartitionSpec
 
-from detr_jax import sharding
 from detr_jax.data.batching import recipe_buckets
 from detr_jax.data.loader import Loader
 from detr_jax.data.transforms import make_eval_transforms, normalize_images
-from detr_jax.evaluate_segm import UNUSED_CLASS_NAME, InstanceScorer
-from detr_jax.panoptic import post_process_panoptic
-from detr_jax.panoptic_quality import VOID, CategoryStats, PanopticQuality
+from detr_jax.evaluation.panoptic_quality import VOID, CategoryStats, PanopticQuality
+from detr_jax.evaluation.postprocess_panoptic import post_process_panoptic
+from detr_jax.evaluation.segm import UNUSED_CLASS_NAME, InstanceScorer
+from detr_jax.ops import sharding
 
 logger = logging.getLogger(__name__)
 OFFICIAL_THRESHOLD = 0.85  # PostProcessPanoptic's default: a query is kept above this class probability
@@ -201,7 +201,7 @@ class PanopticEvaluator:
                  threshold: float = OFFICIAL_THRESHOLD, segm: bool = True, seed: int = 0):
         if not hasattr(model, "detr"):
             raise ValueError(f"PanopticEvaluator needs a DETRsegm (a model with masks), got {type(model).__name__}; "
-                             "score a detector with detr_jax.evaluate.Evaluator")
+                             "score a detector with detr_jax.evaluation.coco.Evaluator")
         num_classes = model.detr.num_classes
         if num_classes > len(source.category_ids):
             raise ValueError(f"the model has {num_classes} classes but the panoptic data has only "

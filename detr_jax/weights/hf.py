@@ -4,7 +4,7 @@ HF's DETR computes the official model (with `auxiliary_loss=False`, see `load_hf
 q/k/v projections are separate Linears (the official fuses them into `in_proj_weight` [3D, D], rows q, k, v),
 layer norms are named by their role (`self_attn_layer_norm` ...), and its own ResNet (`ResNetBackbone`) names
 torchvision's `layer2.0.conv1` `encoder.stages.1.layers.0.layer.0.convolution`. Renaming to the official keys
-lets `detr_jax.convert` do the rest (layouts, config inference, the shape check).
+lets `detr_jax.weights.official` do the rest (layouts, config inference, the shape check).
 
 Accepted layouts: transformers 5.x (`o_proj`, `mlp.fc1`) and the 4.x names of hub checkpoints (`out_proj`,
 `fc1`, `backbone.conv_encoder.`); a ResNet backbone from HF's ResNet or from timm (torchvision names already).
@@ -18,8 +18,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from detr_jax.convert import check_variables_match, infer_detr_config, torch_state_dict_to_variables
 from detr_jax.models.detr import DETR
+from detr_jax.weights.official import check_variables_match, infer_detr_config, torch_state_dict_to_variables
 
 _BACKBONE_PREFIX = re.compile(r"model\.backbone\.(?:conv_encoder\.)?model\.")
 _LAYER_KEY = re.compile(r"model\.(encoder|decoder)\.layers\.(\d+)\.(.+)")

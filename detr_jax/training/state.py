@@ -12,10 +12,10 @@ import jax.numpy as jnp
 import ml_collections
 import optax
 
-from detr_jax.convert import load_pretrained
-from detr_jax.models.aux_heads import DETRWithAids, training_parameter_groups
+from detr_jax.models.aids import DETRWithAids, training_parameter_groups
 from detr_jax.models.backbone import FROZEN_COLLECTION
 from detr_jax.models.segmentation import DETRsegm
+from detr_jax.weights.official import load_pretrained
 
 TrainState = Dict[str, Any]  # {"step", "params", "frozen", "opt_state", "nonfinite_step"}
 SCHEDULES = ("step", "cosine", "constant")  # config.optimizer.schedule

@@ -5,7 +5,7 @@ from typing import Optional
 import jax
 import jax.numpy as jnp
 
-from detr_jax import box_ops
+from detr_jax.ops import box_ops
 
 
 def postprocess(pred_logits, pred_boxes, orig_size, top_k: Optional[int] = None):
