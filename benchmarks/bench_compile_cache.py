@@ -164,7 +164,7 @@ def main():
     if unknown:
         parser.error(f"unknown runs {unknown}; known: {list(specs)}")
     if any(n.startswith("coco_smoke") for n in names):
-        from detr_jax.data import coco_like  # pylint: disable=g-import-not-at-top
+        from detr_jax.data.sources import coco_like  # pylint: disable=g-import-not-at-top
         coco_like.prepare(args.data_dir, num_train=args.num_train, any_prepared=True)
     print(f"host: {os.cpu_count()} CPU cores ({platform.processor() or platform.machine()}), "
           f"python {platform.python_version()}", flush=True)

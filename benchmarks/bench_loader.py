@@ -8,8 +8,8 @@ the global batch with 1 and 8 processes, and the static-shape bucket simulation.
 1. Throughput: the official train recipe (`experiments/configs/coco_r50.py`: flip, multi-scale 480..800 / max
    1333, 50% resize-crop-resize, recipe buckets, size grouping 32, uint8 batches) through the real path,
    `build_data(config, "train", train=True, batch_size=B)`, on the built-in COCO-like TFDS set (JPEGs at
-   COCO's mix of sizes, `detr_jax.data.sources.coco_like`, prepared into --data-dir on first use), for worker threads and
-   worker processes (grain) at 1..cores workers, and inline (0 workers). CPU % is the CPU time of this process
+   COCO's mix of sizes, `detr_jax.data.sources.coco_like`, prepared into --data-dir on first use), for worker threads
+   and worker processes (grain) at 1..cores workers, and inline (0 workers). CPU % is the CPU time of this process
    and of its worker processes (while they live, with psutil) over wall time x cores.
 2. Padding of the global batch 64 with the recipe's buckets, on a source that only knows image sizes (drawn from
    `batching.COCO_IMAGE_SIZES`; no pixels): 1 process (batch 64) against 8 simulated processes (8 Loaders,
@@ -287,7 +287,7 @@ def main():
 
     # 1. throughput through build_data
     if not args.skip_throughput:
-        from detr_jax.data import coco_like  # pylint: disable=g-import-not-at-top
+        from detr_jax.data.sources import coco_like  # pylint: disable=g-import-not-at-top
         t0 = time.perf_counter()
         coco_like.prepare(args.data_dir, num_train=args.num_train)
         print(f"coco_like ({args.num_train} train images) in {args.data_dir}: {time.perf_counter() - t0:.1f} s",

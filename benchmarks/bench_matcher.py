@@ -49,8 +49,8 @@ def main():
     args = parser.parse_args()
     import jax
     device = f"{jax.devices()[0].device_kind} ({jax.default_backend()})"
-    lines = [f"`detr_jax.criterion.matcher.hungarian_match`, jitted, median of {args.repeats} calls after a warm-up; random "
-             "costs, 70% of the target slots real. Device: " + device, "",
+    lines = [f"`detr_jax.criterion.matcher.hungarian_match`, jitted, median of {args.repeats} calls after a warm-up; "
+             "random costs, 70% of the target slots real. Device: " + device, "",
              "| [L, B, N, M] | host (scipy, callback) ms | device (optax) ms | device / host |",
              "| --- | --- | --- | --- |"]
     for shape in [tuple(int(v) for v in s.split("x")) for s in args.shapes.split(",")]:

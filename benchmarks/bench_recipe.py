@@ -66,7 +66,7 @@ def bare_step(args, precision):
 
     from detr_jax import training
     from detr_jax.data import build_data
-    from detr_jax.models.aids import build_training_model
+    from detr_jax.models import build_training_model
     from detr_jax.ops import sharding
     from detr_jax.training.state import create_train_state
     from experiments.configs import coco_r50
@@ -124,7 +124,7 @@ def main():
     p.add_argument("--no-append", action="store_true")
     args = p.parse_args()
 
-    from detr_jax.data import coco_like
+    from detr_jax.data.sources import coco_like
     coco_like.prepare(args.data_dir, num_train=args.num_train)
     import jax
     device = f"{jax.devices()[0].device_kind} ({jax.default_backend()})"

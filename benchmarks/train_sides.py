@@ -208,7 +208,7 @@ def jax_detr(bf16):
 
 
 def make_jax_train_step(model, variables, batch):
-    """step() -> loss: `detr_jax.training.loop.make_train_step` on the global batch, for the DETR `model` with `variables`
+    """step() -> loss: `detr_jax.training.make_train_step` on the global batch, for the DETR `model` with `variables`
     (no training aids: `DETRWithAids(model)`, whose parameters are the DETR's under "model"); `step.flops()`
     counts one call."""
     import jax

@@ -12,10 +12,12 @@ from detr_jax.criterion.matcher import CHOICES as MATCHERS
 from detr_jax.criterion.set_losses import BBOX_LOSS_TYPES
 from detr_jax.data import PANOPTIC_SOURCES, SOURCES
 from detr_jax.data.loader import WORKER_TYPES
+from detr_jax.data.sources import check_data_kwargs
 from detr_jax.data.transforms import COCO_MAX_SIZE, COCO_TRAIN_SCALES
 from detr_jax.models.backbone import BACKBONE_NORMS, RESNET_SPECS
 from detr_jax.models.detr import POSITION_EMBEDDINGS
-from detr_jax.training.state import SCHEDULES
+
+SCHEDULES = ("step", "cosine", "constant")  # optimizer.schedule (training.state.learning_rate_schedule)
 
 
 def base_config() -> ml_collections.ConfigDict:
@@ -92,7 +94,7 @@ def base_config() -> ml_collections.ConfigDict:
         cost_class=1.0, cost_bbox=5.0, cost_giou=2.0,  # the matching cost
         ce_loss_coef=1.0, bbox_loss_coef=5.0, giou_loss_coef=2.0,  # the loss
         bbox_loss_type="l1",  # "l1" (official) or "smooth_l1"
-        matcher="auto"))  # Hungarian solver: "host" (scipy), "device" (optax) or "auto" (device on GPU/TPU)
+        matcher="auto"))  # Hungarian solver: "host" (scipy), "device" (optax) or "auto" (host: measured faster)
 
     config.optimizer = ml_collections.ConfigDict(dict(
         lr=1e-4, lr_backbone=1e-5,  # AdamW; lr_backbone 0: the backbone does not train
@@ -131,6 +133,9 @@ def check_config(config: ml_collections.ConfigDict) -> None:
     need(m.num_encoder_layers >= 0, "model.num_encoder_layers", m.num_encoder_layers, ">= 0")
     need(m.hidden_dim % m.num_heads == 0, "model.hidden_dim", m.hidden_dim, f"a multiple of num_heads={m.num_heads}")
     need(m.backbone_depth in RESNET_SPECS, "model.backbone_depth", m.backbone_depth, f"one of {sorted(RESNET_SPECS)}")
+    need(not m.dilation or RESNET_SPECS[m.backbone_depth][0] == "bottleneck", "model.dilation", m.dilation,
+         f"False with backbone_depth={m.backbone_depth}: DC5 needs a bottleneck ResNet (50/101); torchvision's "
+         "BasicBlock does not support dilation either")
     need(m.backbone_norm in BACKBONE_NORMS, "model.backbone_norm", m.backbone_norm, either(BACKBONE_NORMS))
     need(m.position_embedding in POSITION_EMBEDDINGS, "model.position_embedding", m.position_embedding,
          either(POSITION_EMBEDDINGS))
@@ -139,6 +144,7 @@ def check_config(config: ml_collections.ConfigDict) -> None:
         positive(field, config[field])
     need(config.num_steps > 0 or config.num_epochs > 0, "num_steps", config.num_steps, "> 0 (or num_epochs > 0)")
     need(d.source in SOURCES, "data.source", d.source, f"one of {SOURCES}")
+    check_data_kwargs(d)  # each split's source arguments: known keys of the declared types (data/sources)
     need(d.worker_type in WORKER_TYPES, "data.worker_type", d.worker_type, f"one of {WORKER_TYPES}")
     need(d.num_workers >= 0, "data.num_workers", d.num_workers, ">= 0")
     for field in ("max_size", "eval_size", "max_objects", "max_buckets"):

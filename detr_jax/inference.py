@@ -27,8 +27,8 @@ from detr_jax.evaluation.postprocess_panoptic import post_process_panoptic
 from detr_jax.evaluation.visualize import attention_picture, draw_detections, draw_panoptic
 from detr_jax.models.detr import DETR
 from detr_jax.models.segmentation import DETRsegm
-from detr_jax.training.checkpoints import load_workdir_checkpoint
 from detr_jax.weights.official import load_official_checkpoint
+from detr_jax.weights.workdir import load_workdir_checkpoint
 
 STRIDE = 32  # pad to a multiple of the backbone stride: few compiled shapes, exact mask downsampling
 
@@ -83,16 +83,13 @@ class Predictor:
     def __init__(self, model, variables, class_names: Sequence[str], size: int = 800, max_size: int = 1333,
                  threshold: float = 0.7, is_thing: Optional[Sequence[bool]] = None, panoptic_threshold: float = 0.85):
         self.has_masks = isinstance(model, DETRsegm)
-        if self.has_masks:
-            self.model = model.clone(detr=model.detr.clone(padding_invariant=True, aux_loss=False))
-        else:
-            self.model = model.clone(padding_invariant=True, aux_loss=False)
+        self.model = model.with_detector(padding_invariant=True, aux_loss=False)
         self.variables = variables
         self.class_names = list(class_names)
         self.transforms = make_eval_transforms(size, max_size)
         self.threshold = threshold
         self.panoptic_threshold = panoptic_threshold
-        num_classes = (model.detr if self.has_masks else model).num_classes
+        num_classes = model.detector.num_classes
         if is_thing is None:
             is_thing = OFFICIAL250_IS_THING if num_classes == len(OFFICIAL250_IS_THING) else [True] * num_classes
         if len(is_thing) != num_classes:
@@ -133,7 +130,7 @@ class Predictor:
             else:  # a work directory of an older version: ask the data
                 source = build_source(d.source, **dict(d.source_kwargs, **d.val_kwargs))
                 names = getattr(source, "class_names", [])
-            names = list(names) or [str(i) for i in range(model.num_classes)]
+            names = list(names) or [str(i) for i in range(model.detector.num_classes)]
             kwargs.setdefault("size", d.eval_size)
             kwargs.setdefault("max_size", d.max_size)
             return cls(model, variables, names, **kwargs)
@@ -141,7 +138,7 @@ class Predictor:
             raise FileNotFoundError(f"checkpoint not found: {path} (an official .pth or a training work directory)")
         arch = {k: kwargs.pop(k) for k in ("dilation", "num_heads") if k in kwargs}  # not in the weights
         model, variables = load_official_checkpoint(path, **arch)
-        num_classes = (model.detr if isinstance(model, DETRsegm) else model).num_classes
+        num_classes = model.detector.num_classes
         official = {len(names): names for names in (OFFICIAL91_CLASS_NAMES, OFFICIAL250_CLASS_NAMES)}
         names = official.get(num_classes, [str(i) for i in range(num_classes)])
         return cls(model, variables, names, **kwargs)

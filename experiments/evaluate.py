@@ -53,13 +53,12 @@ _MULTIHOST_FLAGS = define_multihost_flags()
 def main(argv):
     del argv
     quiet_logs()  # our lines at INFO; orbax's and jax's chatter only when it is a warning
-    from detr_jax.data import PANOPTIC_SOURCES, ImageReadError, build_source
+    from detr_jax.data import PANOPTIC_SOURCES, ImageReadError
     from detr_jax.data.sources.coco_panoptic_folder import CocoPanopticFolder
-    from detr_jax.evaluation.coco import Evaluator, coco_metrics
-    from detr_jax.evaluation.panoptic import PanopticEvaluator
+    from detr_jax.evaluation import build_evaluator
     from detr_jax.ops.sharding import make_mesh, maybe_initialize_distributed
-    from detr_jax.training.checkpoints import load_workdir_checkpoint
     from detr_jax.weights.official import load_official_checkpoint
+    from detr_jax.weights.workdir import load_workdir_checkpoint
 
     # Multi-host: every process predicts its share of the split; process 0 scores and writes.
     maybe_initialize_distributed(**_MULTIHOST_FLAGS())
@@ -87,31 +86,19 @@ def main(argv):
                              "--panoptic_image_dir and --panoptic_dir (a COCO panoptic folder)")
         if any(panoptic_paths) and not panoptic:
             raise ValueError(f"--panoptic_* flags were given but {path} is a detector without a mask head")
-        if own_data:
-            d = config.data
-            source = build_source(d.source, **dict(d.source_kwargs.to_dict(), **d.val_kwargs.to_dict()))
-            evaluator = PanopticEvaluator.from_config(config, source, model, make_mesh(),
-                                                      threshold=config.panoptic.threshold)
-        elif panoptic:
+        source = None  # the config's validation data, or a COCO panoptic folder named by the flags
+        if panoptic and not own_data:
             source = CocoPanopticFolder(*panoptic_paths, label_space=_PANOPTIC_LABEL_SPACE.value,
-                                        num_classes=model.detr.num_classes)
-            evaluator = PanopticEvaluator.from_config(config, source, model, make_mesh())
-        else:
-            evaluator = Evaluator(config, model, make_mesh())
+                                        num_classes=model.detector.num_classes)
+        evaluator = build_evaluator(config, model, make_mesh(), source=source, segm=True)
     except (FileNotFoundError, ValueError, ImportError, ImageReadError) as e:
         sys.exit(f"error: {e}")
     out = _OUT.value or (path if os.path.isdir(path) else os.path.dirname(os.path.abspath(path)))
-    if panoptic:
-        metrics = evaluator.evaluate(variables)
-    else:
-        results = evaluator.predict(variables["params"], variables["frozen"])
-        metrics = coco_metrics(evaluator.ground_truth, results) if jax.process_index() == 0 else None
+    metrics = evaluator.evaluate(variables, out)  # detection: also results.json in out (process 0)
+    evaluator.close()
     if jax.process_index() != 0:
         return
     os.makedirs(out, exist_ok=True)
-    if not panoptic:
-        with open(os.path.join(out, "results.json"), "w") as f:
-            json.dump(results, f)
     with open(os.path.join(out, "metrics.json"), "w") as f:
         json.dump(metrics, f, indent=1)
     print(" ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}" for k, v in metrics.items()))

@@ -27,7 +27,7 @@ def coco_like_dir(tmp_path_factory):
     ArrayRecord, coco/2017's features), prepared once per session (~3 s). Skips without tensorflow_datasets."""
     pytest.importorskip("tensorflow_datasets")
     pytest.importorskip("array_record")
-    from detr_jax.data import coco_like
+    from detr_jax.data.sources import coco_like
     path = tmp_path_factory.mktemp("tfds")
     coco_like.prepare(str(path))
     return str(path)
@@ -40,7 +40,7 @@ def coco_panoptic_like_dir(tmp_path_factory):
     tensorflow_datasets."""
     pytest.importorskip("tensorflow_datasets")
     pytest.importorskip("array_record")
-    from detr_jax.data import coco_panoptic_like
+    from detr_jax.data.sources import coco_panoptic_like
     path = tmp_path_factory.mktemp("tfds_panoptic")
     coco_panoptic_like.prepare(str(path), num_train=16, num_validation=8)
     return str(path)

@@ -1,5 +1,6 @@
-"""The package's shape: imports point one way (no cycle, even through function-level imports), the layers keep
-their order, and no file grows past ~400 lines without saying why."""
+"""The package's shape: the folder tree is the architecture (README, Layout). Imports point one way between the
+layers (no cycle, even through function-level imports); nothing imports the training package but entry points;
+at most 8 modules sit directly in detr_jax/; no function is over 80 lines, no file over ~400 without saying why."""
 
 import ast
 import importlib
@@ -9,12 +10,26 @@ import pytest
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PACKAGE = os.path.join(REPO, "detr_jax")
-MAX_LINES = 400
-# Lower layers never import higher ones: entry points -> train / evaluate / inference -> losses, matcher, data,
-# models -> box_ops (STYLE.md).
-HIGHER = {"detr_jax.training.loop", "detr_jax.evaluation.coco", "detr_jax.inference", "detr_jax.cli"}
-LOWER_PACKAGES = ("detr_jax.models", "detr_jax.data", "detr_jax.ops.box_ops", "detr_jax.criterion.set_losses", "detr_jax.criterion.matcher",
-                  "detr_jax.criterion.mask_losses", "detr_jax.evaluation.postprocess", "detr_jax.evaluation.postprocess_panoptic")
+MAX_FILE_LINES = 400
+MAX_FUNCTION_LINES = 80
+MAX_TOP_LEVEL_MODULES = 8
+# Declarative config functions: one line per field with its comment, read as a table.
+LONG_FUNCTIONS_ALLOWED = {"detr_jax.config.base_config"}
+
+# What each layer may import (besides itself). Entry points (experiments/, benchmarks/, tests/) may import anything.
+#   ops -> models, data, criterion -> weights, evaluation, config -> inference, training
+ALLOWED = {
+    "ops": set(),
+    "models": {"ops"},
+    "data": {"ops"},
+    "criterion": {"ops"},
+    "weights": {"models", "ops"},
+    "evaluation": {"data", "models", "ops"},
+    "config": {"criterion", "data", "models", "ops"},
+    "cli": set(),
+    "inference": {"data", "evaluation", "models", "ops", "weights"},
+    "training": {"config", "criterion", "data", "evaluation", "models", "ops", "weights"},
+}
 
 
 def _modules():
@@ -48,6 +63,12 @@ def _imports(path, modules):
 def _graph():
     modules = _modules()
     return {m: _imports(p, modules) - {m} for m, p in modules.items()}
+
+
+def _layer(module):
+    """detr_jax.criterion.matcher -> "criterion"; detr_jax -> None (the package's own __init__)."""
+    parts = module.split(".")
+    return parts[1] if len(parts) > 1 else None
 
 
 def _cycle(graph):
@@ -84,10 +105,66 @@ def test_the_cycle_check_finds_a_cycle():
     assert _cycle({"a": {"b"}, "b": set()}) is None
 
 
-def test_lower_layers_never_import_the_entry_points():
-    bad = {m: sorted(deps & HIGHER) for m, deps in _graph().items()
-           if m.startswith(LOWER_PACKAGES) and deps & HIGHER}
+def test_every_layer_is_listed():
+    layers = {_layer(m) for m in _modules()} - {None}
+    assert layers == set(ALLOWED), layers ^ set(ALLOWED)
+
+
+def test_imports_point_one_way_between_the_layers():
+    """Data and models never import training or evaluation; only entry points import training; ops import nothing."""
+    bad = {}
+    for module, deps in _graph().items():
+        layer = _layer(module)
+        if layer is None:
+            continue
+        wrong = sorted(d for d in deps if _layer(d) not in ALLOWED[layer] | {layer})
+        if wrong:
+            bad[module] = wrong
     assert not bad, bad
+
+
+def test_the_layer_check_sees_a_wrong_import():
+    assert _layer("detr_jax.training.loop") not in ALLOWED["data"]
+    assert "training" not in ALLOWED["evaluation"] and "evaluation" not in ALLOWED["models"]
+    assert not any("training" in allowed for layer, allowed in ALLOWED.items() if layer != "training")
+
+
+def test_at_most_8_modules_directly_in_the_package():
+    top = sorted(name for name in os.listdir(PACKAGE) if name.endswith(".py"))
+    assert len(top) <= MAX_TOP_LEVEL_MODULES, top
+
+
+def _long_functions(path, module, limit=MAX_FUNCTION_LINES):
+    """{qualified name: lines} of the functions of `path` longer than `limit` lines (decorators and docstring
+    included)."""
+    long = {}
+
+    def walk(node, prefix):
+        for child in ast.iter_child_nodes(node):
+            if isinstance(child, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
+                name = f"{prefix}.{child.name}"
+                if not isinstance(child, ast.ClassDef):
+                    start = min([child.lineno] + [d.lineno for d in child.decorator_list])
+                    if child.end_lineno - start + 1 > limit and name not in LONG_FUNCTIONS_ALLOWED:
+                        long[name] = child.end_lineno - start + 1
+                walk(child, name)
+
+    walk(ast.parse(open(path).read()), module)
+    return long
+
+
+def test_no_function_is_over_80_lines():
+    long = {}
+    for module, path in _modules().items():
+        long.update(_long_functions(path, module))
+    assert not long, long
+
+
+def test_the_function_length_check_counts_lines(tmp_path):
+    source = tmp_path / "m.py"
+    body = "\n".join(f"    x{i} = {i}" for i in range(80))
+    source.write_text(f"def fits():\n{body[:body.rfind(chr(10))]}\n\n\ndef over():\n{body}\n")
+    assert _long_functions(str(source), "m") == {"m.over": 81}  # 80 lines fit (the boundary), 81 do not
 
 
 def test_no_file_is_over_400_lines_without_a_reason():
@@ -96,7 +173,7 @@ def test_no_file_is_over_400_lines_without_a_reason():
     for module, path in _modules().items():
         text = open(path).read()
         doc = ast.get_docstring(ast.parse(text)) or ""
-        if len(text.splitlines()) > MAX_LINES and "Longer than 400 lines" not in doc:
+        if len(text.splitlines()) > MAX_FILE_LINES and "Longer than 400 lines" not in doc:
             long[module] = len(text.splitlines())
     assert not long, long
 

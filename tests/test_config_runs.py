@@ -247,7 +247,7 @@ def test_coco_r50_panoptic_recipe_in_two_stages(config_runs):
     """coco_r50_panoptic.py as the official README trains it, on TFDS (the COCO-panoptic-like set): the detector on
     the panoptic boxes (`:boxes`, detection AP), then the mask head from that work directory with the detector
     frozen (the mask losses on sampled pixels, PQ at the end): the second run's detector is exactly the first's."""
-    from detr_jax.training.checkpoints import load_workdir_checkpoint
+    from detr_jax.weights.workdir import load_workdir_checkpoint
 
     boxes = config_runs.get("panoptic_recipe_boxes").wait_ok()
     _check_finished(boxes, 3)

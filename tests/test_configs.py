@@ -2,6 +2,7 @@
 
 import glob
 import os
+import re
 import sys
 
 import jax
@@ -76,3 +77,47 @@ def test_every_config_has_exactly_the_base_schema(path):
             check_config(config)
         config.init.detr_checkpoint = "box_model_workdir"
     check_config(config)
+
+
+@pytest.mark.parametrize("field, value, message", [
+    ("loss.bbox_loss_type", "l2", "config.loss.bbox_loss_type must be 'l1' or 'smooth_l1', got 'l2'"),
+    ("loss.matcher", "gpu", "config.loss.matcher must be 'auto', 'host' or 'device', got 'gpu'"),
+    ("model.position_embedding", "rope", "config.model.position_embedding must be 'sine' or 'learned'"),
+    ("model.backbone_norm", "layer", "config.model.backbone_norm must be 'frozen_bn', 'group' or 'batch'"),
+    ("training_aids.num_query_groups", 0, "config.training_aids.num_query_groups must be an integer >= 1, got 0"),
+    ("training_aids.backbone_aux_stages", (5,), "config.training_aids.backbone_aux_stages must be ResNet stages"),
+    ("optimizer.schedule", "linear", "config.optimizer.schedule must be 'step', 'cosine' or 'constant'"),
+])
+def test_check_config_refuses_what_the_model_and_the_criterion_trust(field, value, message):
+    """The model, the criterion and the optimizer no longer check these: check_config is the one place."""
+    from detr_jax.config import base_config, check_config
+
+    config = base_config()
+    section, name = field.split(".")
+    with config[section].ignore_type():
+        config[section][name] = value
+    with pytest.raises(ValueError, match=re.escape(message)):
+        check_config(config)
+
+
+@pytest.mark.parametrize("depth, refused", [(18, True), (34, True), (50, False), (101, False)])
+def test_dilation_needs_a_bottleneck_resnet(depth, refused):
+    """DC5 with ResNet-18/34 is refused before any work (torchvision's BasicBlock has no dilation either)."""
+    from detr_jax.config import base_config, check_config
+
+    config = base_config()
+    config.model.update(dict(backbone_depth=depth, dilation=True))
+    if refused:
+        with pytest.raises(ValueError, match=f"config.model.dilation must be False with backbone_depth={depth}"):
+            check_config(config)
+    else:
+        check_config(config)
+
+
+def test_check_config_refuses_a_misspelt_source_argument():
+    from detr_jax.config import base_config, check_config
+
+    config = base_config()
+    config.data.source_kwargs = dict(config.data.source_kwargs.to_dict(), label_sapce="official91")
+    with pytest.raises(ValueError, match="config.data.source_kwargs: .*'label_sapce'.*label_space"):
+        check_config(config)

@@ -137,7 +137,7 @@ def test_finetuning_init_loads_all_but_the_class_head_and_the_training_aids(tiny
     import flax
 
     from detr_jax.config import base_config
-    from detr_jax.models.aids import build_training_model
+    from detr_jax.models import build_training_model
     from detr_jax.training.state import create_train_state
 
     path, _ = tiny

@@ -22,7 +22,7 @@ from detr_jax.data.panoptic_transforms import (
 from detr_jax.data.sources.coco_folder import AnnotationError, ImageReadError
 from detr_jax.data.sources.coco_panoptic_folder import CocoPanopticFolder
 from detr_jax.data.sources.synthetic_panoptic import SyntheticPanoptic, write_coco_panoptic_folder
-from detr_jax.evaluation.postprocess_panoptic import id2rgb
+from detr_jax.ops.panoptic_ids import id2rgb
 
 # A hand-made 6 x 8 panoptic image: ids use all three PNG channels; 0 is void.
 A, B, C, D = 7, 300, 70000, 42  # thing, stuff, crowd thing, thing (second image)

@@ -83,7 +83,7 @@ def test_tfds_source_on_the_coco_like_set(coco_like_dir, monkeypatch):
         assert np.all(ex["boxes"] >= 0) and np.all(ex["boxes"][:, [0, 2]] <= w) and np.all(ex["boxes"][:, [1, 3]] <= h)
     assert len({src.image_size(i) for i in range(len(src))}) >= 5  # COCO's mix of sizes and orientations
     # A second start reads the cached index: no header is parsed again.
-    from detr_jax.data import tfds_coco
+    from detr_jax.data.sources import tfds_coco
     monkeypatch.setattr(tfds_coco, "_encoded_image_size", lambda *a: pytest.fail("size index not cached"))
     again = build_source("tfds", name="coco_like", data_dir=coco_like_dir, split="validation")
     assert [again.image_size(i) for i in range(64)] == [src.image_size(i) for i in range(64)]

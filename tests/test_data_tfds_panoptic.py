@@ -14,7 +14,7 @@ from detr_jax.data.sources.coco_folder import AnnotationError
 from detr_jax.data.sources.coco_panoptic_categories import COCO_PANOPTIC_CATEGORY_IDS
 from detr_jax.data.sources.synthetic_panoptic import SyntheticPanoptic
 from detr_jax.data.sources.tfds_coco_panoptic import convert_panoptic_record
-from detr_jax.evaluation.postprocess_panoptic import id2rgb
+from detr_jax.ops.panoptic_ids import id2rgb
 
 _HAS_TFDS = importlib.util.find_spec("tensorflow_datasets") is not None
 needs_tfds = pytest.mark.skipif(not _HAS_TFDS, reason="tensorflow_datasets not importable")
@@ -80,7 +80,7 @@ def _source(data_dir, split, **kwargs):
 
 
 def _synthetic(split):
-    from detr_jax.data import coco_panoptic_like
+    from detr_jax.data.sources import coco_panoptic_like
     return SyntheticPanoptic("val" if split == "validation" else split, NUM_EXAMPLES[split],
                              image_size=list(coco_panoptic_like.IMAGE_SIZES), seed=0)
 

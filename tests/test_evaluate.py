@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from detr_jax.data import SyntheticDetection
-from detr_jax.evaluation.coco import Evaluator, coco_ground_truth, coco_metrics, to_coco_results
+from detr_jax.evaluation.coco import DetectionEvaluator, coco_ground_truth, coco_metrics, to_coco_results
 from detr_jax.evaluation.postprocess import postprocess
 from detr_jax.ops.sharding import make_mesh
 from tests.helpers import free_port, subprocess_env
@@ -95,21 +95,21 @@ def test_predictions_do_not_depend_on_batch_size_or_padding(tmp_path):
     model = build_model(config1)
     variables = jax.jit(model.init)(jax.random.PRNGKey(0), jnp.zeros((1, 64, 64, 3)))
     state = {"params": variables["params"], "frozen": variables["frozen"]}
-    one = Evaluator(config1, model, mesh).predict(state["params"], state["frozen"])
-    four = Evaluator(_tiny_config(4), model, mesh).predict(state["params"], state["frozen"])
+    one = DetectionEvaluator(config1, model, mesh).predict(state["params"], state["frozen"])
+    four = DetectionEvaluator(_tiny_config(4), model, mesh).predict(state["params"], state["frozen"])
     # Both lists are in (image, query) order: the evaluation loader does not shuffle.
     assert [r["image_id"] for r in one] == [r["image_id"] for r in four]
     assert len(one) == len(four) == 8 * config1.model.num_queries
     np.testing.assert_allclose([r["score"] for r in one], [r["score"] for r in four], atol=1e-5)
     np.testing.assert_allclose([r["bbox"] for r in one], [r["bbox"] for r in four], atol=1e-3)
-    evaluator = Evaluator(config1, model, mesh)
+    evaluator = DetectionEvaluator(config1, model, mesh)
     metrics1 = coco_metrics(evaluator.ground_truth, one)
     metrics4 = coco_metrics(evaluator.ground_truth, four)
     assert metrics1 == pytest.approx(metrics4, abs=1e-6)
     # Without the padding-invariant backbone (the official behaviour) batching changes the predictions.
     config4 = _tiny_config(4)
     config4.eval_padding_invariant = False
-    leaky = Evaluator(config4, model, mesh).predict(state["params"], state["frozen"])
+    leaky = DetectionEvaluator(config4, model, mesh).predict(state["params"], state["frozen"])
     assert np.abs(np.array([r["score"] for r in leaky]) - [r["score"] for r in one]).max() > 1e-4
 
 
@@ -120,12 +120,12 @@ sys.path.insert(0, sys.argv[4])
 from detr_jax.ops.sharding import maybe_initialize_distributed, make_mesh
 maybe_initialize_distributed(sys.argv[1], 2, int(sys.argv[2]))
 from test_evaluate import _tiny_config
-from detr_jax.evaluation.coco import Evaluator
+from detr_jax.evaluation.coco import DetectionEvaluator
 from detr_jax.models.detr import build_model
 config = _tiny_config(4, *(sys.argv[5:7] if len(sys.argv) > 5 else ()))
 model = build_model(config)
 variables = jax.jit(model.init)(jax.random.PRNGKey(0), jnp.zeros((1, 64, 64, 3)))
-results = Evaluator(config, model, make_mesh()).predict(variables["params"], variables["frozen"])
+results = DetectionEvaluator(config, model, make_mesh()).predict(variables["params"], variables["frozen"])
 with open(sys.argv[3] + f".{jax.process_index()}", "w") as f:
     json.dump(results, f)
 """
@@ -166,7 +166,7 @@ def test_two_process_evaluation_equals_one_process(tmp_path, source, request):
     config = _tiny_config(4, *tfds_args[:1])
     model = build_model(config)
     variables = jax.jit(model.init)(jax.random.PRNGKey(0), jnp.zeros((1, 64, 64, 3)))
-    single = Evaluator(config, model, make_mesh()).predict(variables["params"], variables["frozen"])
+    single = DetectionEvaluator(config, model, make_mesh()).predict(variables["params"], variables["frozen"])
     for i in range(2):
         with open(f"{out}.{i}") as f:
             multi = json.load(f)
@@ -179,13 +179,21 @@ def test_two_process_evaluation_equals_one_process(tmp_path, source, request):
         np.testing.assert_allclose([r["bbox"] for r in multi], [r["bbox"] for r in ref], atol=1e-3)
 
 
-def test_model_with_more_classes_than_the_data_is_refused_by_name():
+def test_a_model_with_fewer_classes_than_the_datas_labels_is_refused_by_name():
+    """Labels 0..4: a 4-class model cannot predict label 4 (refused, naming both numbers); 5 classes (the boundary)
+    and 7 (more than the data uses, e.g. an official checkpoint on a few of COCO's categories) are fine."""
     from detr_jax.models.detr import build_model
 
     config = _tiny_config(4)
-    config.model.num_classes = 7
-    with pytest.raises(ValueError, match="the model has 7 classes but the evaluation data .* has only 5 categories"):
-        Evaluator(config, build_model(config), make_mesh())
+    config.model.num_classes = 4
+    with pytest.raises(ValueError, match=r"the evaluation data \(synthetic, split val\) has labels up to 4 .* but the "
+                                         r"model has 4 classes: set config.model.num_classes to at least 5"):
+        DetectionEvaluator(config, build_model(config), make_mesh())
+    for num_classes in (5, 7):
+        config.model.num_classes = num_classes
+        evaluator = DetectionEvaluator(config, build_model(config), make_mesh())
+        assert len(evaluator.category_ids) == 5  # synthetic ids 1..5: labels past them have no category
+        evaluator.close()
 
 
 def test_picture_of_a_young_model_shows_its_best_guesses_and_the_ground_truth(tmp_path):
@@ -196,7 +204,7 @@ def test_picture_of_a_young_model_shows_its_best_guesses_and_the_ground_truth(tm
     from detr_jax.models.detr import build_model
 
     config = _tiny_config(1)
-    evaluator = Evaluator(config, build_model(config), make_mesh())
+    evaluator = DetectionEvaluator(config, build_model(config), make_mesh())
     ids = [int(evaluator.loader.source[i]["image_id"]) for i in range(2)]
     results = [{"image_id": i, "category_id": evaluator.category_ids[0], "bbox": [4.0 + k, 4.0, 20.0, 20.0],
                 "score": 0.1 - 0.01 * k} for i in ids for k in range(5)]

@@ -115,7 +115,10 @@ class _OracleModel:
     checked against the scorer alone."""
 
     def __init__(self, num_classes):
-        self.detr = type("Detr", (), {"num_classes": num_classes})()
+        self.detr = self.detector = type("Detr", (), {"num_classes": num_classes})()
+
+    def with_detector(self, **changes):
+        return self
 
     def apply(self, variables, images, pixel_mask):
         p = variables["params"]
@@ -131,12 +134,24 @@ def test_evaluator_loop_scores_each_image_against_its_own_ground_truth(panoptic_
     identity = {label: label for label in range(source.num_classes)}
     params = _oracle_params(source)
     # Batch 3 for 4 images: a last batch with 2 padding examples. 64 x 64 images, no resize, no padding.
-    evaluator = PanopticEvaluator(source, _OracleModel(source.num_classes), make_mesh(), eval_size=64, max_size=64,
-                                  batch_size=3 * jax.process_count(), buckets=((64, 64),))
+    evaluator = PanopticEvaluator(_eval_config(3 * jax.process_count()), _OracleModel(source.num_classes),
+                                  make_mesh(), source=source)
     metrics = evaluator.evaluate({"params": params, "frozen": {}})
     assert metrics == _oracle_pq(source, identity)
     assert metrics["PQ"] > 0.85
     assert evaluator.evaluate({"params": params, "frozen": {}}) == metrics  # evaluate twice: same numbers
+
+
+def _eval_config(batch_size):
+    """Evaluation at 64 x 64 (no resize, no padding), one bucket, loading in this process."""
+    from detr_jax.config import base_config
+
+    config = base_config()
+    config.data.update(dict(eval_size=64, max_size=64, num_workers=0, group_by_size=0))
+    with config.data.ignore_type():
+        config.data.buckets = ((64, 64),)
+    config.eval_batch_size = batch_size
+    return config
 
 
 def _oracle_params(source):
@@ -158,10 +173,9 @@ maybe_initialize_distributed(sys.argv[1], 2, int(sys.argv[2]))
 import jax
 from detr_jax.data.sources.coco_panoptic_folder import CocoPanopticFolder
 from detr_jax.evaluation.panoptic import PanopticEvaluator
-from test_evaluate_panoptic import _OracleModel, _oracle_params
+from test_evaluate_panoptic import _OracleModel, _eval_config, _oracle_params
 source = CocoPanopticFolder(*sys.argv[5:8], label_space="contiguous")
-evaluator = PanopticEvaluator(source, _OracleModel(source.num_classes), make_mesh(), eval_size=64, max_size=64,
-                              batch_size=6, buckets=((64, 64),))
+evaluator = PanopticEvaluator(_eval_config(6), _OracleModel(source.num_classes), make_mesh(), source=source)
 metrics = evaluator.evaluate({"params": _oracle_params(source), "frozen": {}})
 with open(sys.argv[3] + f".{jax.process_index()}", "w") as f:
     json.dump(metrics, f)

@@ -15,9 +15,10 @@ from PIL import Image
 
 from detr_jax.data.sources.coco_panoptic_categories import OFFICIAL250_CLASS_NAMES
 from detr_jax.evaluation.postprocess import postprocess
-from detr_jax.evaluation.postprocess_panoptic import post_process_panoptic, rgb2id
+from detr_jax.evaluation.postprocess_panoptic import post_process_panoptic
 from detr_jax.evaluation.visualize import draw_panoptic, segment_colour
 from detr_jax.inference import Predictor, export_inference, read_image
+from detr_jax.ops.panoptic_ids import rgb2id
 
 pytest.importorskip("torch")
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

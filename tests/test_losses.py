@@ -1,12 +1,16 @@
-"""detr_jax.criterion.set_losses.set_criterion against the official SetCriterion (shared fixtures) and hand references."""
+"""The criterion (matching + set losses) against the official SetCriterion (shared fixtures), HF's DETR loss and hand
+references."""
+
+import functools
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from detr_jax.criterion import Criterion, HungarianMatcher
 from detr_jax.criterion.matcher import hungarian_match
-from detr_jax.criterion.set_losses import set_criterion
+from detr_jax.criterion.set_losses import set_losses
 from detr_jax.ops import box_ops
 
 COEFS = dict(ce_loss_coef=1.0, bbox_loss_coef=5.0, giou_loss_coef=2.0)
@@ -24,18 +28,32 @@ def official(fixtures_dir):
     return outputs, targets, expected
 
 
+@jax.jit
+def _match(outputs, targets):
+    """The official matcher's indices [L, B, M] (costs 1 / 5 / 2) of every layer, aux first."""
+    layers = list(outputs.get("aux_outputs", [])) + [outputs]
+    return hungarian_match(jnp.stack([layer["pred_logits"] for layer in layers]),
+                           jnp.stack([layer["pred_boxes"] for layer in layers]), targets)
+
+
 # Jitted as in training (and one XLA compile is much faster than op-by-op dispatch).
-_jit_criterion = jax.jit(set_criterion, static_argnames=("num_classes", "bbox_loss_type"))
+@functools.partial(jax.jit, static_argnames=("num_classes", "bbox_loss_type"))
+def _set_losses(outputs, targets, indices, num_boxes=None, num_classes=91, bbox_loss_type="l1"):
+    return set_losses(outputs, targets, indices, num_classes=num_classes, eos_coef=0.1, **COEFS,
+                      bbox_loss_type=bbox_loss_type, num_boxes=num_boxes)
 
 
-def _criterion(outputs, targets, **kwargs):
-    return _jit_criterion(outputs, targets, num_classes=91, eos_coef=0.1, cost_class=1.0, cost_bbox=5.0,
-                          cost_giou=2.0, bbox_loss_coef=5.0, giou_loss_coef=2.0, **kwargs)
+def _criterion(outputs, targets, indices=None, **kwargs):
+    """The set losses with the official matching (or the given `indices`)."""
+    return _set_losses(outputs, targets, _match(outputs, targets) if indices is None else indices, **kwargs)
 
 
 def test_parity_with_official_set_criterion(official):
+    """The whole `Criterion` (matching on the device's costs, host assignment, every layer's terms, the total)."""
     outputs, targets, expected = official
-    losses = _criterion(outputs, targets)
+    criterion = Criterion(91, HungarianMatcher(cost_class=1.0, cost_bbox=5.0, cost_giou=2.0), eos_coef=0.1)
+    total, losses = jax.jit(lambda o, t: criterion(o, t))(outputs, targets)
+    assert total == losses["loss"]
     assert set(expected) == set(losses) - {"loss"}
     for name, value in expected.items():
         np.testing.assert_allclose(losses[name], value, rtol=1e-5, err_msg=name)
@@ -44,14 +62,12 @@ def test_parity_with_official_set_criterion(official):
     np.testing.assert_allclose(losses["loss"], total, rtol=1e-5)
 
 
-def test_precomputed_indices_give_the_same_losses(official):
+def test_set_losses_with_the_matchers_indices_equal_the_criterion(official):
     outputs, targets, _ = official
-    layers = outputs["aux_outputs"] + [outputs]
-    indices = jax.jit(hungarian_match)(jnp.stack([layer["pred_logits"] for layer in layers]),
-                                       jnp.stack([layer["pred_boxes"] for layer in layers]), targets)
-    with_indices = _criterion(outputs, targets, indices=indices)
+    criterion = Criterion(91, HungarianMatcher(), eos_coef=0.1)
+    _, whole = jax.jit(lambda o, t: criterion(o, t))(outputs, targets)
     for name, value in _criterion(outputs, targets).items():
-        np.testing.assert_allclose(with_indices[name], value, rtol=1e-6, err_msg=name)
+        np.testing.assert_allclose(whole[name], value, rtol=1e-6, err_msg=name)
 
 
 @jax.jit
@@ -102,12 +118,6 @@ def test_smooth_l1_matches_hand_reference(official):
     np.testing.assert_allclose(smooth["loss_ce"], l1["loss_ce"])
 
 
-def test_unknown_bbox_loss_type_is_rejected(official):
-    outputs, targets, _ = official
-    with pytest.raises(ValueError, match="bbox_loss_type"):
-        set_criterion(outputs, targets, bbox_loss_type="l2")
-
-
 def test_num_boxes_scales_box_losses(official):
     outputs, targets, _ = official
     default = _criterion(outputs, targets)  # num_boxes = 15 valid targets
@@ -127,8 +137,8 @@ def test_class_weighted_cross_entropy_hand_reference():
     boxes = np.array([[[0.5, 0.5, 0.2, 0.2], [0.3, 0.3, 0.1, 0.1], [0.6, 0.4, 0.3, 0.2]]], np.float32)
     targets = {"labels": np.array([[1, 0]], np.int32), "mask": np.array([[True, False]]),
                "boxes": np.array([[[0.6, 0.5, 0.3, 0.2], [0, 0, 0, 0]]], np.float32)}
-    losses = _jit_criterion({"pred_logits": logits, "pred_boxes": boxes}, targets, num_classes=2,
-                            eos_coef=0.1, indices=np.array([[[2, -1]]], np.int32))
+    losses = _criterion({"pred_logits": logits, "pred_boxes": boxes}, targets, num_classes=2,
+                        indices=np.array([[[2, -1]]], np.int32))
     log_prob = logits[0] - np.log(np.exp(logits[0]).sum(-1, keepdims=True))
     nll = -log_prob[[0, 1, 2], [2, 2, 1]]
     weights = np.array([0.1, 0.1, 1.0])
@@ -173,7 +183,7 @@ def test_losses_equal_hf_transformers_detr_loss():
 
     outputs = {"pred_logits": logits[-1], "pred_boxes": boxes[-1],
                "aux_outputs": [{"pred_logits": logits[i], "pred_boxes": boxes[i]} for i in range(num_layers - 1)]}
-    ours = set_criterion(outputs, {"labels": tgt_labels, "boxes": tgt_boxes, "mask": mask}, num_classes=num_classes)
+    ours = _criterion(outputs, {"labels": tgt_labels, "boxes": tgt_boxes, "mask": mask}, num_classes=num_classes)
     compared = 0
     for key, value in ref.items():
         if key.startswith(("loss_ce", "loss_bbox", "loss_giou", "cardinality_error")):
@@ -185,7 +195,7 @@ def test_losses_equal_hf_transformers_detr_loss():
 def test_query_groups_loss_is_the_mean_of_each_group_alone(official):
     """Group DETR: after `split_query_groups` every group is matched one-to-one on its own, and each loss term
     is the mean over groups of what that group alone would give (a plain DETR loss when G = 1)."""
-    from detr_jax.models.aids import split_query_groups
+    from detr_jax.criterion.query_groups import split_query_groups
 
     outputs, targets, _ = official
     rng = np.random.default_rng(0)
@@ -237,7 +247,7 @@ def _encoder_dense_reference(logits, pred_boxes, token_mask, centres, labels, bo
 
 
 def test_encoder_dense_losses_equal_the_per_token_reference():
-    from detr_jax.criterion.set_losses import encoder_dense_losses
+    from detr_jax.criterion.dense_losses import encoder_dense_losses
 
     rng = np.random.default_rng(0)
     b, h, w, m, c = 3, 4, 5, 6, 5

@@ -1,4 +1,5 @@
-"""detr_jax.criterion.mask_losses against the official SetCriterion (shared fixture) and the official formulas in torch."""
+"""detr_jax.criterion.mask_losses against the official SetCriterion (shared fixture) and the official formulas in
+torch."""
 
 import jax
 import jax.numpy as jnp

@@ -233,7 +233,7 @@ def test_device_solver_total_cost_equals_scipy(n, m, ties):
 
 def test_device_solver_through_hungarian_match_and_losses():
     """The whole match (costs + device solve) equals the host one, and so do the set-criterion losses."""
-    from detr_jax.criterion.set_losses import set_criterion
+    from detr_jax.criterion.set_losses import set_losses
 
     logits, boxes, targets = _random_batch(8, num_layers=2, num_valid=(3, 0, 5))
     host = np.asarray(_match(logits, boxes, targets))
@@ -242,8 +242,9 @@ def test_device_solver_through_hungarian_match_and_losses():
     np.testing.assert_array_equal(device, host)
     outputs = {"pred_logits": logits[-1], "pred_boxes": boxes[-1],
                "aux_outputs": [{"pred_logits": logits[0], "pred_boxes": boxes[0]}]}
-    loss_host = set_criterion(outputs, targets, indices=host, num_classes=NUM_CLASSES, **COSTS)
-    loss_device = set_criterion(outputs, targets, indices=device, num_classes=NUM_CLASSES, **COSTS)
+    coefs = dict(num_classes=NUM_CLASSES, eos_coef=0.1, ce_loss_coef=1.0, bbox_loss_coef=5.0, giou_loss_coef=2.0)
+    loss_host = set_losses(outputs, targets, host, **coefs)
+    loss_device = set_losses(outputs, targets, device, **coefs)
     for key in loss_host:
         np.testing.assert_allclose(np.asarray(loss_device[key]), np.asarray(loss_host[key]), rtol=1e-6, err_msg=key)
 
@@ -267,8 +268,7 @@ def test_device_solver_non_finite_costs():
     assert ((indices >= 0).sum(-1) == targets["mask"].sum(-1)).all()
 
 
-def test_resolve_solver():
-    assert matcher.resolve_solver("auto") == ("host" if jax.default_backend() == "cpu" else "device")
-    assert matcher.resolve_solver("device") == "device"
-    with pytest.raises(ValueError, match="'auto', 'host' or 'device'"):
-        matcher.resolve_solver("gpu")
+def test_auto_is_the_host_solver_everywhere():
+    """Until the device solver is measured faster on an accelerator, "auto" is the host solver (BENCHMARKS.md)."""
+    assert matcher.resolve_solver("auto") == "host"
+    assert matcher.resolve_solver("device") == "device" and matcher.resolve_solver("host") == "host"

@@ -16,7 +16,7 @@ import pytest
 torch = pytest.importorskip("torch")
 F = torch.nn.functional
 
-from detr_jax.models.aids import DETRWithAids, detector_variables, training_parameter_groups  # noqa: E402
+from detr_jax.models.aids import DETRWithAids  # noqa: E402
 from detr_jax.models.backbone import ResNet, downsample_mask  # noqa: E402
 from detr_jax.models.detr import DETR, parameter_groups  # noqa: E402
 from detr_jax.models.position_encoding import (  # noqa: E402
@@ -24,6 +24,8 @@ from detr_jax.models.position_encoding import (  # noqa: E402
     sine_position_encoding,
 )
 from detr_jax.models.transformer import DecoderLayer, EncoderLayer  # noqa: E402
+from detr_jax.training.state import training_parameter_groups  # noqa: E402
+from detr_jax.weights.workdir import detector_variables  # noqa: E402
 
 
 @pytest.mark.parametrize("in_hw, out_hw", [((200, 300), (7, 10)), ((97, 131), (4, 5)), ((800, 1201), (50, 76)),
@@ -168,11 +170,6 @@ def test_backbone_output_stride(depth, dilation, channels, stride):
     shape = jax.eval_shape(lambda: ResNet(depth, dilation).init_with_output(
         jax.random.PRNGKey(0), jnp.zeros((1, 128, 96, 3)))[0])
     assert shape.shape == (1, 128 // stride, 96 // stride, channels)
-
-
-def test_dilation_needs_bottleneck():
-    with pytest.raises(ValueError, match="depth=18"):
-        ResNet(18, dilation=True).init(jax.random.PRNGKey(0), jnp.zeros((1, 32, 32, 3)))
 
 
 def _tiny_detr(**kw):

@@ -1,5 +1,6 @@
-"""detr_jax.evaluation.postprocess_panoptic against the official DETR post-processing (fixture outputs and a torch transcription of
-models/segmentation.py) and against a brute-force panoptic quality written from panopticapi's definition."""
+"""detr_jax.evaluation.postprocess_panoptic against the official DETR post-processing (fixture outputs and a torch
+transcription of models/segmentation.py) and against a brute-force panoptic quality written from panopticapi's
+definition."""
 
 import io
 import json
@@ -15,6 +16,7 @@ from PIL import Image
 
 from detr_jax.evaluation import panoptic_quality
 from detr_jax.evaluation import postprocess_panoptic as panoptic
+from detr_jax.ops import interpolate, panoptic_ids
 
 # As tests/conftest.py: the official reference outputs live in ../shared/fixtures, or DETR_JAX_FIXTURES.
 _FIXTURES = Path(os.environ.get("DETR_JAX_FIXTURES",
@@ -137,7 +139,7 @@ def _decode_png(png_bytes):
 def test_resize_bilinear_matches_torch(in_size, out_size):
     x = np.random.default_rng(0).normal(scale=10.0, size=(2, 3) + in_size).astype(np.float32)
     expected = F.interpolate(torch.from_numpy(x), size=out_size, mode="bilinear", align_corners=False).numpy()
-    got = panoptic.resize_bilinear(x, out_size)
+    got = interpolate.resize_bilinear(x, out_size)
     assert got.shape == expected.shape
     assert np.abs(got - expected).max() <= 1e-5
 
@@ -147,21 +149,21 @@ def test_resize_bilinear_small_outputs_close_to_torch():
     x = np.random.default_rng(1).normal(scale=10.0, size=(2, 3, 33, 31)).astype(np.float32)
     for out_size in [(100, 7), (20, 13), (61, 67)]:
         expected = F.interpolate(torch.from_numpy(x), size=out_size, mode="bilinear", align_corners=False).numpy()
-        assert np.abs(panoptic.resize_bilinear(x, out_size) - expected).max() <= 2e-5
+        assert np.abs(interpolate.resize_bilinear(x, out_size) - expected).max() <= 2e-5
 
 
 @pytest.mark.parametrize("in_size,out_size", [((48, 72), (96, 144)), ((37, 53), (111, 70)), ((90, 64), (31, 200))])
 def test_resize_nearest_matches_torch(in_size, out_size):
     x = np.random.default_rng(2).normal(size=(2, 3) + in_size).astype(np.float32)
     expected = F.interpolate(torch.from_numpy(x), size=out_size, mode="nearest").numpy()
-    np.testing.assert_array_equal(panoptic.resize_nearest(x, out_size), expected)
+    np.testing.assert_array_equal(interpolate.resize_nearest(x, out_size), expected)
 
 
 def test_id_rgb_round_trip():
     ids = np.random.default_rng(3).integers(0, 256 ** 3, size=(5, 7))
-    rgb = panoptic.id2rgb(ids)
+    rgb = panoptic_ids.id2rgb(ids)
     np.testing.assert_array_equal(rgb, _ref_id2rgb(ids))
-    np.testing.assert_array_equal(panoptic.rgb2id(rgb), ids)
+    np.testing.assert_array_equal(panoptic_ids.rgb2id(rgb), ids)
 
 
 # --- PostProcessPanoptic ----------------------------------------------------------------------

@@ -22,10 +22,11 @@ import pytest
 from detr_jax import training
 from detr_jax.data import build_data
 from detr_jax.data.transforms import normalize_images
-from detr_jax.models.aids import build_training_model, detector_variables, training_parameter_groups
+from detr_jax.models import build_training_model
 from detr_jax.ops import sharding
 from detr_jax.training.checkpoints import checkpoint_manager
-from detr_jax.training.state import build_optimizer, create_train_state
+from detr_jax.training.state import build_optimizer, create_train_state, training_parameter_groups
+from detr_jax.weights.workdir import detector_variables
 from tests.helpers import TrainRun
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -219,7 +220,7 @@ def test_nonfinite_step_keeps_the_parameters_and_stops_the_loop(unit, tmp_path):
 
     manager = checkpoint_manager(str(tmp_path), unit.config)
     with pytest.raises(training.NonFiniteLossError, match="at step 2"):
-        training._check_finite(state, manager)
+        training.check_finite(state, manager)
     manager.close()
 
 

@@ -11,9 +11,9 @@ import pytest
 
 from detr_jax import training
 from detr_jax.data import build_data
-from detr_jax.models.aids import build_training_model, training_parameter_groups
+from detr_jax.models import build_training_model
 from detr_jax.ops import sharding
-from detr_jax.training.state import create_train_state
+from detr_jax.training.state import create_train_state, training_parameter_groups
 from tests.configs import tiny
 
 

@@ -7,8 +7,10 @@ solvers, which give the same optimum (equal total cost; the same assignment wher
   "device": `optax.assignment.hungarian_algorithm`, vmapped over layers and images, no host round trip.
     On accelerators the device then never waits for the host, and a step without a host callback can be
     stored in jax's persistent compilation cache (jax never stores programs with callbacks).
-`resolve_solver("auto")` picks "device" on GPU and TPU and "host" on CPU, where scipy is ~10x faster than the
-vmapped while loops (BENCHMARKS.md). Why the host solver exists at all:
+`resolve_solver("auto")` picks "host" everywhere: on CPU scipy is 2.4-10x faster than the vmapped while loops
+(BENCHMARKS.md), and on an H200 the host solve is 2.4-5.2% of a step; the device solver has not been timed on a GPU
+or TPU. Choose "device" for a train step that jax's persistent compilation cache can store (restarts skip the
+compile), at the price of the device solver's time. Why the host solver exists at all:
   * the official DETR uses scipy, and an exact Hungarian solve is what makes our
     matching (hence our losses) identical to it; approximate on-device solvers (auction,
     Sinkhorn) give different assignments on near-ties;
@@ -24,10 +26,11 @@ Works inside `jax.shard_map` too: the callback only sees the local shard's array
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import PartitionSpec
 from optax import assignment
 from scipy.optimize import linear_sum_assignment
 
-from detr_jax.ops import box_ops
+from detr_jax.ops import box_ops, sharding
 
 SOLVERS = ("host", "device")
 CHOICES = ("auto",) + SOLVERS  # what config.loss.matcher may say
@@ -116,12 +119,10 @@ _DEVICE_LARGE_COST = 1e6
 
 
 def resolve_solver(solver: str) -> str:
-    """"host" or "device" for a config value "host", "device" or "auto" (device on GPU/TPU, host on CPU)."""
-    if solver == "auto":
-        return "device" if jax.default_backend() in ("gpu", "tpu") else "host"
-    if solver not in SOLVERS:
-        raise ValueError(f"matcher solver must be 'auto', 'host' or 'device', got {solver!r}")
-    return solver
+    """"host" or "device" for a config value (`config.check_config` refuses others). "auto" is the host solver
+    everywhere: it is the one measured faster on CPU (BENCHMARKS.md) and at 2.4-5.2% of an H200 step, while the
+    device solver has not been timed on a GPU or TPU yet."""
+    return "host" if solver == "auto" else solver
 
 
 def hungarian_match(pred_logits, pred_boxes, targets, *,
@@ -134,7 +135,7 @@ def hungarian_match(pred_logits, pred_boxes, targets, *,
       targets: dict with "labels" int [B, M], "boxes" [B, M, 4] cxcywh normalised,
         "mask" bool [B, M] (True on real objects).
       cost_class, cost_bbox, cost_giou: matching cost weights (official defaults).
-      solver: "host" (scipy through a callback), "device" (optax, in the program) or "auto" (`resolve_solver`).
+      solver: "host" (scipy through a callback) or "device" (optax, in the program).
     Returns:
       int32 [L, B, M]: for each target slot the index of its query, -1 on padded slots (and on real targets
       left over when there are more targets than queries).
@@ -143,9 +144,37 @@ def hungarian_match(pred_logits, pred_boxes, targets, *,
         logits, boxes, targets["labels"], targets["boxes"],
         cost_class=cost_class, cost_bbox=cost_bbox, cost_giou=cost_giou))
     costs = jax.lax.stop_gradient(per_layer_cost(pred_logits, pred_boxes))  # [L, B, N, M]
-    if resolve_solver(solver) == "device":
+    if solver == "device":
         return _assign_on_device(costs, jnp.asarray(targets["mask"], bool))
     num_layers, batch_size, _, num_slots = costs.shape
     result_shape = jax.ShapeDtypeStruct((num_layers, batch_size, num_slots), jnp.int32)
     return jax.pure_callback(_assign_on_host, result_shape,
                              costs, jnp.asarray(targets["mask"], bool))
+
+
+class HungarianMatcher:
+    """The official `HungarianMatcher`: cost weights and solver, callable on stacked decoder layers.
+
+    With a `mesh`, each device's shard of the batch is matched on its own (`shard_map`): with the host solver each
+    host then solves only the images it holds.
+    """
+
+    def __init__(self, cost_class: float = 1.0, cost_bbox: float = 5.0, cost_giou: float = 2.0, solver: str = "host",
+                 mesh=None):
+        self.costs = dict(cost_class=cost_class, cost_bbox=cost_bbox, cost_giou=cost_giou)
+        self.solver = resolve_solver(solver)
+        self.mesh = mesh
+
+    def __call__(self, pred_logits, pred_boxes, targets):
+        """pred_logits [L, B, N, C + 1], pred_boxes [L, B, N, 4] cxcywh normalised, targets "labels" [B, M], "boxes"
+        [B, M, 4] cxcywh normalised, "mask" bool [B, M] -> int32 [L, B, M] (see `hungarian_match`)."""
+        def local(pred_logits, pred_boxes, labels, boxes, mask):  # this device's images
+            return hungarian_match(pred_logits, pred_boxes, {"labels": labels, "boxes": boxes, "mask": mask},
+                                   **self.costs, solver=self.solver)
+
+        args = (pred_logits, pred_boxes, targets["labels"], targets["boxes"], targets["mask"])
+        if self.mesh is None:
+            return local(*args)
+        layers, images = PartitionSpec(None, sharding.DATA_AXIS), PartitionSpec(sharding.DATA_AXIS)
+        return jax.shard_map(local, mesh=self.mesh, in_specs=(layers,) * 2 + (images,) * 3, out_specs=layers,
+                             check_vma=False)(*args)

@@ -1,16 +1,15 @@
-"""DETR set criterion: Hungarian matching, then class, box and GIoU losses per decoder layer.
+"""DETR's set losses, given the matching: class (weighted CE), box (L1) and GIoU losses per decoder layer.
 
-Same semantics and metric names as the official `SetCriterion` (models/detr.py), for
-padded targets: every target array is [B, M] with a `mask` saying which slots are real.
+Same semantics and metric names as the official `SetCriterion` (models/detr.py), for padded targets: every
+target array is [B, M] with a `mask` saying which slots are real. `Criterion` (criterion.py) matches and sums.
 """
 
 import jax
 import jax.numpy as jnp
 
-from detr_jax.criterion.matcher import hungarian_match
 from detr_jax.ops import box_ops
 
-BBOX_LOSS_TYPES = ("l1", "smooth_l1")
+BBOX_LOSS_TYPES = ("l1", "smooth_l1")  # config.loss.bbox_loss_type
 
 
 def _label_losses(pred_logits, indices, targets, *, num_classes, eos_coef):
@@ -35,7 +34,7 @@ def _label_losses(pred_logits, indices, targets, *, num_classes, eos_coef):
 
     # Official: F.cross_entropy with class weights (1, ..., 1, eos_coef) is the weighted
     # mean sum(w * nll) / sum(w), so no-object queries count eos_coef times as much.
-    loss_ce = _weighted_cross_entropy(pred_logits, target_classes, num_classes=num_classes, eos_coef=eos_coef)
+    loss_ce = weighted_cross_entropy(pred_logits, target_classes, num_classes=num_classes, eos_coef=eos_coef)
 
     # Top-1 accuracy of matched queries; official `accuracy` gives 0 with no targets,
     # hence class_error 100.
@@ -69,10 +68,10 @@ def _box_losses(pred_boxes, indices, targets, *, num_boxes, bbox_loss_type):
     src_boxes = jnp.take_along_axis(pred_boxes, jnp.maximum(indices, 0)[..., None], axis=1)
     tgt_boxes = targets["boxes"]  # [B, M, 4]
 
-    return _paired_box_losses(src_boxes, tgt_boxes, matched, num_boxes, bbox_loss_type)
+    return paired_box_losses(src_boxes, tgt_boxes, matched, num_boxes, bbox_loss_type)
 
 
-def _weighted_cross_entropy(pred_logits, target_classes, *, num_classes, eos_coef, valid=None):
+def weighted_cross_entropy(pred_logits, target_classes, *, num_classes, eos_coef, valid=None):
     """The official class-weighted CE: sum(w * nll) / sum(w), no-object (index num_classes) weighted eos_coef.
 
     pred_logits [..., C + 1], target_classes int [...]; `valid` bool [...] drops entries (weight 0).
@@ -85,7 +84,7 @@ def _weighted_cross_entropy(pred_logits, target_classes, *, num_classes, eos_coe
     return (weight * nll).sum() / jnp.maximum(weight.sum(), 1e-6)
 
 
-def _paired_box_losses(src_boxes, tgt_boxes, valid, normaliser, bbox_loss_type):
+def paired_box_losses(src_boxes, tgt_boxes, valid, normaliser, bbox_loss_type):
     """L1 (or Smooth-L1) and 1 - GIoU of paired boxes [..., 4] cxcywh, summed where `valid` [...], / normaliser."""
     diff = jnp.abs(src_boxes - tgt_boxes)
     if bbox_loss_type == "smooth_l1":  # torch's F.smooth_l1_loss with beta=1
@@ -99,46 +98,33 @@ def _paired_box_losses(src_boxes, tgt_boxes, valid, normaliser, bbox_loss_type):
     return loss_bbox, loss_giou
 
 
-def set_criterion(outputs, targets, *, num_classes=91, eos_coef=0.1,
-                  cost_class=1.0, cost_bbox=5.0, cost_giou=2.0,
-                  bbox_loss_coef=5.0, giou_loss_coef=2.0, ce_loss_coef=1.0,
-                  num_boxes=None, bbox_loss_type="l1", indices=None):
-    """DETR losses for the last decoder layer and every auxiliary one.
+def set_losses(outputs, targets, indices, *, num_classes, eos_coef, ce_loss_coef, bbox_loss_coef, giou_loss_coef,
+               bbox_loss_type="l1", num_boxes=None):
+    """DETR's set losses for the last decoder layer and every auxiliary one, given the matching.
 
     Args:
-      outputs: dict "pred_logits" [B, N, num_classes + 1] (no-object last),
-        "pred_boxes" [B, N, 4] cxcywh normalised, optional "aux_outputs": list of
-        L - 1 dicts with the same two keys, first decoder layer first.
-      targets: dict "labels" int32 [B, M] in [0, num_classes) on real objects (the data layer rejects labels
-        out of range, naming the annotation; here an out-of-range label would silently become another class),
-        "boxes" float32 [B, M, 4] cxcywh normalised,
-        "mask" bool [B, M] (True on real objects).
+      outputs: dict "pred_logits" [B, N, num_classes + 1] (no-object last), "pred_boxes" [B, N, 4] cxcywh
+        normalised, optional "aux_outputs": list of L - 1 dicts with the same two keys, first decoder layer first.
+      targets: dict "labels" int32 [B, M] in [0, num_classes) on real objects (the data layer rejects labels out
+        of range, naming the annotation), "boxes" float32 [B, M, 4] cxcywh normalised, "mask" bool [B, M] (True
+        on real objects).
+      indices: int32 [L, B, M] matched query per target slot, -1 where unmatched (`matcher.hungarian_match`),
+        layers in the same order (aux first, main last).
       num_classes: number of object classes; index num_classes is no-object.
       eos_coef: class weight of no-object in the cross-entropy.
-      cost_class, cost_bbox, cost_giou: matching cost weights.
-      bbox_loss_coef, giou_loss_coef, ce_loss_coef: loss weights in "loss".
-      num_boxes: box-loss normaliser. Default: valid targets in this batch (min 1).
-        Under data parallelism pass the global count divided by the number of devices,
-        as the official code does with all_reduce / world_size.
+      ce_loss_coef, bbox_loss_coef, giou_loss_coef: loss weights in "loss".
       bbox_loss_type: "l1" (official) or "smooth_l1".
-      indices: optional int32 [L, B, M] matcher output (see `hungarian_match`), layers
-        in the same order (aux first, main last); matched here when None.
+      num_boxes: box-loss normaliser. Default: real targets in this batch (min 1). Under data parallelism the
+        global count, as the official all_reduce(num_boxes) / world_size with DDP's gradient averaging gives.
     Returns:
-      dict of scalars: "loss" (weighted total over all layers), "loss_ce", "loss_bbox",
-      "loss_giou", "cardinality_error", "class_error" for the last layer, and
-      "loss_ce_i", "loss_bbox_i", "loss_giou_i", "cardinality_error_i" for aux layer i
-      (as official, class_error is logged for the last layer only).
+      dict of scalars: "loss" (weighted total over all layers), "loss_ce", "loss_bbox", "loss_giou",
+      "cardinality_error", "class_error" for the last layer, and "loss_ce_i", "loss_bbox_i", "loss_giou_i",
+      "cardinality_error_i" for aux layer i (as official, class_error is logged for the last layer only).
     """
-    if bbox_loss_type not in BBOX_LOSS_TYPES:
-        raise ValueError(f"set_criterion: bbox_loss_type must be 'l1' or 'smooth_l1', got {bbox_loss_type!r}")
     layers = list(outputs.get("aux_outputs") or []) + [outputs]
     pred_logits = jnp.stack([layer["pred_logits"] for layer in layers])  # [L, B, N, C+1]
     pred_boxes = jnp.stack([layer["pred_boxes"] for layer in layers])  # [L, B, N, 4]
     targets = dict(targets, mask=jnp.asarray(targets["mask"], bool))
-
-    if indices is None:
-        indices = hungarian_match(pred_logits, pred_boxes, targets, cost_class=cost_class,
-                                  cost_bbox=cost_bbox, cost_giou=cost_giou)
     indices = jnp.asarray(indices, jnp.int32)  # [L, B, M]
     if num_boxes is None:
         num_boxes = targets["mask"].sum()
@@ -162,46 +148,3 @@ def set_criterion(outputs, targets, *, num_classes=91, eos_coef=0.1,
                          + giou_loss_coef * loss_giou)
     losses["loss"] = total
     return losses
-
-
-def encoder_dense_losses(enc_outputs, targets, *, num_classes=91, eos_coef=0.1, ce_loss_coef=1.0,
-                         bbox_loss_coef=5.0, giou_loss_coef=2.0, center_fraction=0.5, name="enc"):
-    """One-to-many losses on the encoder tokens (training-only aid, see `DETR.encoder_aux_loss`).
-
-    Assignment, fixed and on device (no matcher): a token is positive for an object if the object's centre
-    lies in the token's cell, or if the token's centre lies in the central `center_fraction` of the object's
-    box (FCOS-style centre sampling); a token positive for several objects takes the smallest one. Every
-    object whose centre is on the map is assigned its own cell unless a smaller object also claims it.
-
-    Args:
-      enc_outputs: "pred_logits" [B, S, num_classes + 1], "pred_boxes" [B, S, 4] cxcywh normalised,
-        "token_mask" bool [B, S], "token_centres" [B, S, 2] (x, y normalised; see `DETR.__call__`).
-      targets: "labels" int32 [B, M], "boxes" [B, M, 4] cxcywh normalised, "mask" bool [B, M].
-      name: the suffix of the returned keys ("enc" for the encoder tokens, "s3" for the stage-3 heads, ...).
-    Returns:
-      dict of scalars, for name "enc": "loss_ce_enc" (weighted CE over real tokens, no-object weight
-      `eos_coef`, as the decoder's), "loss_bbox_enc" and "loss_giou_enc" (mean over positive tokens),
-      "loss_enc" (their sum with the loss coefficients), "enc_positives" (positive tokens per object).
-    """
-    centres, token_mask = enc_outputs["token_centres"], enc_outputs["token_mask"]  # [B, S, 2], [B, S]
-    cell = 2.0 * centres[:, :1]  # [B, 1, 2]: the first token's centre is half a cell from the corner
-    boxes = targets["boxes"]  # [B, M, 4]
-    offset = jnp.abs(centres[:, :, None] - boxes[:, None, :, :2])  # [B, S, M, 2]
-    in_cell = jnp.all(offset <= cell[:, :, None] / 2, axis=-1)
-    in_centre = jnp.all(offset <= center_fraction * boxes[:, None, :, 2:] / 2, axis=-1)
-    candidate = (in_cell | in_centre) & targets["mask"][:, None, :] & token_mask[:, :, None]  # [B, S, M]
-    area = boxes[..., 2] * boxes[..., 3]  # [B, M]
-    owner = jnp.argmin(jnp.where(candidate, area[:, None, :], jnp.inf), axis=-1)  # [B, S]
-    positive = candidate.any(axis=-1)  # [B, S]
-
-    labels = jnp.take_along_axis(targets["labels"].astype(jnp.int32), owner, axis=1)
-    target_classes = jnp.where(positive, labels, num_classes)
-    loss_ce = _weighted_cross_entropy(enc_outputs["pred_logits"], target_classes, num_classes=num_classes,
-                                      eos_coef=eos_coef, valid=token_mask)
-
-    num_positive = jnp.maximum(positive.sum(), 1).astype(jnp.float32)
-    target_boxes = jnp.take_along_axis(boxes, owner[..., None], axis=1)  # [B, S, 4]
-    loss_bbox, loss_giou = _paired_box_losses(enc_outputs["pred_boxes"], target_boxes, positive, num_positive, "l1")
-    return {f"loss_ce_{name}": loss_ce, f"loss_bbox_{name}": loss_bbox, f"loss_giou_{name}": loss_giou,
-            f"loss_{name}": ce_loss_coef * loss_ce + bbox_loss_coef * loss_bbox + giou_loss_coef * loss_giou,
-            f"{name}_positives": positive.sum() / jnp.maximum(targets["mask"].sum(), 1)}

@@ -17,64 +17,66 @@ import ml_collections
 from detr_jax.data.batching import collate, fit_buckets, recipe_buckets, simulate_output_sizes
 from detr_jax.data.loader import Loader
 from detr_jax.data.panoptic_transforms import make_panoptic_eval_transforms, make_panoptic_train_transforms
+from detr_jax.data.sources import SOURCE_CLASSES, check_source_kwargs, source_class
 from detr_jax.data.sources.coco_folder import AnnotationError, CocoFolder, ImageReadError
-from detr_jax.data.sources.coco_panoptic_folder import BoxesOnly, CocoPanopticFolder
+from detr_jax.data.sources.coco_panoptic_folder import BoxesOnly, CocoPanopticFolder, ImagesOnly
 from detr_jax.data.sources.synthetic import SyntheticDetection, write_coco_folder
 from detr_jax.data.sources.synthetic_panoptic import SyntheticPanoptic
 from detr_jax.data.transforms import make_eval_transforms, make_train_transforms
 
-__all__ = ["AnnotationError", "CocoFolder", "build_data", "ImageReadError", "Loader", "SyntheticDetection",
-           "build_source", "collate", "fit_buckets", "make_eval_transforms", "make_train_transforms", "recipe_buckets",
-           "simulate_output_sizes", "write_coco_folder"]
+__all__ = ["AnnotationError", "CocoFolder", "CocoPanopticFolder", "build_data", "ImageReadError", "Loader",
+           "SyntheticDetection", "SyntheticPanoptic", "build_source", "check_source_kwargs", "collate", "fit_buckets",
+           "make_eval_transforms", "make_train_transforms", "recipe_buckets", "simulate_output_sizes",
+           "write_coco_folder"]
 
 logger = logging.getLogger(__name__)
 PANOPTIC_SOURCES = ("synthetic_panoptic", "coco_panoptic", "tfds_panoptic")  # examples with per-object "masks"
 SOURCES = ("synthetic", "coco_folder", "tfds") + PANOPTIC_SOURCES
+assert set(SOURCES) == set(SOURCE_CLASSES)
 
 
 def build_source(kind: str, /, **kwargs):
-    """A detection source by name.
+    """A detection source by name (`sources.SOURCE_CLASSES`), built from kwargs its declaration takes.
 
-    "synthetic": SyntheticDetection(split, num_examples, image_size, ..., seed).
-    "coco_folder": CocoFolder(ann_file, image_dir, label_space, keep_crowd, num_classes, skip_bad_images).
-    "tfds": tfds_coco.TfdsCoco(split, data_dir, label_space, keep_crowd, num_classes, name, ...); imports
-      tensorflow_datasets only here, so the other sources work without it installed.
-    "synthetic_panoptic": SyntheticPanoptic(split, num_examples, image_size, ..., seed), "coco_panoptic":
-      CocoPanopticFolder(ann_file, image_dir, panoptic_dir, label_space, ...) and "tfds_panoptic":
-      tfds_coco_panoptic.TfdsCocoPanoptic(split, data_dir, label_space, keep_crowd, num_classes, name, ...)
-      (name "coco/2017_panoptic"; "coco_panoptic_like" is the built-in set, prepared on first use; imports
-      tensorflow_datasets only here): examples with per-object "masks".
+    "synthetic": SyntheticDetection, "coco_folder": CocoFolder, "tfds": tfds_coco.TfdsCoco; panoptic (examples with
+    per-object "masks"): "synthetic_panoptic": SyntheticPanoptic, "coco_panoptic": CocoPanopticFolder,
+    "tfds_panoptic": tfds_coco_panoptic.TfdsCocoPanoptic. Each class's `ARGUMENTS` declares the kwargs it takes
+    (type, default or required, one line each); a key it does not take, a value of another type or a required one
+    missing is a one-line ValueError (`check_source_kwargs`), as is an unknown `kind`. The TFDS sources import
+    tensorflow_datasets only here, when constructed, so the other sources work without it installed.
     """
-    if kind == "synthetic":
-        return SyntheticDetection(**kwargs)
-    if kind == "coco_folder":
-        return CocoFolder(**kwargs)
-    if kind == "tfds":
-        from detr_jax.data import tfds_coco  # lazy: pulls in tensorflow_datasets
-        return tfds_coco.TfdsCoco(**kwargs)
-    if kind == "synthetic_panoptic":
-        return SyntheticPanoptic(**kwargs)
-    if kind == "coco_panoptic":
-        return CocoPanopticFolder(**kwargs)
-    if kind == "tfds_panoptic":
-        from detr_jax.data import tfds_coco_panoptic  # lazy: pulls in tensorflow_datasets
-        return tfds_coco_panoptic.TfdsCocoPanoptic(**kwargs)
-    raise ValueError(f"unknown data source {kind!r}; known: {SOURCES}")
+    check_source_kwargs(kind, kwargs, where=f"build_source({kind!r})")
+    return source_class(kind)(**kwargs)
+
+
+def check_labels_fit(source, num_classes: int, what: str) -> None:
+    """Refuse, in one line, data whose labels a model of `num_classes` classes cannot predict: the source's labels
+    are 0..len(category_ids) - 1. A model with more classes than the data uses is fine (e.g. an official
+    checkpoint on a folder of a few COCO categories)."""
+    ids = getattr(source, "category_ids", None)
+    if ids is not None and len(ids) > num_classes:
+        raise ValueError(f"{what} has labels up to {len(ids) - 1} (category id {ids[-1]}) but the model has "
+                         f"{num_classes} classes: set config.model.num_classes to at least {len(ids)}")
 
 
 def build_data(config: ml_collections.ConfigDict, split: str, *, train: bool, process_index: int = 0,
-               process_count: int = 1, batch_size: Optional[int] = None) -> Loader:
+               process_count: int = 1, batch_size: Optional[int] = None, source=None,
+               images_only: bool = False) -> Loader:
     """The loader of `split` for this process: train augmentation and shuffling when `train`.
 
     Batches carry uint8 images; the jitted steps normalise them on the device (`normalize_images`).
+    `source`: this source instead of the config's `split` (the evaluation of a panoptic folder). `images_only`:
+    batches carry no objects (a panoptic evaluation reads the ground truth from the source at the original size).
     """
     d = config.data
-    # The split's own kwargs (e.g. its image_dir) override the shared ones.
-    source = build_source(d.source, **dict(d.source_kwargs.to_dict(), **d[f"{split}_kwargs"].to_dict()))
+    if source is None:  # the split's own kwargs (e.g. its image_dir) override the shared ones
+        source = build_source(d.source, **dict(d.source_kwargs.to_dict(), **d[f"{split}_kwargs"].to_dict()))
     # Panoptic sources (their examples carry "masks"): the same recipe with the masks moved along with the boxes;
     # without config.panoptic.enabled the detector alone trains on their boxes (the official recipe's first stage).
     panoptic = getattr(source, "is_thing", None) is not None
-    if panoptic and not config.panoptic.enabled:
+    if images_only:
+        source, panoptic = ImagesOnly(source), False
+    elif panoptic and not config.panoptic.enabled:
         source, panoptic = BoxesOnly(source), False
     if train and panoptic:  # the mask losses' pixels are drawn with the augmentation (mask_loss_points)
         transforms = make_panoptic_train_transforms(

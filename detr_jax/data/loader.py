@@ -14,7 +14,8 @@ per-example generator.
 Workers: threads (`worker_type="thread"`, one example per job, GIL-bound beyond a few cores) or processes
 (`worker_type="process"`, one whole batch per job, through grain's `mp_prefetch`: spawned workers, batches
 handed over in shared memory, round-robin so the order is the workers' order). Either way a batch is a pure
-function of (seed, epoch, position), so every worker type and count gives the same batches.
+function of (seed, epoch, position), so every worker type and count gives the same batches. A worker process ends
+by itself within `_PARENT_POLL_S` of the process that started it dying, SIGKILL included (`_exit_with_parent`).
 
 Longer than 400 lines: both worker types live in one Loader because they share the ordering, bucketing, state and
 counting code that the determinism above rests on.
@@ -23,10 +24,13 @@ counting code that the determinism above rests on.
 import collections
 import concurrent.futures
 import copy
+import functools
 import logging
 import math
+import os
 import queue
 import threading
+import time
 from typing import Callable, Dict, Optional, Sequence, Tuple
 
 import numpy as np
@@ -40,6 +44,7 @@ logger = logging.getLogger(__name__)
 # SeedSequence pads short entropy with zeros, so [seed, epoch] and [seed, epoch, 0] would be the same stream.
 _ORDER, _GROUPING, _EXAMPLE = 1, 2, 3
 WORKER_TYPES = ("thread", "process")
+_PARENT_POLL_S = 0.5  # how often a worker process checks that the process that started it is still there
 
 
 class _Failure:
@@ -328,7 +333,7 @@ class Loader:
         dataset = dataset.to_iter_dataset(grain.ReadOptions(num_threads=1, prefetch_buffer_size=1))
         dataset = dataset.mp_prefetch(grain.MultiprocessingOptions(num_workers=self.num_workers,
                                                                    per_worker_buffer_size=self.prefetch),
-                                      worker_init_fn=_init_worker)
+                                      worker_init_fn=functools.partial(_init_worker, os.getpid()))
         self._grain_iter = iter(dataset)
 
     def _stop_producer(self):
@@ -394,12 +399,41 @@ class _BatchJob:
         return (epoch, position), batch, counters
 
 
-def _init_worker(worker_index: int, worker_count: int) -> None:
-    """Spawned grain workers: absl flags parsed (libraries read them outside app.run); quiet TensorFlow."""
+def _init_worker(parent_pid: int, worker_index: int, worker_count: int) -> None:
+    """Spawned grain workers: end with `parent_pid`; absl flags parsed (libraries read them outside app.run);
+    quiet TensorFlow."""
     del worker_index, worker_count
-    import os  # pylint: disable=g-import-not-at-top
+    _exit_with_parent(parent_pid)
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     _mark_absl_flags_parsed()
+
+
+def _exit_with_parent(parent_pid: int, poll_s: float = _PARENT_POLL_S) -> None:
+    """Ends this worker process within `poll_s` of its parent's end, however the parent ends.
+
+    grain stops its workers only from the parent (`close()`, or a finalizer at a normal exit). A parent killed
+    with SIGKILL (or by the out-of-memory killer) runs neither: its workers, re-parented to init, fill their
+    buffers and then wait on them forever (~260 MB each), and keep the multiprocessing resource tracker alive
+    with them, so the shared-memory blocks and semaphores it would release stay in /dev/shm too. Once the
+    workers are gone the tracker sees its pipe close, releases what the run left in /dev/shm and exits. (A kill
+    of the whole process group takes the tracker along: the blocks in flight then stay in /dev/shm.)
+
+    A daemon thread compares `os.getppid()` with `parent_pid` every `poll_s` seconds: a parent that has died
+    has re-parented this process, whatever killed it. Its first check runs at once, so a parent that died
+    before the worker got here is noticed too. `prctl(PR_SET_PDEATHSIG)` would not do: the signal follows the
+    thread that started the process, not the process, and grain starts its workers from one of its prefetch
+    threads. No per-batch cost: the thread sleeps in between.
+
+    Args:
+      parent_pid: the pid of the process that started this worker (taken there, before the start).
+      poll_s: seconds between two checks.
+    """
+    def watch():
+        while os.getppid() == parent_pid:
+            time.sleep(poll_s)
+        os._exit(1)  # pylint: disable=protected-access  (no clean-up left to do: nobody reads this worker's queue)
+
+    threading.Thread(target=watch, name="detr_loader_exit_with_parent", daemon=True).start()
 
 
 def _mark_absl_flags_parsed() -> None:

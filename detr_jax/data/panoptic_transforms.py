@@ -27,7 +27,7 @@ from typing import Dict, Optional, Sequence, Tuple
 import numpy as np
 
 from detr_jax.data import transforms
-from detr_jax.evaluation.postprocess_panoptic import resize_nearest
+from detr_jax.ops.interpolate import resize_nearest
 
 # Per-object panoptic fields that transforms.py does not know; filtered with its PER_OBJECT_KEYS.
 MASK_KEYS = ("masks", "segment_ids")

@@ -1,4 +1,4 @@
-"""Evaluation: official post-processing, COCO metrics with pycocotools, a results JSON and pictures.
+"""Detection evaluation: official post-processing, COCO metrics with pycocotools, a results JSON and pictures.
 
 Every host predicts its shard of the evaluation set; predictions are gathered and scored once, on
 process 0. Results do not depend on the evaluation batch or the padding bucket: the padding mask keeps
@@ -15,7 +15,7 @@ from typing import Dict, List, Optional, Sequence
 import jax
 import numpy as np
 
-from detr_jax.data import build_data
+from detr_jax.data import build_data, check_labels_fit
 from detr_jax.data.transforms import normalize_images
 from detr_jax.evaluation.postprocess import postprocess
 from detr_jax.evaluation.visualize import evaluation_sheet
@@ -74,38 +74,53 @@ def coco_metrics(ground_truth: Dict, results: List[Dict], iou_type: str = "bbox"
 
 def to_coco_results(image_ids, scores, labels, boxes, category_ids: Sequence[int]) -> List[Dict]:
     """Post-processed predictions ([B, K] / [B, K, 4] xyxy absolute) -> COCO results; padding images (id < 0)
-    skipped."""
+    skipped, and so are labels that have no category in the data (a model of more classes than the data's: they
+    can match no ground truth)."""
     results = []
     for image_id, s, lab, b in zip(image_ids, scores, labels, boxes):
         if image_id < 0:
             continue
         for score, label, (x0, y0, x1, y1) in zip(s, lab, b):
+            if label >= len(category_ids):
+                continue
             results.append({"image_id": int(image_id), "category_id": int(category_ids[int(label)]),
                             "bbox": [float(x0), float(y0), float(x1 - x0), float(y1 - y0)], "score": float(score)})
     return results
 
 
-class Evaluator:
-    """Periodic and final evaluation of a training run on the validation split (COCO metrics)."""
+class DetectionEvaluator:
+    """COCO box AP of a detector on the config's validation split (or on `source`), its results JSON and pictures.
 
-    def __init__(self, config, model, mesh, batch_size: Optional[int] = None):
-        """`model`: the plain `DETR` (`detr.build_model(config)`); `evaluate` takes its variables."""
+    Args:
+      config: the run's config (data.*, eval_batch_size, eval_top_k, eval_padding_invariant).
+      model: a `DETR` (or any model whose `.detector` is one); `evaluate` takes its variables.
+      mesh: the device mesh; the global batch is split over it.
+      source: evaluate on this source instead of the config's validation split.
+      batch_size: the global batch (default config.eval_batch_size).
+    """
+    LOGGED = ("AP", "AP50", "AP75", "AR100")  # what a training run logs of `evaluate`'s metrics
+
+    def __init__(self, config, model, mesh, *, source=None, batch_size: Optional[int] = None):
         # Padding-invariant backbone by default: each image is scored as if it were evaluated alone, so
         # metrics do not depend on the batch size or the bucket (the parameters are the same).
         if config.eval_padding_invariant:
-            model = model.clone(padding_invariant=True)
+            model = model.with_detector(padding_invariant=True)
         self.config, self.model, self.mesh = config, model, mesh
         self.loader = build_data(config, "val", train=False, process_index=jax.process_index(),
-                                 process_count=jax.process_count(), batch_size=batch_size or config.eval_batch_size)
+                                 process_count=jax.process_count(), batch_size=batch_size or config.eval_batch_size,
+                                 source=source)
         source = self.loader.source
-        self.category_ids = list(getattr(source, "category_ids", range(1, model.num_classes + 1)))
+        num_classes = model.detector.num_classes
+        check_labels_fit(source, num_classes, f"the evaluation data ({config.data.source}, split val)")
+        self.category_ids = list(getattr(source, "category_ids", range(1, num_classes + 1)))
         self.class_names = list(getattr(source, "class_names", [str(c) for c in self.category_ids]))
-        if model.num_classes > len(self.category_ids):  # a predicted label would have no category id
-            raise ValueError(f"the model has {model.num_classes} classes but the evaluation data "
-                             f"({config.data.source}, split val) has only {len(self.category_ids)} categories: set "
-                             f"config.model.num_classes (or the data's label space) to match")
         self.ground_truth = coco_ground_truth(source, self.category_ids, self.class_names) \
             if jax.process_index() == 0 else None
+        if self.category_ids == list(range(len(self.category_ids))):
+            # Labels are the category ids (official91: a folder of a subset of COCO's categories): a model label
+            # past the data's table is that category id, as in the official results JSON. (COCOeval scores the
+            # ground truth's categories only, so such detections change no metric.)
+            self.category_ids = list(range(max(num_classes, len(self.category_ids))))
         top_k = config.eval_top_k
         repl = sharding.replicated(mesh)
 
@@ -131,20 +146,25 @@ class Evaluator:
             results += to_coco_results(image_ids, scores, labels, boxes, self.category_ids)
         return results
 
-    def evaluate(self, variables, workdir: str, step: int, draw: bool = False,
+    def evaluate(self, variables, out_dir: Optional[str] = None, step: Optional[int] = None, draw: bool = False,
                  num_pictures: int = 4) -> Dict[str, float]:
-        """COCO metrics of the model's `variables` {"params", "frozen"} on the validation split; writes the results
-        JSON (and pictures) to workdir."""
+        """The 12 COCO metrics (`COCO_METRIC_NAMES`) of the model's `variables` {"params", "frozen"} on process 0
+        ({} on the others). With `out_dir`, writes the results JSON there (results.json, or results_step{step}.json)
+        and, with `draw`, predictions_step{step}.png."""
         results = self.predict(variables["params"], variables.get("frozen", {}))
         if jax.process_index() != 0:
             return {}
-        os.makedirs(os.path.join(workdir, "eval"), exist_ok=True)
-        with open(os.path.join(workdir, "eval", f"results_step{step}.json"), "w") as f:
-            json.dump(results, f)
-        metrics = coco_metrics(self.ground_truth, results)
-        if draw:
-            self.draw(results, os.path.join(workdir, "eval", f"predictions_step{step}.png"), num_pictures)
-        return {f"eval_{k}": v for k, v in metrics.items() if k in ("AP", "AP50", "AP75", "AR100")}
+        if out_dir:
+            os.makedirs(out_dir, exist_ok=True)
+            name = "results.json" if step is None else f"results_step{step}.json"
+            with open(os.path.join(out_dir, name), "w") as f:
+                json.dump(results, f)
+            if draw:
+                self.draw(results, os.path.join(out_dir, f"predictions_step{step}.png"), num_pictures)
+        return coco_metrics(self.ground_truth, results)
+
+    def close(self) -> None:
+        self.loader.close()
 
     def draw(self, results: List[Dict], path: str, num_pictures: int, **kwargs) -> None:
         """`visualize.evaluation_sheet` of the first `num_pictures` validation images."""

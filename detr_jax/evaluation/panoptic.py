@@ -26,9 +26,8 @@ import numpy as np
 from jax.experimental import multihost_utils
 from jax.sharding import PartitionSpec
 
-from detr_jax.data.batching import recipe_buckets
-from detr_jax.data.loader import Loader
-from detr_jax.data.transforms import make_eval_transforms, normalize_images
+from detr_jax.data import build_data, check_labels_fit
+from detr_jax.data.transforms import normalize_images
 from detr_jax.evaluation.panoptic_quality import VOID, CategoryStats, PanopticQuality
 from detr_jax.evaluation.postprocess_panoptic import post_process_panoptic
 from detr_jax.evaluation.segm import UNUSED_CLASS_NAME, InstanceScorer
@@ -64,7 +63,8 @@ def prediction_segments(result: Dict, category_ids: Sequence[int], categories: D
     """
     segments = []
     for seg in result["segments_info"]:
-        category_id = int(category_ids[seg["category_id"]])  # post-processing's "category_id" is the label
+        label = seg["category_id"]  # post-processing's "category_id" is the label
+        category_id = int(category_ids[label]) if label < len(category_ids) else None  # past the data's: void
         if category_id in categories:
             segments.append({"id": seg["id"] + 1, "category_id": category_id})
     raw = result["segment_ids"].astype(np.int32)
@@ -178,52 +178,39 @@ class PanopticScorer:
 
 
 class PanopticEvaluator:
-    """PQ of a `DETRsegm` on a panoptic source, through the official evaluation transforms and post-processing.
+    """PQ (and segm / bbox AP) of a `DETRsegm` on the config's panoptic validation split (or on `source`), through
+    the official evaluation transforms and post-processing. The same interface as `DetectionEvaluator`.
 
     Args:
-      source: a panoptic source (see `PanopticScorer`); its labels must be the model's classes.
+      config: the run's config: data.* (eval_size, max_size, buckets, workers), eval_batch_size,
+        eval_padding_invariant (not official: with the official backbone a batch's padding changes every image's
+        outputs a little), panoptic.threshold (official 0.85), panoptic.eval_segm.
       model: a `models.segmentation.DETRsegm`; `evaluate` takes its variables.
-      mesh: the device mesh (`sharding.make_mesh()`); the global batch is split over it.
-      eval_size, max_size: the evaluation resize (shorter side, longest side), as `make_eval_transforms`.
-      batch_size: the global batch. The host receives [B, N, H/4, W/4] float32 mask logits per batch, so
-        keep it moderate at COCO sizes (8 images at 800 x 1216: ~0.2 GB).
-      buckets: static padded shapes (H, W), "recipe" (fitted as `data.build_data` does) or None (each batch
-        padded to its own size rounded up to 32; single process only).
-      padding_invariant: evaluate with the padding-invariant backbone (not official: with the official
-        backbone a batch's padding changes every image's outputs a little).
-      threshold: post-processing's class threshold (official 0.85).
-      segm: also the COCO segm and bbox AP of the same outputs (see `PanopticScorer`).
+      mesh: the device mesh; the global batch is split over it. The host receives [B, N, H/4, W/4] float32 mask
+        logits per batch, so keep the batch moderate at COCO sizes (8 images at 800 x 1216: ~0.2 GB).
+      source: a panoptic source (see `PanopticScorer`) instead of the config's validation split; its labels must
+        be the model's classes.
+      batch_size: the global batch (default config.eval_batch_size).
+      segm: also the COCO segm and bbox AP (default config.panoptic.eval_segm).
     """
+    LOGGED = ("PQ", "SQ", "RQ", "PQ_th", "PQ_st", "segm_AP", "segm_AP50", "bbox_AP", "bbox_AP50")
 
-    def __init__(self, source, model, mesh, *, eval_size: int = 800, max_size: int = 1333, batch_size: int = 1,
-                 buckets=None, max_buckets: int = 12, group_by_size: int = 0, num_workers: int = 0,
-                 worker_type: str = "thread", padding_invariant: bool = False,
-                 threshold: float = OFFICIAL_THRESHOLD, segm: bool = True, seed: int = 0):
+    def __init__(self, config, model, mesh, *, source=None, batch_size: Optional[int] = None,
+                 segm: Optional[bool] = None):
         if not hasattr(model, "detr"):
             raise ValueError(f"PanopticEvaluator needs a DETRsegm (a model with masks), got {type(model).__name__}; "
-                             "score a detector with detr_jax.evaluation.coco.Evaluator")
-        num_classes = model.detr.num_classes
-        if num_classes > len(source.category_ids):
-            raise ValueError(f"the model has {num_classes} classes but the panoptic data has only "
-                             f"{len(source.category_ids)} labels: use the data's label space that matches the "
-                             "model (official checkpoints: label_space='official250')")
-        if padding_invariant:
-            model = model.clone(detr=model.detr.clone(padding_invariant=True))
-        self.source, self.model, self.mesh = source, model, mesh
-        transforms = make_eval_transforms(eval_size, max_size, normalize_pixels=False)
-        process_count = jax.process_count()
-        if batch_size % process_count:
-            raise ValueError(f"batch_size {batch_size} must be divisible by the process count {process_count}")
-        if buckets == "recipe":
-            buckets = recipe_buckets(transforms, batch_size=batch_size, max_side=max_size,
-                                     group_by_size=group_by_size, max_buckets=max_buckets)
+                             "score a detector with detr_jax.evaluation.DetectionEvaluator")
+        if config.eval_padding_invariant:
+            model = model.with_detector(padding_invariant=True)
+        self.model, self.mesh = model, mesh
         # The loader carries images only: the scorer reads the ground truth at the original size.
-        self.loader = Loader(_WithoutMasks(source), transforms, batch_size // process_count, seed=seed,
-                             max_objects=1, buckets=[tuple(b) for b in buckets] if buckets else None, shuffle=False,
-                             num_workers=num_workers, process_index=jax.process_index(),
-                             process_count=process_count, drop_remainder=False, num_epochs=1,
-                             group_by_size=group_by_size, worker_type=worker_type)
-        self.scorer = PanopticScorer(source, threshold, segm=segm)
+        self.loader = build_data(config, "val", train=False, process_index=jax.process_index(),
+                                 process_count=jax.process_count(), batch_size=batch_size or config.eval_batch_size,
+                                 source=source, images_only=True)
+        self.source = self.loader.source.source
+        check_labels_fit(self.source, model.detector.num_classes, "the panoptic data")
+        self.scorer = PanopticScorer(self.source, config.panoptic.threshold,
+                                     segm=config.panoptic.eval_segm if segm is None else segm)
         repl, sharded = sharding.replicated(mesh), sharding.batch_sharded(mesh)
 
         def predict(params, frozen, batch):
@@ -234,17 +221,6 @@ class PanopticEvaluator:
         # Outputs stay sharded: each process fetches only its own images' masks.
         self._predict = jax.jit(predict, in_shardings=(repl, repl, sharded), out_shardings=(sharded,) * 3)
 
-    @classmethod
-    def from_config(cls, config, source, model, mesh, batch_size: Optional[int] = None,
-                    threshold: float = OFFICIAL_THRESHOLD, segm: bool = True):
-        """The evaluation settings of a detr_jax config: data.eval_size, max_size, buckets, max_buckets,
-        group_by_size, num_workers, worker_type; eval_batch_size (or `batch_size`), eval_padding_invariant, seed."""
-        d = config.data
-        return cls(source, model, mesh, eval_size=d.eval_size, max_size=d.max_size,
-                   batch_size=batch_size or config.eval_batch_size, buckets=d.buckets, max_buckets=d.max_buckets,
-                   group_by_size=int(d.group_by_size), num_workers=d.num_workers, worker_type=d.worker_type,
-                   padding_invariant=config.eval_padding_invariant, threshold=threshold, segm=segm, seed=config.seed)
-
     def _local(self, array):
         """This process's rows of a batch-sharded output, as numpy."""
         if jax.process_count() == 1:
@@ -252,9 +228,12 @@ class PanopticEvaluator:
         return np.asarray(multihost_utils.global_array_to_host_local_array(array, self.mesh,
                                                                            PartitionSpec(sharding.DATA_AXIS)))
 
-    def evaluate(self, variables) -> Dict[str, float]:
+    def evaluate(self, variables, out_dir: Optional[str] = None, step: Optional[int] = None,
+                 draw: bool = False) -> Dict[str, float]:
         """PQ / SQ / RQ and, with segm, segm / bbox AP (see `PanopticScorer.compute`) of the model's `variables`
-        {"params", "frozen"}, on every process."""
+        {"params", "frozen"}, on every process. (`out_dir`, `step`, `draw`: the detection evaluator's interface;
+        nothing is written.)"""
+        del out_dir, step, draw
         self.scorer.reset()
         self.loader.set_state({"epoch": 0, "position": 0})
         params, frozen = variables["params"], variables.get("frozen", {})
@@ -272,20 +251,5 @@ class PanopticEvaluator:
                         metrics["segm_AP50"], metrics["bbox_AP"], metrics["bbox_AP50"])
         return metrics
 
-
-class _WithoutMasks:
-    """A panoptic source seen as an image source (no objects) for the loader: the ground truth is the scorer's."""
-
-    def __init__(self, source):
-        self.source = source
-
-    def __len__(self):
-        return len(self.source)
-
-    def __getitem__(self, index):
-        ex = self.source[index]
-        return {"image": ex["image"], "image_id": ex["image_id"], "orig_size": ex["orig_size"],
-                "boxes": np.zeros((0, 4), np.float32), "labels": np.zeros(0, np.int32), "iscrowd": np.zeros(0, bool)}
-
-    def image_size(self, index):
-        return self.source.image_size(index)
+    def close(self) -> None:
+        self.loader.close()

@@ -18,90 +18,10 @@ from collections import defaultdict
 import numpy as np
 from PIL import Image
 
+from detr_jax.ops.interpolate import apply_taps, linear_taps, nearest_index, resize_bilinear
+from detr_jax.ops.panoptic_ids import id2rgb, rgb2id
+
 _SEGM_CHUNK = 16  # queries resized at once by post_process_segm
-
-
-# --- COCO panoptic id <-> RGB (panopticapi.utils) ---------------------------------------------
-
-def id2rgb(id_map):
-    """int [H, W] segment ids -> uint8 [H, W, 3] RGB with id = R + 256 G + 256^2 B."""
-    id_map = np.asarray(id_map, np.int64)
-    return np.stack([(id_map // 256 ** i) % 256 for i in range(3)], axis=-1).astype(np.uint8)
-
-
-def rgb2id(rgb):
-    """uint8 [H, W, 3] RGB -> int32 [H, W] segment ids (id = R + 256 G + 256^2 B)."""
-    rgb = np.asarray(rgb, np.int32)
-    return rgb[..., 0] + 256 * rgb[..., 1] + 256 * 256 * rgb[..., 2]
-
-
-# --- torch.nn.functional.interpolate, on numpy float32 ---------------------------------------
-
-# torch's CPU bilinear kernel (x86 builds with AVX2 + FMA; checked on torch 2.13) computes its source
-# coordinates and its blends as fused multiply-adds. Unfused float32 moves a coordinate by an ulp and the
-# result by up to ~1e-4 on mask logits of ~10, enough to flip near-tie argmaxes of the panoptic masks.
-# A product of two float32 numbers is exact in float64, so float64 arithmetic rounded once to float32 gives
-# the fused results (up to rare double roundings).
-
-def _linear_taps(in_size, out_size):
-    """Source rows (or columns) and weights of torch's bilinear resize, align_corners=False.
-
-    Half-pixel centres: output index d samples input coordinate (d + 0.5) * in / out - 0.5, clamped at 0.
-    Computed in float32 with torch's roundings, so the weights are the same numbers.
-    Returns i0, i1 int [out_size] and w0, w1 float32 [out_size], with output = w0 * x[i0] + w1 * x[i1].
-    """
-    scale = np.float32(in_size) / np.float32(out_size)
-    centres = np.arange(out_size, dtype=np.float32) + np.float32(0.5)
-    src = np.maximum((np.float64(scale) * centres - 0.5).astype(np.float32), np.float32(0))  # fused
-    i0 = np.minimum(np.floor(src).astype(np.int64), in_size - 1)
-    i1 = np.minimum(i0 + 1, in_size - 1)
-    w1 = np.clip(src - i0.astype(np.float32), 0, 1).astype(np.float32)
-    return i0, i1, np.float32(1) - w1, w1
-
-
-def _blend(a, w0, b, w1):
-    """float32 fma(a, w0, b * w1), torch's rounding of w0 * a + w1 * b. a, b hold float32 values."""
-    return (a * w0.astype(np.float64) + (b * w1).astype(np.float32)).astype(np.float32)
-
-
-def _apply_taps(x, rows, cols):
-    """Bilinear resize of x float32 [..., h, w] with the `_linear_taps` of each axis -> float32 [..., H, W].
-
-    Width first, then height, as torch's CPU kernel, so the roundings agree. Each input row is interpolated
-    along the width once (h rows, not H): the rows of the output reuse them.
-    """
-    r0, r1, rw0, rw1 = rows
-    c0, c1, cw0, cw1 = cols
-    x = np.asarray(x, np.float64)  # once, on the small input: exact products in `_blend`
-    along_width = _blend(x[..., c0], cw0, x[..., c1], cw1)  # [..., h, W]
-    return _blend(along_width[..., r0, :], rw0[:, None], along_width[..., r1, :], rw1[:, None])
-
-
-def resize_bilinear(x, size):
-    """`F.interpolate(x, size, mode="bilinear", align_corners=False)` for x float [..., h, w] -> [..., H, W].
-
-    size: (H, W). The result is float32, equal to torch's CPU numbers whenever H + W > 128; for smaller
-    outputs torch switches to a separable kernel with renormalised weights (differences ~1e-6 relative).
-    """
-    x = np.asarray(x, np.float32)
-    (h, w), (out_h, out_w) = x.shape[-2:], size
-    return _apply_taps(x, _linear_taps(h, out_h), _linear_taps(w, out_w))
-
-
-def _nearest_index(in_size, out_size):
-    """Source index of each output index in torch's `mode="nearest"`: floor(d * in / out), in float32."""
-    scale = np.float32(in_size) / np.float32(out_size)
-    src = np.floor(np.arange(out_size, dtype=np.float32) * scale).astype(np.int64)
-    return np.minimum(src, in_size - 1)
-
-
-def resize_nearest(x, size):
-    """`F.interpolate(x, size, mode="nearest")` (torch's legacy nearest, not "nearest-exact").
-
-    x [..., h, w] of any dtype -> [..., H, W] of the same dtype; size (H, W).
-    """
-    (h, w), (out_h, out_w) = x.shape[-2:], size
-    return x[..., _nearest_index(h, out_h), :][..., _nearest_index(w, out_w)]
 
 
 # --- The official PostProcessPanoptic --------------------------------------------------------
@@ -172,9 +92,9 @@ def _panoptic_one_image(logits, masks, processed_size, target_size, is_thing_map
         masks = resize_bilinear(masks[keep], processed_size)
     else:  # resized to the padded canvas, of which only the image's pixels are computed (the crop)
         (h, w), (img_h, img_w) = masks.shape[-2:], processed_size
-        rows = tuple(t[:img_h] for t in _linear_taps(h, int(padded_size[0])))
-        cols = tuple(t[:img_w] for t in _linear_taps(w, int(padded_size[1])))
-        masks = _apply_taps(np.asarray(masks[keep], np.float32), rows, cols)
+        rows = tuple(t[:img_h] for t in linear_taps(h, int(padded_size[0])))
+        cols = tuple(t[:img_w] for t in linear_taps(w, int(padded_size[1])))
+        masks = apply_taps(np.asarray(masks[keep], np.float32), rows, cols)
     ids, image, area = _segment_image(masks, target_size, _stuff_equivalences(classes, is_thing_map))
     # Merged stuff queries now have area 0. Drop every segment of <= 4 pixels and redo the assignment
     # (official: without merging again) until none is that small; the dropped pixels go to the others.
@@ -261,18 +181,18 @@ def post_process_segm(pred_masks, max_target_sizes, orig_target_sizes, threshold
                          f"max_target_sizes {len(max_target_sizes)}, orig_target_sizes {len(orig_target_sizes)}.")
     h, w = pred_masks.shape[-2:]
     max_h, max_w = max_target_sizes.max(0) if padded_size is None else (int(s) for s in padded_size)
-    rows, cols = _linear_taps(h, max_h), _linear_taps(w, max_w)
+    rows, cols = linear_taps(h, max_h), linear_taps(w, max_w)
     results = []
     for masks, (img_h, img_w), (orig_h, orig_w) in zip(pred_masks, max_target_sizes, orig_target_sizes):
         # Crop to the image, then keep only the pixels that the nearest resize to the original size reads:
         # the same numbers as resizing everything, at a fraction of the cost.
-        out_rows = _nearest_index(int(img_h), int(orig_h))
-        out_cols = _nearest_index(int(img_w), int(orig_w))
+        out_rows = nearest_index(int(img_h), int(orig_h))
+        out_cols = nearest_index(int(img_w), int(orig_w))
         row_taps = tuple(t[:img_h][out_rows] for t in rows)
         col_taps = tuple(t[:img_w][out_cols] for t in cols)
         # A few queries at a time: N float64 intermediates at full resolution would take gigabytes.
         results.append(np.concatenate([
-            _sigmoid(_apply_taps(masks[i:i + _SEGM_CHUNK], row_taps, col_taps)) > threshold
+            _sigmoid(apply_taps(masks[i:i + _SEGM_CHUNK], row_taps, col_taps)) > threshold
             for i in range(0, max(len(masks), 1), _SEGM_CHUNK)
         ]))
     return results

@@ -13,9 +13,9 @@ import jax
 import jax.numpy as jnp
 
 from detr_jax.models.backbone import downsample_mask
-from detr_jax.models.detr import DETR, MLP, build_model, parameter_groups
+from detr_jax.models.detr import DETR, MLP
 from detr_jax.models.layers import Conv2d, Linear
-from detr_jax.models.segmentation import DETRsegm, segm_parameter_groups
+from detr_jax.models.segmentation import DETRsegm
 
 MODEL = "model"  # the detector's sub-tree in a training state's params and "frozen" collection
 
@@ -58,9 +58,9 @@ class DETRWithAids(nn.Module):
             mask head, `config.panoptic`) whose outputs add "pred_masks".
         num_query_groups: Group DETR (Chen et al. 2023): with G > 1, training decodes G independent groups of
             N queries (no self-attention between groups), each matched to the targets on its own
-            (`split_query_groups`). Groups 1..G-1 are the parameter "group_query_embed" [G - 1, N, D].
+            (`criterion.query_groups`). Groups 1..G-1 are the parameter "group_query_embed" [G - 1, N, D].
         encoder_aux_loss: in the spirit of Co-DETR's auxiliary heads (Zong et al. 2023): heads on every encoder
-            token predict a class and a box ("enc"), for a dense one-to-many loss (`losses.encoder_dense_losses`)
+            token predict a class and a box ("enc"), for a dense one-to-many loss (`criterion.dense_losses`)
             that teaches the backbone and encoder where and what the objects are long before the decoder has
             learned to attend. Parameters "enc_heads".
         backbone_aux_stages: the same kind of token heads lower down, on each listed ResNet stage (1-4; stage 3 has
@@ -76,7 +76,7 @@ class DETRWithAids(nn.Module):
     @property
     def detector(self) -> DETR:
         """The DETR itself (inside the mask head's model for panoptic training)."""
-        return self.model.detr if isinstance(self.model, DETRsegm) else self.model
+        return self.model.detector
 
     @nn.compact
     def __call__(self, images, pixel_mask=None, train: bool = False) -> Tuple[Dict, Dict]:
@@ -85,10 +85,6 @@ class DETRWithAids(nn.Module):
         Returns (outputs, aids): `DETR`'s outputs with G * N queries, group by group; and {name: token-head
         outputs (see `EncoderTokenHeads`)} for every one-to-many aid, named "enc" and "s{i}".
         """
-        if any(i not in (1, 2, 3, 4) for i in self.backbone_aux_stages):
-            raise ValueError(f"backbone_aux_stages are ResNet stages 1..4, got {tuple(self.backbone_aux_stages)}")
-        if self.num_query_groups < 1:
-            raise ValueError(f"num_query_groups must be >= 1, got {self.num_query_groups}")
         m = self.detector
         groups = {}
         if self.num_query_groups > 1:  # (a DETRsegm decodes one query set: config.check_config refuses groups)
@@ -110,63 +106,3 @@ class DETRWithAids(nn.Module):
             aids[f"s{i}"] = EncoderTokenHeads(m.num_classes, m.dtype, name=f"stage{i}_heads")(
                 tokens.astype(m.dtype), downsample_mask(pixel_mask, (h, w)))
         return outputs, aids
-
-
-def split_query_groups(outputs, targets, groups: int):
-    """Group DETR (`DETRWithAids.num_query_groups`): make each query group its own image, with its own copy of the
-    targets.
-
-    Args:
-        outputs: "pred_logits" [B, G * N, C + 1], "pred_boxes" [B, G * N, 4] (and the same in every
-            "aux_outputs" entry), group by group.
-        targets: "labels" [B, M], "boxes" [B, M, 4] cxcywh normalised, "mask" [B, M].
-        groups: G.
-    Returns:
-        (outputs, targets) with batch B * G (row b * G + g is group g of image b) and N queries, so that the
-        matcher assigns every group one-to-one on its own and the criterion averages over groups (num_boxes
-        counts every copy: the loss has the scale of a single-group DETR's).
-    """
-    if groups == 1:
-        return outputs, targets
-
-    def split(o):
-        return {k: v.reshape((v.shape[0] * groups, v.shape[1] // groups) + v.shape[2:]) for k, v in o.items()}
-
-    out = split({k: outputs[k] for k in ("pred_logits", "pred_boxes")})
-    if "aux_outputs" in outputs:
-        out["aux_outputs"] = [split(o) for o in outputs["aux_outputs"]]
-    return out, {k: jnp.repeat(v, groups, axis=0) for k, v in targets.items()}
-
-
-def training_parameter_groups(params, train_stem: bool = False, freeze_detr: bool = False) -> Dict:
-    """`detr.parameter_groups` for a `DETRWithAids` tree: the detector's labels under "model" (a `DETRsegm`'s by
-    `segm_parameter_groups`); the aids train with the transformer's learning rate."""
-    def model_groups(sub):
-        if "mask_head" in sub:
-            return segm_parameter_groups(sub, train_stem, freeze_detr)
-        return parameter_groups(sub, train_stem)
-
-    return {name: model_groups(sub) if name == MODEL else jax.tree_util.tree_map(lambda _: "transformer", sub)
-            for name, sub in params.items()}
-
-
-def detector_variables(params, frozen) -> Dict:
-    """The plain DETR's variables {"params", "frozen"} inside a `DETRWithAids` state (what evaluation, inference
-    and export apply)."""
-    return {"params": params[MODEL], "frozen": frozen.get(MODEL, {})}
-
-
-def build_inference_model(config) -> Union[DETR, DETRsegm]:
-    """The model evaluation and inference apply: `detr.build_model(config)`, inside a `DETRsegm` with
-    `config.panoptic.enabled`."""
-    detector = build_model(config)
-    # Work directories of before the panoptic block have no config.panoptic.
-    if "panoptic" in config and config.panoptic.enabled:
-        return DETRsegm(detector, freeze_detr=config.panoptic.freeze_detr)
-    return detector
-
-
-def build_training_model(config) -> DETRWithAids:
-    """The module a training run applies: `build_inference_model(config)` with the aids of
-    `config.training_aids`."""
-    return DETRWithAids(build_inference_model(config), **config.training_aids.to_dict())

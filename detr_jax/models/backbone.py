@@ -11,9 +11,9 @@ from typing import Sequence
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from detr_jax.models.layers import Conv2d, kaiming_normal_fan_out
+from detr_jax.ops.interpolate import nearest_index
 
 # depth -> (block type, blocks per stage)
 RESNET_SPECS = {
@@ -128,9 +128,7 @@ def _norm(kind: str, name: str, train: bool = False):
         return lambda x, pixel_mask=None: FrozenBatchNorm(name=name)(x)
     if kind == "group":
         return lambda x, pixel_mask=None: MaskedGroupNorm(name=name)(x, pixel_mask)
-    if kind == "batch":
-        return lambda x, pixel_mask=None: MaskedBatchNorm(name=name)(x, pixel_mask, train)
-    raise ValueError(f"backbone norm must be one of {BACKBONE_NORMS}, got {kind!r}")
+    return lambda x, pixel_mask=None: MaskedBatchNorm(name=name)(x, pixel_mask, train)  # "batch"
 
 
 def conv3x3(planes: int, stride: int = 1, dilation: int = 1, name=None, dtype=jnp.float32):
@@ -218,12 +216,7 @@ class ResNet(nn.Module):
         # [B, H, W, 3], bool [B, H, W] -> [B, H/32, W/32, C] (/16 with dilation); train: batch statistics ("batch")
         # With return_stages: (that, [the outputs of stages 1..4]), stage 3 being [B, H/16, W/16, C/2].
         norm = lambda name: _norm(self.norm, name, train)  # noqa: E731
-        if self.depth not in RESNET_SPECS:
-            raise ValueError(f"ResNet depth must be one of {sorted(RESNET_SPECS)}, got depth={self.depth}")
-        kind, stages = RESNET_SPECS[self.depth]
-        if self.dilation and kind == "basic":
-            raise ValueError(f"dilation (DC5) needs a bottleneck ResNet (50/101), got depth={self.depth}; "
-                                              "torchvision's BasicBlock does not support dilation either")
+        kind, stages = RESNET_SPECS[self.depth]  # config.check_config: a known depth, DC5 only with bottlenecks
         block_cls = BasicBlock if kind == "basic" else Bottleneck
         expansion = 1 if kind == "basic" else 4
 
@@ -275,12 +268,5 @@ def downsample_mask(pixel_mask, out_hw: Sequence[int]):
         bool [B, h, w], True on real positions.
     """
     in_h, in_w = pixel_mask.shape[1:3]
-
-    def source_index(n_in, n_out):
-        # torch: src = min(floor(dst * float32(in / out)), in - 1), computed in float32.
-        scale = np.float32(n_in) / np.float32(n_out)
-        idx = np.floor(np.arange(n_out, dtype=np.float32) * scale).astype(np.int64)
-        return np.minimum(idx, n_in - 1)
-
-    rows, cols = source_index(in_h, out_hw[0]), source_index(in_w, out_hw[1])
+    rows, cols = nearest_index(in_h, out_hw[0]), nearest_index(in_w, out_hw[1])
     return pixel_mask[:, rows][:, :, cols]

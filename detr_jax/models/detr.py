@@ -50,7 +50,7 @@ class DETR(nn.Module):
             `ResNet.freeze_stem_and_layer1`); the official values are "frozen_bn" and False.
         dtype: compute dtype (bfloat16 for mixed precision); parameters and outputs stay float32.
 
-    Training-only aids (query groups, token heads) are not here: `models/aux_heads.py` composes them around it.
+    Training-only aids (query groups, token heads) are not here: `models/aids.py` composes them around it.
     """
     num_classes: int = 91
     num_queries: int = 100
@@ -69,6 +69,15 @@ class DETR(nn.Module):
     backbone_norm: str = "frozen_bn"
     train_stem: bool = False
     dtype: Any = jnp.float32
+
+    @property
+    def detector(self) -> "DETR":
+        """The detector itself; `DETRsegm` and `DETRWithAids` answer the DETR inside them."""
+        return self
+
+    def with_detector(self, **changes) -> "DETR":
+        """A copy with the detector's fields changed (e.g. `padding_invariant=True`)."""
+        return self.clone(**changes)
 
     @nn.compact
     def __call__(self, images, pixel_mask=None, train: bool = False, return_attention: bool = False,
@@ -104,10 +113,8 @@ class DETR(nn.Module):
         mask = downsample_mask(pixel_mask, (h, w))  # bool [B, h, w]
         if self.position_embedding == "sine":
             pos = sine_position_encoding(mask, self.hidden_dim // 2)
-        elif self.position_embedding == "learned":
+        else:  # "learned" (config.check_config allows POSITION_EMBEDDINGS only)
             pos = LearnedPositionEncoding(self.hidden_dim // 2, name="position_embedding")(mask)
-        else:
-            raise ValueError(f"position_embedding must be 'sine' or 'learned', got {self.position_embedding!r}")
 
         src = Conv2d(self.hidden_dim, kernel_size=1, dtype=self.dtype, name="input_proj")(features)
         query_embed = self.param("query_embed", nn.initializers.normal(1.0), (self.num_queries, self.hidden_dim))

@@ -12,10 +12,10 @@ from typing import Any, Dict
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from detr_jax.models.detr import DETR, parameter_groups
 from detr_jax.models.layers import Conv2d, Linear, xavier_uniform
+from detr_jax.ops.interpolate import nearest_index
 
 # The official MaskHeadSmallConv re-initialises every conv with kaiming_uniform_(a=1): U(+-sqrt(3 / fan_in)).
 kaiming_uniform_a1 = nn.initializers.variance_scaling(1.0, "fan_in", "uniform")
@@ -59,8 +59,8 @@ class MHAttentionMap(nn.Module):
 def resize_nearest(x, out_hw):
     """torch's `F.interpolate(x, size=out_hw, mode="nearest")` on NHWC: x [B, H, W, C] -> [B, h, w, C].
 
-    Source index min(floor(dst * float32(in / out)), in - 1) in float32, as torch computes it; an exact 2x
-    upsampling (every step of the mask head on sizes divisible by 32) is a repeat.
+    Source indices by `ops.interpolate.nearest_index`; an exact 2x upsampling (every step of the mask head on
+    sizes divisible by 32) is a repeat.
     """
     def along(x, axis, n_out):
         n_in = x.shape[axis]
@@ -68,9 +68,7 @@ def resize_nearest(x, out_hw):
             return x
         if n_out == 2 * n_in:
             return jnp.repeat(x, 2, axis=axis)
-        scale = np.float32(n_in) / np.float32(n_out)
-        idx = np.minimum(np.floor(np.arange(n_out, dtype=np.float32) * scale).astype(np.int64), n_in - 1)
-        return jnp.take(x, jnp.asarray(idx), axis=axis)
+        return jnp.take(x, jnp.asarray(nearest_index(n_in, n_out)), axis=axis)
 
     return along(along(x, 1, out_hw[0]), 2, out_hw[1])
 
@@ -173,6 +171,15 @@ class DETRsegm(nn.Module):
     """
     detr: DETR
     freeze_detr: bool = False
+
+    @property
+    def detector(self) -> DETR:
+        """The DETR inside."""
+        return self.detr
+
+    def with_detector(self, **changes) -> "DETRsegm":
+        """A copy whose detector's fields are changed (e.g. `padding_invariant=True`)."""
+        return self.clone(detr=self.detr.clone(**changes))
 
     @nn.compact
     def __call__(self, images, pixel_mask=None, train: bool = False, return_features: bool = False

@@ -76,8 +76,6 @@ class MultiheadAttention(nn.Module):
             [B, Sq, D], and the head-averaged weights [B, Sq, Sk] if `return_weights`.
         """
         d = query.shape[-1]
-        if d % self.num_heads:
-            raise ValueError(f"hidden dim {d} is not divisible by num_heads={self.num_heads}")
         head_dim = d // self.num_heads
         w = self.param("in_proj_kernel", xavier_uniform, (d, 3 * d)).astype(self.dtype)
         b = self.param("in_proj_bias", nn.initializers.zeros, (3 * d,)).astype(self.dtype)

@@ -1,5 +1,5 @@
-"""Orbax checkpoints of a training run: the train state with the loader's position, resumable exactly; and a work
-directory's latest checkpoint as a plain DETR for evaluation and inference."""
+"""Orbax checkpoints of a training run: the train state with the loader's position, resumable exactly. (Reading a
+work directory's detector for evaluation and inference: `weights.workdir`.)"""
 
 import json
 import logging
@@ -10,8 +10,7 @@ import jax
 import ml_collections
 import orbax.checkpoint as ocp
 
-from detr_jax.data import Loader
-from detr_jax.models.aids import build_inference_model, detector_variables
+from detr_jax.data.loader import Loader
 from detr_jax.ops import sharding
 from detr_jax.training.state import TrainState
 
@@ -57,23 +56,3 @@ def restore_checkpoint(manager, state: TrainState, config, mesh) -> Tuple[TrainS
     restored = manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract)))["state"]
     logger.info("resumed from %s at step %d", manager.directory, step)
     return restored, meta, step
-
-
-def load_workdir_checkpoint(workdir: str, step: Optional[int] = None):
-    """(config, the plain `DETR`, its variables {"params", "frozen"}) from a training work directory (its config.json
-    and orbax checkpoints)."""
-    config_path = os.path.join(workdir, "config.json")
-    if not os.path.isfile(config_path):
-        raise FileNotFoundError(f"{workdir} is not a detr_jax work directory: no config.json in it")
-    with open(config_path) as f:
-        config = ml_collections.ConfigDict(json.load(f))
-    manager = ocp.CheckpointManager(os.path.abspath(os.path.join(workdir, "checkpoints")))
-    step = manager.latest_step() if step is None else step
-    if step is None:
-        raise FileNotFoundError(f"no checkpoint in {workdir}/checkpoints")
-    state = manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore()))["state"]
-    manager.close()
-    if "training_aids" not in config or "model" not in state["params"]:
-        raise ValueError(f"{workdir} was written by an older detr_jax (before the detector's parameters moved under "
-                         "'model'); train it again, or evaluate it with that version")
-    return config, build_inference_model(config), detector_variables(state["params"], state["frozen"])

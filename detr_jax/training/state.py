@@ -1,6 +1,7 @@
-"""The optimizer and the train state: what `train.py`, the tests and the benchmarks all start from.
+"""The optimizer (AdamW, parameter groups, schedules, clipping) and the train state: what the loop, the tests and the
+benchmarks all start from.
 
-    model = aux_heads.build_training_model(config)
+    model = models.build_training_model(config)
     state, tx, schedules = create_train_state(config, model, total_steps, steps_per_epoch)
 """
 
@@ -12,13 +13,13 @@ import jax.numpy as jnp
 import ml_collections
 import optax
 
-from detr_jax.models.aids import DETRWithAids, training_parameter_groups
+from detr_jax.models.aids import MODEL, DETRWithAids
 from detr_jax.models.backbone import FROZEN_COLLECTION
-from detr_jax.models.segmentation import DETRsegm
+from detr_jax.models.detr import parameter_groups
+from detr_jax.models.segmentation import DETRsegm, segm_parameter_groups
 from detr_jax.weights.official import load_pretrained
 
 TrainState = Dict[str, Any]  # {"step", "params", "frozen", "opt_state", "nonfinite_step"}
-SCHEDULES = ("step", "cosine", "constant")  # config.optimizer.schedule
 
 
 def learning_rate_schedule(base_lr: float, config: ml_collections.ConfigDict, total_steps: int,
@@ -31,13 +32,23 @@ def learning_rate_schedule(base_lr: float, config: ml_collections.ConfigDict, to
         main = optax.piecewise_constant_schedule(base_lr, {max(drop_step - warmup, 1): 0.1})
     elif opt.schedule == "cosine":
         main = optax.cosine_decay_schedule(base_lr, max(total_steps - warmup, 1), alpha=opt.cosine_alpha)
-    elif opt.schedule == "constant":
+    else:  # "constant" (config.SCHEDULES)
         main = optax.constant_schedule(base_lr)
-    else:
-        raise ValueError(f"config.optimizer.schedule must be one of {SCHEDULES}, got {opt.schedule!r}")
     if warmup <= 0:
         return main
     return optax.join_schedules([optax.linear_schedule(0.0, base_lr, warmup), main], [warmup])
+
+
+def training_parameter_groups(params, train_stem: bool = False, freeze_detr: bool = False) -> Dict:
+    """The optimizer's label of every parameter of a `DETRWithAids` tree: the detector's (`detr.parameter_groups`,
+    a `DETRsegm`'s by `segm_parameter_groups`) under "model"; the aids train with the transformer's learning rate."""
+    def model_groups(sub):
+        if "mask_head" in sub:
+            return segm_parameter_groups(sub, train_stem, freeze_detr)
+        return parameter_groups(sub, train_stem)
+
+    return {name: model_groups(sub) if name == MODEL else jax.tree_util.tree_map(lambda _: "transformer", sub)
+            for name, sub in params.items()}
 
 
 def build_optimizer(config: ml_collections.ConfigDict, params, total_steps: int, steps_per_epoch: int):

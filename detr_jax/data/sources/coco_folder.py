@@ -11,10 +11,12 @@ import logging
 import math
 import os
 import threading
-from typing import Dict, Optional, Tuple
+from typing import Dict, Tuple
 
 import numpy as np
 from PIL import Image
+
+from detr_jax.data.sources.arguments import PATH, REQUIRED, Arg, Arguments
 
 logger = logging.getLogger(__name__)
 # Guards the sources' counters against the loader's worker threads. Module-level, not per source: a source then
@@ -51,16 +53,11 @@ def read_annotation_file(ann_file: str) -> Dict:
 class CocoFolder:
     """Examples from a COCO instances JSON and its image directory, in ascending image id order.
 
-    Args:
-      ann_file: path of the instances JSON (`images`, `annotations`, `categories`).
-      image_dir: directory holding each image's `file_name`.
+    Arguments: `ARGUMENTS` (positional in that order, or keywords). More on some of them:
       label_space: "contiguous" maps the sorted category ids to labels 0..K-1 (`category_ids[label]` gives the id
         back); "official91" keeps the raw category id as the label (the official DETR space: num_classes = max
         id + 1 = 91 for COCO, as the released checkpoints use).
-      keep_crowd: keep iscrowd=1 annotations (flagged in "iscrowd"), for evaluation. False (training) drops them,
-        as the official code does.
-      num_classes: the model's number of classes; any label >= num_classes is an error. Default: the label
-        space's size.
+      keep_crowd: False (training) drops iscrowd=1 annotations, as the official code does.
       skip_bad_images: images whose file is missing are dropped at start (counted in
         `stats["missing_images_skipped"]`), and an image that turns out unreadable later is replaced by the next
         readable one (logged, counted in `stats["bad_images_skipped"]`), instead of raising ImageReadError.
@@ -72,21 +69,31 @@ class CocoFolder:
     Attributes: `num_classes`, `class_names` (indexed by label), `category_ids` (COCO id of each label), `stats`.
     """
 
-    def __init__(self, ann_file: str, image_dir: str, label_space: str = "contiguous", keep_crowd: bool = False,
-                 num_classes: Optional[int] = None, skip_bad_images: bool = False):
-        if label_space not in LABEL_SPACES:
-            raise ValueError(f"label_space must be one of {LABEL_SPACES}, got {label_space!r}")
-        if not os.path.isdir(image_dir):
-            raise FileNotFoundError(f"image directory {image_dir} does not exist")
-        self.ann_file = ann_file
-        self.image_dir = image_dir
-        self.label_space = label_space
-        self.keep_crowd = keep_crowd
-        self.skip_bad_images = skip_bad_images
-        data = read_annotation_file(ann_file)
+    ARGUMENTS = Arguments(
+        ann_file=Arg(PATH, REQUIRED, "path of the instances JSON: its images, annotations and categories"),
+        image_dir=Arg(PATH, REQUIRED, "directory holding each image's file_name"),
+        label_space=Arg(str, "contiguous", f"one of {LABEL_SPACES}: labels 0..K-1, or label = COCO category id"),
+        keep_crowd=Arg(bool, False, 'keep iscrowd=1 annotations (flagged in "iscrowd"), for evaluation'),
+        num_classes=Arg((int, None), None, "model classes; a larger label is an error (None: the label space's size)"),
+        skip_bad_images=Arg(bool, False, "drop missing images at start and skip unreadable ones (counted, logged)"),
+    )
+    __signature__ = ARGUMENTS.signature
+
+    def __init__(self, *args, **kwargs):
+        a = self.ARGUMENTS.bind(type(self).__name__, args, kwargs)
+        if a.label_space not in LABEL_SPACES:
+            raise ValueError(f"label_space must be one of {LABEL_SPACES}, got {a.label_space!r}")
+        if not os.path.isdir(a.image_dir):
+            raise FileNotFoundError(f"image directory {a.image_dir} does not exist")
+        self.ann_file = a.ann_file
+        self.image_dir = a.image_dir
+        self.label_space = a.label_space
+        self.keep_crowd = a.keep_crowd
+        self.skip_bad_images = a.skip_bad_images
+        data = read_annotation_file(a.ann_file)
 
         self._build_label_space(data["categories"])
-        self.num_classes = len(self.class_names) if num_classes is None else int(num_classes)
+        self.num_classes = len(self.class_names) if a.num_classes is None else int(a.num_classes)
         self.stats: Dict[str, int] = {"images": 0, "annotations": 0, "objects": 0, "crowd_dropped": 0,
                                       "zero_area_dropped": 0, "bad_images_skipped": 0, "missing_images_skipped": 0}
         self._images = self._parse_images(data["images"])
@@ -97,10 +104,10 @@ class CocoFolder:
         self.stats["images"] = len(self.image_ids)
         self._bad_files = set()
         logger.info("%s: %d images, %d objects kept of %d annotations (%d crowd dropped, %d zero-area dropped)",
-                    ann_file, self.stats["images"], self.stats["objects"], self.stats["annotations"],
+                    self.ann_file, self.stats["images"], self.stats["objects"], self.stats["annotations"],
                     self.stats["crowd_dropped"], self.stats["zero_area_dropped"])
         if self.stats["zero_area_dropped"]:
-            logger.warning("%s: dropped %d boxes with zero area after clipping to the image", ann_file,
+            logger.warning("%s: dropped %d boxes with zero area after clipping to the image", self.ann_file,
                            self.stats["zero_area_dropped"])
 
     def _build_label_space(self, categories):

@@ -11,14 +11,15 @@ Sources expose `class_names`, `category_ids` (the dataset id of each label), `is
 """
 
 import os
-from typing import Dict, Optional, Tuple
+from typing import Dict, Tuple
 
 import numpy as np
 from PIL import Image
 
 from detr_jax.data.panoptic_transforms import masks_to_boxes
+from detr_jax.data.sources.arguments import PATH, REQUIRED, Arg, Arguments
 from detr_jax.data.sources.coco_folder import AnnotationError, ImageReadError, read_annotation_file
-from detr_jax.evaluation.postprocess_panoptic import rgb2id
+from detr_jax.ops.panoptic_ids import rgb2id
 
 LABEL_SPACES = ("official250", "contiguous")
 OFFICIAL_NUM_CLASSES = 250  # the official panoptic DETR's num_classes (COCO panoptic ids go to 200)
@@ -31,19 +32,16 @@ def _is_int(value) -> bool:
 class CocoPanopticFolder:
     """Examples from a COCO panoptic JSON, its image directory and its directory of segment PNGs.
 
-    Args:
+    Arguments: `ARGUMENTS` (positional in that order, or keywords). More on some of them:
       ann_file: the panoptic JSON: "images" [{"id", "file_name", "height", "width"}], "annotations" (one per
         image: {"image_id", "file_name" of the PNG, "segments_info": [{"id", "category_id", "iscrowd", ...}]})
         and "categories" [{"id", "name", "isthing"}].
-      image_dir: directory holding each image's `file_name`.
-      panoptic_dir: directory holding each annotation's PNG.
       label_space: "official250" uses the category id as the label, with num_classes 250, as the official
         panoptic DETR (`category_ids[label] == label`, unused labels named "N/A"); "contiguous" maps the sorted
         category ids to labels 0..K-1.
-      keep_crowd: keep iscrowd=1 segments (flagged in "iscrowd"). True by default: the official panoptic
-        training keeps them (unlike its detection training). False drops them (their pixels become void).
-      num_classes: the model's number of classes; a label >= num_classes is an error. Default: 250 for
-        "official250", the number of categories for "contiguous".
+      keep_crowd: True keeps crowd segments, as the official panoptic training (unlike its detection training);
+        False drops them (their pixels become void).
+      num_classes: None is 250 for "official250", the number of categories for "contiguous".
 
     The JSON is parsed and validated, and every image and PNG checked to exist, in the constructor; the PNG of an
     example is decoded, and checked against its "segments_info", when the example is read.
@@ -51,18 +49,28 @@ class CocoPanopticFolder:
     (H, W); "iscrowd" bool [K]; "masks" bool [K, H, W]; "segment_ids" int32 [K] (see the module docstring).
     """
 
-    def __init__(self, ann_file: str, image_dir: str, panoptic_dir: str, label_space: str = "official250",
-                 keep_crowd: bool = True, num_classes: Optional[int] = None):
-        if label_space not in LABEL_SPACES:
-            raise ValueError(f"label_space must be one of {LABEL_SPACES}, got {label_space!r}")
-        for name, path in (("image", image_dir), ("panoptic PNG", panoptic_dir)):
+    ARGUMENTS = Arguments(
+        ann_file=Arg(PATH, REQUIRED, "path of the panoptic JSON: its images, annotations and categories"),
+        image_dir=Arg(PATH, REQUIRED, "directory holding each image's file_name"),
+        panoptic_dir=Arg(PATH, REQUIRED, "directory holding each annotation's segment PNG"),
+        label_space=Arg(str, "official250", f"one of {LABEL_SPACES}: label = category id (250 classes), or 0..K-1"),
+        keep_crowd=Arg(bool, True, 'keep iscrowd=1 segments (flagged in "iscrowd"); False makes their pixels void'),
+        num_classes=Arg((int, None), None, "model classes; a larger label is an error (None: the label space's size)"),
+    )
+    __signature__ = ARGUMENTS.signature
+
+    def __init__(self, *args, **kwargs):
+        a = self.ARGUMENTS.bind(type(self).__name__, args, kwargs)
+        if a.label_space not in LABEL_SPACES:
+            raise ValueError(f"label_space must be one of {LABEL_SPACES}, got {a.label_space!r}")
+        for name, path in (("image", a.image_dir), ("panoptic PNG", a.panoptic_dir)):
             if not os.path.isdir(path):
                 raise FileNotFoundError(f"{name} directory {path} does not exist")
-        self.ann_file, self.image_dir, self.panoptic_dir = ann_file, image_dir, panoptic_dir
-        self.label_space = label_space
-        self.keep_crowd = keep_crowd
-        data = read_annotation_file(ann_file)
-        self._build_label_space(data["categories"], num_classes)
+        self.ann_file, self.image_dir, self.panoptic_dir = a.ann_file, a.image_dir, a.panoptic_dir
+        self.label_space = a.label_space
+        self.keep_crowd = a.keep_crowd
+        data = read_annotation_file(a.ann_file)
+        self._build_label_space(data["categories"], a.num_classes)
         self._images = self._parse_images(data["images"])
         self._segments = self._parse_annotations(data["annotations"])
         self.image_ids = sorted(self._images)
@@ -265,3 +273,13 @@ class BoxesOnly:
         example.pop("masks", None)
         example.pop("segment_ids", None)
         return example
+
+
+class ImagesOnly(BoxesOnly):
+    """A source seen as images without objects (what a panoptic evaluation loads: its scorer reads the ground truth
+    from `source` at the original size)."""
+
+    def __getitem__(self, index: int) -> Dict:
+        ex = self.source[index]
+        return {"image": ex["image"], "image_id": ex["image_id"], "orig_size": ex["orig_size"],
+                "boxes": np.zeros((0, 4), np.float32), "labels": np.zeros(0, np.int32), "iscrowd": np.zeros(0, bool)}

@@ -29,11 +29,11 @@ from typing import Optional
 import numpy as np
 import tensorflow_datasets as tfds
 
-from detr_jax.data import coco_like
 from detr_jax.data.panoptic_transforms import masks_to_boxes
+from detr_jax.data.sources import coco_like
 from detr_jax.data.sources.coco_panoptic_categories import COCO_PANOPTIC_CATEGORY_IDS, COCO_PANOPTIC_CLASS_NAMES
 from detr_jax.data.sources.synthetic_panoptic import SyntheticPanoptic
-from detr_jax.evaluation.postprocess_panoptic import id2rgb
+from detr_jax.ops.panoptic_ids import id2rgb
 
 IMAGE_SIZES = ((96, 128), (128, 96), (112, 112), (128, 160), (160, 128))  # (h, w): small, both orientations
 # 0x030201: segment k is RGB (k, 2k, 3k), so the id decoding uses all three channels (SyntheticPanoptic has at

@@ -8,10 +8,12 @@ earlier box, so every labelled object stays visible.
 
 import json
 import os
-from typing import Dict, Optional, Sequence, Tuple, Union
+from typing import Dict, Optional, Sequence, Tuple
 
 import numpy as np
 from PIL import Image, ImageDraw
+
+from detr_jax.data.sources.arguments import Arg, Arguments
 
 CLASS_NAMES = ("rectangle", "ellipse", "triangle", "cross", "diamond")
 
@@ -58,16 +60,7 @@ class SeededExamples:
 class SyntheticDetection(SeededExamples):
     """Deterministic synthetic detection examples: `ds[index]` is the same for the same (seed, split, index).
 
-    Args:
-      split: "train" or "val"; val uses other random streams, so its images differ from train's.
-      num_examples: length of the split.
-      image_size: (h, w) for every image, or a sequence of (h, w) pairs to draw from per image.
-      min_objects, max_objects: objects per image, uniform in [min_objects, max_objects] (fewer when no free
-        place is found under the occlusion limit).
-      min_object_size, max_object_size: object size sqrt(w * h) as a fraction of the shorter image side,
-        log-uniform in [min, max]; aspect ratios are log-uniform in [1/2, 2].
-      max_occlusion: the largest fraction of an earlier object's box that a later object may cover.
-      seed: dataset seed.
+    Arguments: `ARGUMENTS` (positional in that order, or keywords). Aspect ratios are log-uniform in [1/2, 2].
 
     Each example is a dict:
       "image": uint8 [H, W, 3]; "boxes": float32 [K, 4] xyxy in absolute pixels (integer valued, tight);
@@ -75,23 +68,34 @@ class SyntheticDetection(SeededExamples):
       "iscrowd": bool [K] (all False).
     """
 
-    def __init__(self, split: str = "train", num_examples: int = 1000,
-                 image_size: Union[Tuple[int, int], Sequence[Tuple[int, int]]] = (128, 128),
-                 min_objects: int = 1, max_objects: int = 8, min_object_size: float = 0.15,
-                 max_object_size: float = 0.6, max_occlusion: float = 0.5, seed: int = 0):
-        self._check_split(split)
-        if not 1 <= min_objects <= max_objects:
-            raise ValueError(f"need 1 <= min_objects <= max_objects, got {min_objects}, {max_objects}")
-        if not 0 < min_object_size <= max_object_size <= 1:
+    ARGUMENTS = Arguments(
+        split=Arg(str, "train", '"train" or "val"; val uses other random streams, so its images differ from train\'s'),
+        num_examples=Arg(int, 1000, "length of the split"),
+        image_size=Arg(tuple, (128, 128), "(h, w) of every image, or a sequence of (h, w) pairs drawn from per image"),
+        min_objects=Arg(int, 1, "fewest objects per image (uniform in [min_objects, max_objects])"),
+        max_objects=Arg(int, 8, "most objects per image (fewer when no free place is under max_occlusion)"),
+        min_object_size=Arg(float, 0.15, "smallest object sqrt(w * h), a fraction of the shorter side (log-uniform)"),
+        max_object_size=Arg(float, 0.6, "largest object sqrt(w * h), a fraction of the shorter side (log-uniform)"),
+        max_occlusion=Arg(float, 0.5, "the largest fraction of an earlier object's box a later object may cover"),
+        seed=Arg(int, 0, "dataset seed"),
+    )
+    __signature__ = ARGUMENTS.signature
+
+    def __init__(self, *args, **kwargs):
+        a = self.ARGUMENTS.bind(type(self).__name__, args, kwargs)
+        self._check_split(a.split)
+        if not 1 <= a.min_objects <= a.max_objects:
+            raise ValueError(f"need 1 <= min_objects <= max_objects, got {a.min_objects}, {a.max_objects}")
+        if not 0 < a.min_object_size <= a.max_object_size <= 1:
             raise ValueError(f"need 0 < min_object_size <= max_object_size <= 1 (fractions of the shorter side), "
-                             f"got {min_object_size}, {max_object_size}")
-        self.image_sizes = self._parse_image_sizes(image_size, min_side=8)
-        self.split = split
-        self.num_examples = int(num_examples)
-        self.min_objects, self.max_objects = int(min_objects), int(max_objects)
-        self.min_object_size, self.max_object_size = float(min_object_size), float(max_object_size)
-        self.max_occlusion = float(max_occlusion)
-        self.seed = int(seed)
+                             f"got {a.min_object_size}, {a.max_object_size}")
+        self.image_sizes = self._parse_image_sizes(a.image_size, min_side=8)
+        self.split = a.split
+        self.num_examples = int(a.num_examples)
+        self.min_objects, self.max_objects = int(a.min_objects), int(a.max_objects)
+        self.min_object_size, self.max_object_size = float(a.min_object_size), float(a.max_object_size)
+        self.max_occlusion = float(a.max_occlusion)
+        self.seed = int(a.seed)
         self.class_names = CLASS_NAMES
         self.num_classes = len(CLASS_NAMES)
         # COCO category id of each label when written out with `write_coco_folder` (1-based, like COCO).

@@ -4,14 +4,15 @@ panoptic source to a COCO panoptic folder. Examples as in `panoptic_sources`."""
 import json
 import math
 import os
-from typing import Dict, Optional, Sequence, Tuple, Union
+from typing import Dict, Optional, Sequence
 
 import numpy as np
 from PIL import Image, ImageDraw
 
 from detr_jax.data.panoptic_transforms import masks_to_boxes
+from detr_jax.data.sources.arguments import Arg, Arguments
 from detr_jax.data.sources.synthetic import SeededExamples, _draw_shape
-from detr_jax.evaluation.postprocess_panoptic import id2rgb
+from detr_jax.ops.panoptic_ids import id2rgb
 
 THING_CLASSES = ("ellipse", "rectangle", "triangle")  # drawn by synthetic._draw_shape
 STUFF_CLASSES = ("sky", "grass", "sand")
@@ -28,37 +29,41 @@ class SyntheticPanoptic(SeededExamples):
     each thing keeps at least (1 - max_occlusion) of its pixels. Every pixel belongs to exactly one segment.
     Labels: things 0..2 (THING_CLASSES), stuff 3..5 (STUFF_CLASSES); `is_thing` says which.
 
-    Args:
-      split: "train" or "val" (other random streams).
-      num_examples: length of the split.
-      image_size: (h, w) for every image, or a sequence of (h, w) pairs to draw from per image.
-      min_things, max_things: things per image, uniform in [min, max] (fewer when no place is found).
-      min_thing_size, max_thing_size: thing size sqrt(w * h) as a fraction of the shorter side, log-uniform
-        (defaults: 19-58 px on 128 px images); aspect ratios log-uniform in [2/3, 3/2].
-      max_occlusion: the largest fraction of an earlier thing's pixels that later things may cover.
-      noise: amplitude of the uniform noise on stuff pixels (0: flat colours).
-      seed: dataset seed.
+    Arguments: `ARGUMENTS` (positional in that order, or keywords). The default thing sizes are 19-58 px on
+    128 px images; aspect ratios are log-uniform in [2/3, 3/2].
 
     Examples as `CocoPanopticFolder`'s, with "segment_ids" 1..K (stuff first, then things in drawing order),
     "image_id" index + 1, "iscrowd" all False.
     """
     STREAM_TAG = 0x9A  # not SyntheticDetection's: the two sets draw unrelated streams
 
-    def __init__(self, split: str = "train", num_examples: int = 1000,
-                 image_size: Union[Tuple[int, int], Sequence[Tuple[int, int]]] = (128, 128), min_things: int = 1,
-                 max_things: int = 6, min_thing_size: float = 0.15, max_thing_size: float = 0.45,
-                 max_occlusion: float = 0.5, noise: float = 8.0, seed: int = 0):
-        self._check_split(split)
-        if not 0 <= min_things <= max_things:
-            raise ValueError(f"need 0 <= min_things <= max_things, got {min_things}, {max_things}")
-        if not 0 < min_thing_size <= max_thing_size <= 1:
+    ARGUMENTS = Arguments(
+        split=Arg(str, "train", '"train" or "val" (other random streams)'),
+        num_examples=Arg(int, 1000, "length of the split"),
+        image_size=Arg(tuple, (128, 128), "(h, w) of every image, or a sequence of (h, w) pairs drawn from per image"),
+        min_things=Arg(int, 1, "fewest things per image (uniform in [min_things, max_things])"),
+        max_things=Arg(int, 6, "most things per image (fewer when no place is found)"),
+        min_thing_size=Arg(float, 0.15, "smallest thing sqrt(w * h), a fraction of the shorter side (log-uniform)"),
+        max_thing_size=Arg(float, 0.45, "largest thing sqrt(w * h), a fraction of the shorter side (log-uniform)"),
+        max_occlusion=Arg(float, 0.5, "the largest fraction of an earlier thing's pixels later things may cover"),
+        noise=Arg(float, 8.0, "amplitude of the uniform noise on stuff pixels (0: flat colours)"),
+        seed=Arg(int, 0, "dataset seed"),
+    )
+    __signature__ = ARGUMENTS.signature
+
+    def __init__(self, *args, **kwargs):
+        a = self.ARGUMENTS.bind(type(self).__name__, args, kwargs)
+        self._check_split(a.split)
+        if not 0 <= a.min_things <= a.max_things:
+            raise ValueError(f"need 0 <= min_things <= max_things, got {a.min_things}, {a.max_things}")
+        if not 0 < a.min_thing_size <= a.max_thing_size <= 1:
             raise ValueError(f"need 0 < min_thing_size <= max_thing_size <= 1 (fractions of the shorter side), "
-                             f"got {min_thing_size}, {max_thing_size}")
-        self.image_sizes = self._parse_image_sizes(image_size, min_side=16)
-        self.split, self.num_examples, self.seed = split, int(num_examples), int(seed)
-        self.min_things, self.max_things = int(min_things), int(max_things)
-        self.min_thing_size, self.max_thing_size = float(min_thing_size), float(max_thing_size)
-        self.max_occlusion, self.noise = float(max_occlusion), float(noise)
+                             f"got {a.min_thing_size}, {a.max_thing_size}")
+        self.image_sizes = self._parse_image_sizes(a.image_size, min_side=16)
+        self.split, self.num_examples, self.seed = a.split, int(a.num_examples), int(a.seed)
+        self.min_things, self.max_things = int(a.min_things), int(a.max_things)
+        self.min_thing_size, self.max_thing_size = float(a.min_thing_size), float(a.max_thing_size)
+        self.max_occlusion, self.noise = float(a.max_occlusion), float(a.noise)
         self.class_names = THING_CLASSES + STUFF_CLASSES
         self.is_thing = (True,) * len(THING_CLASSES) + (False,) * len(STUFF_CLASSES)
         self.num_classes = len(self.class_names)

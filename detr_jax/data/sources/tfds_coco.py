@@ -28,6 +28,7 @@ from typing import Dict, Optional, Tuple
 import numpy as np
 from PIL import Image
 
+from detr_jax.data.sources.arguments import PATH, Arg, Arguments
 from detr_jax.data.sources.coco_categories import COCO_CATEGORY_IDS, COCO_CLASS_NAMES, OFFICIAL91_CLASS_NAMES
 
 logger = logging.getLogger(__name__)
@@ -117,28 +118,31 @@ class TfdsRecords:
 class TfdsCoco(TfdsRecords):
     """COCO detection examples from TFDS, the whole of `split` (random access).
 
-    Args:
-      split: TFDS split ("train", "validation", "train[:1000]", ...).
-      data_dir: TFDS data directory (default: TFDS's).
-      label_space: "contiguous" (labels 0..79) or "official91" (label = COCO category id, num_classes 91).
-      keep_crowd: keep is_crowd objects (flagged in "iscrowd"), for evaluation; False drops them (training).
-      num_classes: labels >= num_classes raise ValueError naming the annotation id. Default: the space's size.
-      name: TFDS dataset name ("coco/2017"; "coco_like" is prepared on first use).
-      size_cache_dir: where the image-size index is cached (default: next to the prepared data).
+    Arguments: `ARGUMENTS` (positional in that order, or keywords).
 
     Examples: as SyntheticDetection/CocoFolder: "image" uint8 [H, W, 3], "boxes" float32 [K, 4] xyxy absolute,
     "labels" int32 [K], "image_id" int, "orig_size" (H, W), "iscrowd" bool [K].
     """
 
-    def __init__(self, split: str = "train", data_dir: Optional[str] = None, label_space: str = "contiguous",
-                 keep_crowd: bool = False, num_classes: Optional[int] = None, name: str = "coco/2017",
-                 size_cache_dir: Optional[str] = None):
-        if label_space not in ("contiguous", "official91"):
-            raise ValueError(f"label_space must be 'contiguous' or 'official91', got {label_space!r}")
-        super().__init__(name, split, data_dir, ("image",), size_cache_dir)
-        self.label_space = label_space
-        self.keep_crowd = keep_crowd
-        if label_space == "contiguous":
+    ARGUMENTS = Arguments(
+        split=Arg(str, "train", 'TFDS split ("train", "validation", "train[:1000]", ...)'),
+        data_dir=Arg(PATH + (None,), None, 'TFDS data directory (None or "": TFDS\'s)'),
+        label_space=Arg(str, "contiguous", '"contiguous" (labels 0..79) or "official91" (label = COCO category id)'),
+        keep_crowd=Arg(bool, False, 'keep is_crowd objects (flagged in "iscrowd"), for evaluation; False drops them'),
+        num_classes=Arg((int, None), None, "model classes; a larger label is an error (None: the label space's size)"),
+        name=Arg(str, "coco/2017", 'TFDS dataset name ("coco_like": the built-in set, prepared on first use)'),
+        size_cache_dir=Arg(PATH + (None,), None, "where the image-size index is cached (None: by the prepared data)"),
+    )
+    __signature__ = ARGUMENTS.signature
+
+    def __init__(self, *args, **kwargs):
+        a = self.ARGUMENTS.bind(type(self).__name__, args, kwargs)
+        if a.label_space not in ("contiguous", "official91"):
+            raise ValueError(f"label_space must be 'contiguous' or 'official91', got {a.label_space!r}")
+        super().__init__(a.name, a.split, a.data_dir, ("image",), a.size_cache_dir)
+        self.label_space = a.label_space
+        self.keep_crowd = a.keep_crowd
+        if a.label_space == "contiguous":
             self.category_ids = COCO_CATEGORY_IDS
             self.class_names = COCO_CLASS_NAMES
             self._label_map = np.arange(len(COCO_CATEGORY_IDS), dtype=np.int32)
@@ -146,12 +150,12 @@ class TfdsCoco(TfdsRecords):
             self.category_ids = tuple(range(len(OFFICIAL91_CLASS_NAMES)))
             self.class_names = OFFICIAL91_CLASS_NAMES
             self._label_map = np.asarray(COCO_CATEGORY_IDS, np.int32)
-        self.num_classes = len(self.class_names) if num_classes is None else int(num_classes)
+        self.num_classes = len(self.class_names) if a.num_classes is None else int(a.num_classes)
         self.stats: Dict[str, int] = {"crowd_dropped": 0, "zero_area_dropped": 0}
 
     def _prepare_builtin(self, name: str, data_dir: Optional[str]) -> None:
         if name == "coco_like":
-            from detr_jax.data import coco_like  # pylint: disable=g-import-not-at-top
+            from detr_jax.data.sources import coco_like  # pylint: disable=g-import-not-at-top
             coco_like.prepare(data_dir, any_prepared=True)
 
     def __getitem__(self, index: int) -> Dict:

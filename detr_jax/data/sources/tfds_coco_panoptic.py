@@ -7,8 +7,8 @@ official `coco_panoptic.py` ignores the JSON's).
 
 TFDS labels are 0..132, the panoptic categories in category-id order; label_space "contiguous" keeps them,
 "official250" maps them to the raw category ids (the official panoptic DETR's 250-class space).
-name="coco_panoptic_like" is the built-in COCO-panoptic-like set (`detr_jax.data.sources.coco_panoptic_like`), prepared on
-first use.
+name="coco_panoptic_like" is the built-in COCO-panoptic-like set (`detr_jax.data.sources.coco_panoptic_like`),
+prepared on first use.
 """
 
 import logging
@@ -17,6 +17,7 @@ from typing import Dict, Optional
 import numpy as np
 
 from detr_jax.data.panoptic_transforms import masks_to_boxes
+from detr_jax.data.sources.arguments import PATH, Arg, Arguments
 from detr_jax.data.sources.coco_folder import AnnotationError
 from detr_jax.data.sources.coco_panoptic_categories import (
     COCO_PANOPTIC_CATEGORY_IDS,
@@ -27,7 +28,7 @@ from detr_jax.data.sources.coco_panoptic_categories import (
 )
 from detr_jax.data.sources.coco_panoptic_folder import LABEL_SPACES, segment_masks
 from detr_jax.data.sources.tfds_coco import TfdsRecords, as_rgb, map_labels
-from detr_jax.evaluation.postprocess_panoptic import rgb2id
+from detr_jax.ops.panoptic_ids import rgb2id
 
 logger = logging.getLogger(__name__)
 
@@ -35,16 +36,9 @@ logger = logging.getLogger(__name__)
 class TfdsCocoPanoptic(TfdsRecords):
     """COCO panoptic examples from TFDS, the whole of `split` (random access).
 
-    Args:
-      split: TFDS split ("train", "validation", "validation[:500]", ...).
-      data_dir: TFDS data directory (default: TFDS's).
-      label_space: "official250" (label = COCO panoptic category id, num_classes 250, as the official panoptic
-        DETR; `category_ids[label] == label`, unused labels "N/A") or "contiguous" (labels 0..132).
-      keep_crowd: keep is_crowd segments (flagged in "iscrowd"). True by default, as the official panoptic
-        training and CocoPanopticFolder; False drops them (their pixels become void).
-      num_classes: labels >= num_classes raise ValueError naming the record and segment. Default: the space's size.
-      name: TFDS dataset name ("coco/2017_panoptic"; "coco_panoptic_like" is prepared on first use).
-      size_cache_dir: where the image-size index is cached (default: next to the prepared data).
+    Arguments: `ARGUMENTS` (positional in that order, or keywords). label_space "official250" is the official
+    panoptic DETR's (`category_ids[label] == label`, unused labels "N/A"); keep_crowd is True by default, as the
+    official panoptic training and CocoPanopticFolder.
 
     Examples as CocoPanopticFolder's: "image" uint8 [H, W, 3], "boxes" float32 [K, 4] xyxy absolute (the masks'
     extents), "labels" int32 [K], "image_id", "orig_size" (H, W), "iscrowd" bool [K], "masks" bool [K, H, W],
@@ -53,16 +47,26 @@ class TfdsCocoPanoptic(TfdsRecords):
 
     SOURCE, FOLDER_SOURCE = "tfds_panoptic", "coco_panoptic"
 
-    def __init__(self, split: str = "train", data_dir: Optional[str] = None, label_space: str = "official250",
-                 keep_crowd: bool = True, num_classes: Optional[int] = None, name: str = "coco/2017_panoptic",
-                 size_cache_dir: Optional[str] = None):
-        if label_space not in LABEL_SPACES:
-            raise ValueError(f"label_space must be one of {LABEL_SPACES}, got {label_space!r}")
-        super().__init__(name, split, data_dir, ("image", "panoptic_image"), size_cache_dir)
+    ARGUMENTS = Arguments(
+        split=Arg(str, "train", 'TFDS split ("train", "validation", "validation[:500]", ...)'),
+        data_dir=Arg(PATH + (None,), None, 'TFDS data directory (None or "": TFDS\'s)'),
+        label_space=Arg(str, "official250", '"official250" (label = category id, 250) or "contiguous" (0..132)'),
+        keep_crowd=Arg(bool, True, 'keep is_crowd segments (flagged in "iscrowd"); False makes their pixels void'),
+        num_classes=Arg((int, None), None, "model classes; a larger label is an error (None: the label space's size)"),
+        name=Arg(str, "coco/2017_panoptic", 'TFDS dataset name ("coco_panoptic_like": built in, made on first use)'),
+        size_cache_dir=Arg(PATH + (None,), None, "where the image-size index is cached (None: by the prepared data)"),
+    )
+    __signature__ = ARGUMENTS.signature
+
+    def __init__(self, *args, **kwargs):
+        a = self.ARGUMENTS.bind(type(self).__name__, args, kwargs)
+        if a.label_space not in LABEL_SPACES:
+            raise ValueError(f"label_space must be one of {LABEL_SPACES}, got {a.label_space!r}")
+        super().__init__(a.name, a.split, a.data_dir, ("image", "panoptic_image"), a.size_cache_dir)
         self._check_label_names()
-        self.label_space = label_space
-        self.keep_crowd = keep_crowd
-        if label_space == "contiguous":
+        self.label_space = a.label_space
+        self.keep_crowd = a.keep_crowd
+        if a.label_space == "contiguous":
             self.category_ids = COCO_PANOPTIC_CATEGORY_IDS
             self.class_names = COCO_PANOPTIC_CLASS_NAMES
             self.is_thing = COCO_PANOPTIC_IS_THING
@@ -72,12 +76,12 @@ class TfdsCocoPanoptic(TfdsRecords):
             self.class_names = OFFICIAL250_CLASS_NAMES
             self.is_thing = OFFICIAL250_IS_THING
             self._label_map = np.asarray(COCO_PANOPTIC_CATEGORY_IDS, np.int32)
-        self.num_classes = len(self.class_names) if num_classes is None else int(num_classes)
+        self.num_classes = len(self.class_names) if a.num_classes is None else int(a.num_classes)
         self.stats: Dict[str, int] = {"crowd_dropped": 0}
 
     def _prepare_builtin(self, name: str, data_dir: Optional[str]) -> None:
         if name == "coco_panoptic_like":
-            from detr_jax.data import coco_panoptic_like  # pylint: disable=g-import-not-at-top
+            from detr_jax.data.sources import coco_panoptic_like  # pylint: disable=g-import-not-at-top
             coco_panoptic_like.prepare(data_dir, any_prepared=True)
 
     def _check_label_names(self) -> None:

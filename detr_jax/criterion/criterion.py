@@ -1,0 +1,105 @@
+"""The criterion: the one owner of "what is the loss" (the official `SetCriterion`, scenic's `loss_function`).
+
+    criterion = Criterion.from_config(config, model, mesh)
+    loss, terms = criterion(outputs, batch, aids)   # inside the jitted train step
+
+It matches every decoder layer to the targets (Hungarian, `matcher.py`), then adds up each weighted term: the
+set losses of every layer (`set_losses.py`), the panoptic mask losses of the main layer (`mask_losses.py`) and
+the dense losses of the training aids' token heads (`dense_losses.py`), with Group DETR's query groups each
+matched on its own (`query_groups.py`). The train step knows none of them: forward -> criterion -> grad ->
+update. A new term is a method here and a line in `__call__`.
+"""
+
+from typing import Dict, Mapping, Optional, Tuple
+
+import jax.numpy as jnp
+
+from detr_jax.criterion.dense_losses import encoder_dense_losses
+from detr_jax.criterion.mask_losses import mask_losses
+from detr_jax.criterion.matcher import HungarianMatcher
+from detr_jax.criterion.query_groups import split_query_groups
+from detr_jax.criterion.set_losses import set_losses
+
+
+class Criterion:
+    """Matching, then the weighted total and every logged term.
+
+    Args:
+      num_classes: object classes; index num_classes of the logits is no-object.
+      matcher: a `HungarianMatcher` (cost weights, solver, the device mesh it runs on).
+      eos_coef: the no-object class's weight in the cross-entropy (official 0.1).
+      weights: each term's weight in the total: "ce", "bbox", "giou" (every decoder layer, and the aids' dense
+        losses), "mask", "dice" (panoptic).
+      bbox_loss_type: "l1" (official) or "smooth_l1".
+      num_query_groups: Group DETR's G: the outputs hold G groups of queries, each matched on its own.
+    """
+
+    def __init__(self, num_classes: int, matcher: HungarianMatcher, *, eos_coef: float = 0.1,
+                 weights: Optional[Mapping[str, float]] = None, bbox_loss_type: str = "l1",
+                 num_query_groups: int = 1):
+        self.num_classes, self.matcher, self.eos_coef = num_classes, matcher, eos_coef
+        self.weights = {**dict(ce=1.0, bbox=5.0, giou=2.0, mask=1.0, dice=1.0), **(weights or {})}
+        self.bbox_loss_type, self.num_query_groups = bbox_loss_type, num_query_groups
+
+    @classmethod
+    def from_config(cls, config, model, mesh=None) -> "Criterion":
+        """The criterion of a run: config.loss (matching costs, solver, loss weights), config.panoptic's mask loss
+        weights; `model` (a `DETR`, `DETRsegm` or `DETRWithAids`) gives the classes and the query groups. With a
+        `mesh`, matching runs per device shard."""
+        loss = config.loss
+        matcher = HungarianMatcher(loss.cost_class, loss.cost_bbox, loss.cost_giou, solver=loss.matcher, mesh=mesh)
+        weights = dict(ce=loss.ce_loss_coef, bbox=loss.bbox_loss_coef, giou=loss.giou_loss_coef,
+                       mask=config.panoptic.mask_loss_coef, dice=config.panoptic.dice_loss_coef)
+        return cls(model.detector.num_classes, matcher, eos_coef=loss.eos_coef, weights=weights,
+                   bbox_loss_type=loss.bbox_loss_type, num_query_groups=getattr(model, "num_query_groups", 1))
+
+    def __call__(self, outputs: Dict, batch: Dict, aids: Optional[Dict] = None) -> Tuple[jnp.ndarray, Dict]:
+        """The loss of one (global) batch.
+
+        Args:
+          outputs: the model's: "pred_logits" [B, G * N, C + 1], "pred_boxes" [B, G * N, 4] cxcywh normalised,
+            "aux_outputs" (the earlier decoder layers), panoptic "pred_masks" [B, N, h, w].
+          batch: "labels" int32 [B, M], "boxes" [B, M, 4] cxcywh normalised, "mask" bool [B, M] (True on real
+            objects); panoptic "target_masks" (bool [B, M, H, W], or [B, M, P] with "mask_points" int [B, P]),
+            "pixel_mask" bool [B, H, W].
+          aids: {name: token-head outputs} of the training aids (`models.aids.DETRWithAids`).
+        Returns:
+          (total, terms): the weighted total, and a dict of every logged scalar ("loss" is the total).
+        """
+        targets = {k: batch[k] for k in ("labels", "boxes", "mask")}
+        outputs, targets = split_query_groups(outputs, targets, self.num_query_groups)
+        layers = list(outputs.get("aux_outputs", [])) + [outputs]
+        indices = self.matcher(jnp.stack([o["pred_logits"] for o in layers]),
+                               jnp.stack([o["pred_boxes"] for o in layers]), targets)  # [L, B, M]
+        terms = self.set_losses(outputs, targets, indices)
+        w = self.weights
+        if "pred_masks" in outputs:  # panoptic
+            masks = self.mask_losses(outputs, batch, targets, indices)
+            terms = dict(terms, **masks, loss=terms["loss"] + w["mask"] * masks["loss_mask"]
+                         + w["dice"] * masks["loss_dice"])
+        for name, dense_outputs in (aids or {}).items():  # weighted inside, with the decoder's weights
+            dense = self.dense_losses(dense_outputs, batch, name)
+            terms = dict(terms, **dense, loss=terms["loss"] + dense["loss_" + name])
+        return terms["loss"], terms
+
+    def set_losses(self, outputs, targets, indices) -> Dict:
+        """Class, box and GIoU losses of every decoder layer (`set_losses.set_losses`); "loss" their weighted sum."""
+        w = self.weights
+        return set_losses(outputs, targets, indices, num_classes=self.num_classes, eos_coef=self.eos_coef,
+                          ce_loss_coef=w["ce"], bbox_loss_coef=w["bbox"], giou_loss_coef=w["giou"],
+                          bbox_loss_type=self.bbox_loss_type)
+
+    def mask_losses(self, outputs, batch, targets, indices) -> Dict:
+        """Panoptic: the official focal and dice losses on the main layer's matched masks ("loss_mask",
+        "loss_dice"), normalised by the real targets as the box losses."""
+        return mask_losses(outputs["pred_masks"], batch["target_masks"], targets["mask"], indices[-1],
+                           targets["mask"].sum(), points=batch.get("mask_points"),
+                           image_size=batch["pixel_mask"].shape[1:])
+
+    def dense_losses(self, dense_outputs, batch, name: str) -> Dict:
+        """A training aid's one-to-many token losses ("loss_<name>", weighted with the decoder's weights, and its
+        parts)."""
+        w = self.weights
+        return encoder_dense_losses(dense_outputs, batch, num_classes=self.num_classes, eos_coef=self.eos_coef,
+                                    ce_loss_coef=w["ce"], bbox_loss_coef=w["bbox"], giou_loss_coef=w["giou"],
+                                    name=name)
