@@ -34,16 +34,20 @@ STRIDE = 32  # pad to a multiple of the backbone stride: few compiled shapes, ex
 
 
 def read_image(path: str) -> np.ndarray:
-    """uint8 [H, W, 3] RGB of an image file; a clear error naming the file if it cannot be read."""
-    from PIL import Image, UnidentifiedImageError
+    """uint8 [H, W, 3] RGB of an image file, turned upright by its EXIF orientation (phone photos; training data
+    keeps COCO's convention of ignoring it). 16-bit grayscale is scaled to 8 bits; a decompression bomb (a header
+    declaring more than 2 * PIL.Image.MAX_IMAGE_PIXELS pixels) is refused before decoding. Any file that cannot
+    be read: one ValueError (FileNotFoundError when missing) naming the file."""
+    from detr_jax.data.sources.coco_folder import DECODE_ERRORS, read_rgb  # pylint: disable=import-outside-toplevel
 
     try:
-        with Image.open(path) as im:
-            return np.asarray(im.convert("RGB"))
+        return read_rgb(path, exif_transpose=True)
     except FileNotFoundError as e:
         raise FileNotFoundError(f"image not found: {path}") from e
-    except (UnidentifiedImageError, OSError) as e:
-        raise ValueError(f"cannot read image {path}: {e}") from e
+    except IsADirectoryError as e:
+        raise ValueError(f"cannot read image {path}: it is a folder") from e
+    except DECODE_ERRORS as e:  # not an image, truncated, a decompression bomb, 32-bit / float pixels
+        raise ValueError(f"cannot read image {path}: {type(e).__name__}: {e}") from e
 
 
 def _detr_with_attention(next_fun, args, kwargs, context):

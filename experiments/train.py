@@ -32,7 +32,9 @@ def main(argv):
     config = config_value(_CONFIG, sys.argv)  # a mistyped field or a missing file: one line, before any work
     from detr_jax import training  # after flags: jax.distributed must start before any jax call
     from detr_jax.data import ImageReadError
+    from detr_jax.data.sources.tfds_coco import MissingPackageError
     from detr_jax.ops import sharding
+    from detr_jax.training.loop import DiskFullError
 
     sharding.maybe_initialize_distributed(**_MULTIHOST_FLAGS())
     config_name = os.path.splitext(os.path.basename(flags.FLAGS["config"].config_filename))[0]
@@ -42,8 +44,10 @@ def main(argv):
     except KeyboardInterrupt:
         logging.warning("stopped; the run resumes from %s when started again", workdir)
         sys.exit(130)
-    except (training.NonFiniteLossError, training.DataError, ImageReadError, ValueError, FileNotFoundError) as e:
-        # A bad config, data or checkpoint: the message names it. DETR_JAX_TRACEBACK=1 shows the traceback.
+    except (training.NonFiniteLossError, training.DataError, ImageReadError, ValueError, FileNotFoundError,
+            DiskFullError, MissingPackageError) as e:
+        # A bad config, data or checkpoint, a full disk, TFDS not installed or its data not prepared: the message
+        # names it. DETR_JAX_TRACEBACK=1 shows the traceback.
         if os.environ.get("DETR_JAX_TRACEBACK"):
             raise
         logging.error("%s", e)

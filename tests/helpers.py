@@ -1,5 +1,6 @@
 """Helpers for tests that start subprocesses (training runs, jax.distributed processes)."""
 
+import json
 import os
 import socket
 import subprocess
@@ -129,3 +130,26 @@ def randomize_hf_detr(model) -> None:
             elif isinstance(module, torch.nn.Embedding):  # object queries, learned position tables
                 module.weight.normal_(0.0, 1.0)
 
+
+def workdir_layout(workdir):
+    """What a work directory written by detr_jax holds, without values: the files, config.json's keys, the latest
+    checkpoint's state tree (path -> shape, dtype) and its meta keys."""
+    import jax
+    import orbax.checkpoint as ocp
+
+    manager = ocp.CheckpointManager(os.path.abspath(os.path.join(workdir, "checkpoints")))
+    step = manager.latest_step()
+    restored = manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(),
+                                                             meta=ocp.args.JsonRestore()))
+    manager.close()
+    state = {jax.tree_util.keystr(p): [list(x.shape), str(x.dtype)]
+             for p, x in jax.tree_util.tree_flatten_with_path(restored["state"])[0]}
+    with open(os.path.join(workdir, "config.json")) as f:
+        config = json.load(f)
+    with open(os.path.join(workdir, "class_names.json")) as f:
+        names = json.load(f)
+    kept = ("config.json", "class_names.json", "metrics.jsonl")
+    return {"files": sorted(n for n in kept if os.path.exists(os.path.join(workdir, n))),
+            "config": {k: sorted(v) if isinstance(v, dict) else None for k, v in config.items()},
+            "class_names": sorted(names), "meta": sorted(restored["meta"]),
+            "meta_model": sorted(restored["meta"]["model"]), "state": state}

@@ -1,5 +1,6 @@
 """Evaluation: official post-processing, COCO metrics plumbing, and independence from batch size / padding."""
 
+import json
 import os
 
 import jax
@@ -82,6 +83,7 @@ def _tiny_config(eval_batch_size, tfds_dir=None, size_cache_dir=None):
         config.data.source_kwargs = dict(name="coco_like", data_dir=tfds_dir, label_space="official91",
                                          size_cache_dir=size_cache_dir)
         config.data.val_kwargs = dict(split="validation[:11]")  # 11: the last global batch is padded
+        config.model.num_classes = 91  # official91 labels: the category ids, up to 90
         config.data = ml_collections.ConfigDict(dict(config.data.to_dict(), max_size=96, buckets="recipe",
                                                      max_buckets=3))
     return config
@@ -215,3 +217,48 @@ def test_picture_of_a_young_model_shows_its_best_guesses_and_the_ground_truth(tm
     colour = np.asarray((230, 25, 75))  # the first class's colour: the predictions were drawn though below 0.5
     assert (np.abs(picture.astype(int) - colour).sum(-1) == 0).sum() > 100
     assert (picture == 255).all(-1)[16:].sum() > 100  # white ground-truth boxes (and the white frame)
+
+
+def test_an_official_checkpoint_scores_a_folder_of_a_subset_of_cocos_categories(fixtures_dir, tmp_path):
+    """Issue 26: person (1), dog (18) and chair (62) in a COCO folder, label_space official91, scored with the
+    official (91-class) fixture checkpoint: not refused; every query is a detection as in the official results JSON,
+    its category id its label (ids the folder lacks included), and the metrics are those of the folder's id table
+    alone (COCOeval scores the ground truth's categories only)."""
+    from PIL import Image
+
+    from detr_jax.config import base_config
+    from detr_jax.weights.official import load_official_checkpoint
+
+    rng = np.random.default_rng(0)
+    os.makedirs(tmp_path / "images")
+    images, annotations = [], []
+    for i in range(3):
+        Image.fromarray(rng.integers(0, 255, (48, 64, 3), dtype=np.uint8)).save(tmp_path / "images" / f"{i}.png")
+        images.append({"id": i + 1, "file_name": f"{i}.png", "height": 48, "width": 64})
+        for k, category in enumerate((1, 18, 62)[:i + 1]):
+            annotations.append({"id": len(annotations) + 1, "image_id": i + 1, "category_id": category,
+                                "bbox": [4.0 + 10 * k, 6.0, 20.0, 18.0], "area": 360.0, "iscrowd": 0})
+    categories = [{"id": c, "name": n} for c, n in ((1, "person"), (18, "dog"), (62, "chair"))]
+    with open(tmp_path / "ann.json", "w") as f:
+        json.dump({"images": images, "annotations": annotations, "categories": categories}, f)
+
+    model, variables = load_official_checkpoint(str(fixtures_dir / "official_detr_r18_tiny" / "detr_random.pth"),
+                                                num_heads=4)
+    config = base_config()
+    config.data.update(dict(source="coco_folder", eval_size=48, max_size=64, num_workers=0, group_by_size=0))
+    config.data.source_kwargs = dict(ann_file=str(tmp_path / "ann.json"), image_dir=str(tmp_path / "images"),
+                                     label_space="official91")
+    config.data.val_kwargs = {}
+    config.eval_batch_size = 2
+    config.model.num_classes = 91
+    evaluator = DetectionEvaluator(config, model, make_mesh())
+    metrics = evaluator.evaluate(variables, str(tmp_path / "out"))
+    evaluator.close()
+    with open(tmp_path / "out" / "results.json") as f:
+        results = json.load(f)
+    assert len(results) == 3 * model.num_queries  # every query of every image, as the official PostProcess
+    ids = {r["category_id"] for r in results}
+    assert ids - {1, 18, 62} and ids <= set(range(91)), ids  # labels past the folder's table keep their id
+    # The folder's table is ids 0..62 (official91: the label is the id); detections past it change no metric.
+    assert metrics == coco_metrics(evaluator.ground_truth, [r for r in results if r["category_id"] <= 62])
+    assert metrics["AP_small"] == 0.0  # scored (-1 would mean no ground truth of that size was seen)

@@ -27,7 +27,7 @@ from detr_jax.ops import sharding
 from detr_jax.training.checkpoints import checkpoint_manager
 from detr_jax.training.state import build_optimizer, create_train_state, training_parameter_groups
 from detr_jax.weights.workdir import detector_variables
-from tests.helpers import TrainRun
+from tests.helpers import TrainRun, workdir_layout
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY_CONFIG = os.path.join(REPO, "tests", "configs", "tiny.py")
@@ -427,3 +427,15 @@ def test_a_lost_process_stops_the_others_naming_it_and_the_run_resumes(tmp_path,
     assert f"resumes from the checkpoint of step {saved}" in lines[0]
     _Run(tmp_path, steps, "--config.checkpoint_every=4", devices=1, num_processes=2, name="again").wait_ok()
     assert max(_logged_steps(tmp_path)) == steps
+
+
+def test_work_directories_keep_the_layout_of_before_the_package_reorganisation(reference):
+    """A work directory written by 51c9f6a (before the layers became subpackages) holds what today's code writes:
+    the same files, config fields, checkpoint meta and state tree (paths, shapes, dtypes), so the code of today
+    resumes, evaluates and predicts from it. tests/data/workdir_layout_51c9f6a.json is that layout, read from a
+    tiny run of 51c9f6a (the orbax checkpoint itself is ~100 MB: a ResNet-18 and its Adam state)."""
+    with open(os.path.join(os.path.dirname(__file__), "data", "workdir_layout_51c9f6a.json")) as f:
+        old = json.load(f)
+    new = json.loads(json.dumps(workdir_layout(reference[0])))  # tuples -> lists, as in the file
+    assert new["state"] == old["state"], sorted(set(new["state"]) ^ set(old["state"]))[:10]
+    assert {k: v for k, v in new.items() if k != "state"} == {k: v for k, v in old.items() if k != "state"}

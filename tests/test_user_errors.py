@@ -130,6 +130,8 @@ def test_work_directory_describes_itself(tmp_path):
     (["--config.model.num_classes=-1"], "config.model.num_classes must be > 0, got -1"),
     (["--config.data.worker_type=fork"], "config.data.worker_type must be one of ('thread', 'process'), got 'fork'"),
     (["--config.optimizer.schedule=linear"], "config.optimizer.schedule must be 'step', 'cosine' or 'constant'"),
+    (["--config.model.num_classes=4"], "the training data (synthetic, split train) has labels up to 4 (category id 5) "
+                                       "but the model has 4 classes: set config.model.num_classes to at least 5"),
     (["--config.panoptic.enabled=True"], "config.data.source must be a panoptic source ('synthetic_panoptic', "
                                          "'coco_panoptic' or 'tfds_panoptic') with config.panoptic.enabled, got "
                                          "'synthetic'"),

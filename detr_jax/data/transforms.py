@@ -33,24 +33,42 @@ COCO_TRAIN_SCALES = (480, 512, 544, 576, 608, 640, 672, 704, 736, 768, 800)
 COCO_MAX_SIZE = 1333
 
 
+# The longest side a resize without max_size may produce (the crop branch's RandomResize(crop_resize_scales)):
+# a 1 x 4000 image resized to 400 would be 400 x 1.6M (~2 GB). Far above any COCO image's (~4000).
+MAX_RESIZE_SIDE = 8192
+
+
 def get_size(image_hw: Tuple[int, int], size: int, max_size: Optional[int] = None) -> Tuple[int, int]:
     """Output (h, w) for resizing the shorter side to `size` with the longer side at most `max_size`.
 
     Same rounding as the official `get_size_with_aspect_ratio`: the shorter side is first lowered to
     round(max_size * short / long) when the longer side would exceed max_size, then the longer side is
     truncated (int()), so the result may be one pixel under max_size.
+    Extreme aspect ratios (where the official gives 0 pixels, e.g. 1 x 4000 -> (0, 0)): no side is below 1 and
+    the longer side stays at most max_size (without max_size, at most MAX_RESIZE_SIDE), the aspect ratio then
+    given up. Images with sides >= 1 px whose official result has no 0 keep the official numbers.
     """
     h, w = image_hw
+    if h < 1 or w < 1:
+        raise ValueError(f"cannot resize an image of {h}x{w} (h x w) pixels")
     if max_size is not None:
         min_original = float(min(w, h))
         max_original = float(max(w, h))
         if max_original / min_original * size > max_size:
             size = int(round(max_size * min_original / max_original))
+    degenerate = size < 1  # the official would give a 0-pixel side
+    size = max(int(size), 1)
     if (w <= h and w == size) or (h <= w and h == size):
-        return int(h), int(w)
-    if w < h:
-        return int(size * h / w), int(size)
-    return int(size), int(size * w / h)
+        out_h, out_w = int(h), int(w)
+    elif w < h:
+        out_h, out_w = int(size * h / w), int(size)
+    else:
+        out_h, out_w = int(size), int(size * w / h)
+    if max_size is None:
+        cap = MAX_RESIZE_SIDE
+    else:  # the official result may exceed max_size by a pixel (kept); a degenerate one is held to it
+        cap = max(int(max_size), 1) if degenerate else max(out_h, out_w)
+    return max(min(out_h, cap), 1), max(min(out_w, cap), 1)
 
 
 def _resize_image(image: np.ndarray, size_hw: Tuple[int, int]) -> np.ndarray:

@@ -12,7 +12,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from detr_jax.models.layers import Conv2d, kaiming_normal_fan_out
+from detr_jax.models.layers import Conv2d, kaiming_normal_fan_out, max_pool
 from detr_jax.ops.interpolate import nearest_index
 
 # depth -> (block type, blocks per stage)
@@ -224,7 +224,7 @@ class ResNet(nn.Module):
                    name="conv1")(x)
         x = mask_padding(nn.relu(norm("bn1")(x, pixel_mask)), pixel_mask)
         # Activations are >= 0 here, so the zeros of masked padding never win the max (like -inf padding).
-        x = mask_padding(nn.max_pool(x, (3, 3), strides=(2, 2), padding=[(1, 1), (1, 1)]), pixel_mask)
+        x = mask_padding(max_pool(x, 3, 2, 1), pixel_mask)
 
         in_channels, current_dilation = 64, 1
         stage_outputs = []

@@ -51,6 +51,7 @@ FORMULATIONS = {  # trick -> its formulations, the default (fastest on XLA:CPU) 
     "conv1x1": ("matmul", "dot_general", "conv"),  # 2-D product / 4-D dot_general / lax.conv (= nn.Conv)
     "conv3x3_stride2": ("split_input_grad", "conv"),  # conv3x3_stride2 / lax.conv with XLA's gradient
     "linear": ("matmul_2d", "dense"),  # 2-D product / dot_general on [..., Cin] (= nn.Dense)
+    "max_pool": ("window_padding", "explicit_pad"),  # nn.max_pool padding=pairs / -inf jnp.pad, then "VALID"
 }
 _CHOICES = contextvars.ContextVar("detr_jax_layer_formulations", default=None)  # None: every default
 
@@ -116,6 +117,22 @@ class Linear(nn.Module):
             bias = self.param("bias", bias_init, (self.features,), jnp.float32)
         x, kernel, bias = nn.dtypes.promote_dtype(x, kernel, bias, dtype=self.dtype)
         return linear(x, kernel, bias)
+
+
+# ---- max pool ----------------------------------------------------------------------------------------------
+def max_pool(x, window: int, stride: int, padding: int):
+    """torch's `MaxPool2d(window, stride, padding)` on NHWC: `nn.max_pool` with explicit (padding, padding) pairs.
+
+    Under `formulations(max_pool="explicit_pad")` the input is first padded with -inf (the value reduce_window
+    pads with) and pooled "VALID": the same maximum over the same windows, bit for bit. The ONNX export uses it:
+    jax2onnx 0.13's `nn.max_pool` plugin reads explicit padding pairs as "VALID" (a 49 x 74 map where torch has
+    50 x 75), and its `lax.reduce_window` lowering makes a 4-D MaxPool window that onnxruntime refuses.
+    """
+    if formulation("max_pool") == "explicit_pad":
+        p = padding
+        x = jnp.pad(x, ((0, 0), (p, p), (p, p), (0, 0)), constant_values=-jnp.inf)
+        return nn.max_pool(x, window_shape=(window, window), strides=(stride, stride), padding="VALID")
+    return nn.max_pool(x, (window, window), strides=(stride, stride), padding=[(padding, padding)] * 2)
 
 
 # ---- Conv2d ------------------------------------------------------------------------------------------------

@@ -8,6 +8,7 @@ evaluation. Leaving has three named paths: an interrupt or preemption (save, the
 where the run resumes), a lost process in a multi-process run (say which, exit at once).
 """
 
+import errno
 import json
 import logging
 import os
@@ -28,7 +29,14 @@ from detr_jax.ops import sharding
 from detr_jax.training.checkpoints import checkpoint_manager, restore_checkpoint, save_checkpoint
 from detr_jax.training.state import create_train_state, learning_rate_schedule
 from detr_jax.training.step import make_train_step
-from detr_jax.training.workdir import MetricLogger, enable_compilation_cache, final_summary, progress_line, workdir_lock
+from detr_jax.training.workdir import (
+    MetricLogger,
+    atomic_write,
+    enable_compilation_cache,
+    final_summary,
+    progress_line,
+    workdir_lock,
+)
 from detr_jax.weights.workdir import detector_variables, load_workdir_checkpoint
 
 logger = logging.getLogger(__name__)
@@ -43,15 +51,49 @@ class DataError(RuntimeError):
     the message names it and says where the run resumes."""
 
 
+class DiskFullError(RuntimeError):
+    """A write of the run failed for lack of space (ENOSPC); the message names the file and the checkpoint that
+    stands."""
+
+
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Dict[str, float]:
     """Train `config` in `workdir`, resuming from its latest checkpoint; returns the final metrics."""
     check_config(config)
-    os.makedirs(workdir, exist_ok=True)
-    with workdir_lock(workdir):
-        run = _Run(config, workdir)
-        if run.finished:
-            return {}
-        return run.train()
+    try:
+        os.makedirs(workdir, exist_ok=True)
+        with workdir_lock(workdir):
+            run = _Run(config, workdir)
+            if run.finished:
+                return {}
+            return run.train()
+    except Exception as e:  # pylint: disable=broad-except  (re-raised unless a full disk is at its root)
+        full = _disk_full(e)
+        if full is None:
+            raise
+        raise DiskFullError(_disk_full_message(full, workdir)) from e
+
+
+def _disk_full(error: BaseException):
+    """The OSError ENOSPC that caused `error` (itself, or in its chain: orbax wraps its own), else None."""
+    seen = set()
+    while error is not None and id(error) not in seen:
+        seen.add(id(error))
+        if isinstance(error, OSError) and error.errno == errno.ENOSPC:
+            return error
+        error = error.__cause__ or error.__context__
+    return None
+
+
+def _disk_full_message(error: OSError, workdir: str) -> str:
+    checkpoints = os.path.join(workdir, "checkpoints")
+    if "://" in workdir:  # an object store: orbax's own listing would be another request that may fail as well
+        return (f"no space left writing {error.filename or 'into ' + workdir}: the run stopped; the last checkpoint "
+                f"in {checkpoints} stands and the run resumes from it when started again with free space")
+    steps = sorted(int(d) for d in os.listdir(checkpoints) if d.isdigit()) if os.path.isdir(checkpoints) else []
+    stands = (f"the last checkpoint (step {steps[-1]} in {os.path.abspath(checkpoints)}) stands and the run resumes "
+              "from it" if steps else "no checkpoint was saved yet, so the run starts over")
+    return (f"no space left on device writing {error.filename or 'into ' + workdir}: the run stopped; {stands} when "
+            "started again with free space")
 
 
 class _Run:
@@ -62,6 +104,7 @@ class _Run:
         self.cache_dir = enable_compilation_cache(config, workdir)
         self.mesh = sharding.make_mesh()
         self.is_main = jax.process_index() == 0
+        check_batch_sizes(config, jax.device_count())
         self.loader = build_data(config, "train", train=True, process_index=jax.process_index(),
                                  process_count=jax.process_count())
         self.model = build_training_model(config)
@@ -83,9 +126,13 @@ class _Run:
         self.finished = not self._resume()
         if self.finished:
             return
-        self._describe_workdir()
+        try:
+            self._describe_workdir()
+        except OSError:
+            self._close_early()
+            raise
         self.train_step = make_train_step(self.model, self.tx, config, self.mesh)
-        self.metric_logger = MetricLogger(workdir, self.total_steps, self.is_main)
+        self.metric_logger = MetricLogger(workdir, self.total_steps, self.is_main, resume_step=self.start_step)
         self.evaluator = None
         if config.eval_every or config.eval_at_end:  # the detector without the aids, which are training-only
             self.evaluator = build_evaluator(config, self.model.model, self.mesh)
@@ -122,18 +169,17 @@ class _Run:
         self.loader.close()
 
     def _describe_workdir(self) -> None:
-        """config.json and class_names.json: a work directory describes itself (predict needs no training data)."""
+        """config.json and class_names.json: a work directory describes itself (predict needs no training data).
+        Written atomically: a crash or a full disk leaves the previous files whole."""
         if not self.is_main:
             return
-        with open(os.path.join(self.workdir, "config.json"), "w") as f:
-            f.write(self.config.to_json(indent=2))
+        atomic_write(os.path.join(self.workdir, "config.json"), self.config.to_json(indent=2))
         source = self.loader.source
-        with open(os.path.join(self.workdir, "class_names.json"), "w") as f:
-            names = {"class_names": list(getattr(source, "class_names", [])),
-                     "category_ids": [int(c) for c in getattr(source, "category_ids", [])]}
-            if getattr(source, "is_thing", None) is not None:  # panoptic: things and stuff
-                names["is_thing"] = [bool(t) for t in source.is_thing]
-            json.dump(names, f, indent=1)
+        names = {"class_names": list(getattr(source, "class_names", [])),
+                 "category_ids": [int(c) for c in getattr(source, "category_ids", [])]}
+        if getattr(source, "is_thing", None) is not None:  # panoptic: things and stuff
+            names["is_thing"] = [bool(t) for t in source.is_thing]
+        atomic_write(os.path.join(self.workdir, "class_names.json"), json.dumps(names, indent=1))
         n_params = sum(x.size for x in jax.tree_util.tree_leaves(self.state["params"]))
         logger.info("DETR with %.2fM parameters; %d devices on %d processes; %d steps (%d per epoch), "
                     "global batch %d; compilation cache %s", n_params / 1e6, jax.device_count(), jax.process_count(),
@@ -230,7 +276,7 @@ class _Run:
         if self.evaluator is None or not self.config.eval_at_end:
             return {}
         final = self._evaluate(draw=True)
-        self.metric_logger.write(self.step, final, "final eval " + " ".join(f"{k} {v:.4f}" for k, v in final.items()))
+        self.metric_logger.write(self.step, final)  # printed once, by final_summary
         return final
 
     def _evaluate(self, draw: bool = False) -> Dict[str, float]:
@@ -264,6 +310,18 @@ class _Run:
             self.evaluator.close()
         self.metric_logger.close()
         self.manager.close()
+
+
+def check_batch_sizes(config: ml_collections.ConfigDict, num_devices: int) -> None:
+    """Every step's global batch is split evenly over the devices: refuse a batch size that is not a multiple of
+    their number, in one line, before any work. Evaluation pads its last batch with padding examples to the full
+    eval_batch_size, so eval_batch_size needs the same (when the run evaluates)."""
+    fields = ["batch_size"] + (["eval_batch_size"] if config.eval_every or config.eval_at_end else [])
+    for field in fields:
+        if config[field] % num_devices:
+            raise ValueError(f"config.{field}={config[field]} must be a multiple of the {num_devices} devices (each "
+                             f"takes an equal share of every batch): use e.g. --config.{field}="
+                             f"{max(num_devices, config[field] // num_devices * num_devices)}")
 
 
 def check_finite(state, manager) -> None:

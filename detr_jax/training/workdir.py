@@ -16,25 +16,81 @@ import ml_collections
 logger = logging.getLogger(__name__)
 
 
-class MetricLogger:
-    """metrics.jsonl (one line per logged step), TensorBoard event files, and a one-line progress report."""
+def atomic_write(path: str, text: str) -> None:
+    """Write `text` to `path` whole or not at all: into a temporary file next to it, then os.replace (a crash or a
+    full disk leaves the previous file, never half of one). An OSError names `path`."""
+    tmp = f"{path}.tmp.{os.getpid()}"
+    try:
+        with open(tmp, "w") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except OSError as e:
+        with contextlib.suppress(OSError):
+            os.remove(tmp)
+        raise OSError(e.errno, e.strerror, path) from e
 
-    def __init__(self, workdir: str, total_steps: int, enabled: bool):
+
+def drop_rows_after(path: str, step: int) -> int:
+    """Keep the rows of metrics.jsonl `path` up to `step` (the checkpoint a run resumes from), so that the resumed
+    run's rows replace those an interrupted run logged after its last checkpoint; a row cut short by a crash goes
+    too. Rewritten atomically; returns the number of rows dropped."""
+    if not os.path.exists(path):
+        return 0
+    with open(path) as f:
+        lines = f.read().splitlines(keepends=True)
+    kept = []
+    for line in lines:
+        try:
+            if line.endswith("\n") and json.loads(line)["step"] <= step:
+                kept.append(line)
+        except (ValueError, KeyError, TypeError):
+            pass
+    if len(kept) != len(lines):
+        atomic_write(path, "".join(kept))
+    return len(lines) - len(kept)
+
+
+class MetricLogger:
+    """metrics.jsonl (one line per logged step), TensorBoard event files, and a one-line progress report.
+
+    `resume_step`: the step of the checkpoint the run resumed from (0: a new run). The rows and TensorBoard events
+    an interrupted run wrote after it are dropped (tensorboardX's purge_step), so that a resumed run's metrics equal
+    an uninterrupted run's."""
+
+    def __init__(self, workdir: str, total_steps: int, enabled: bool, resume_step: int = 0):
         self.enabled, self.total_steps = enabled, total_steps
-        self._jsonl = open(os.path.join(workdir, "metrics.jsonl"), "a") if enabled else None
-        self._tb = None
-        if enabled:
-            try:
-                from tensorboardX import SummaryWriter
-                self._tb = SummaryWriter(os.path.join(workdir, "tensorboard"))
-            except ImportError:
-                logger.warning("tensorboardX is not installed: no TensorBoard summaries (metrics.jsonl still written)")
+        self.path = os.path.join(workdir, "metrics.jsonl")
+        self._jsonl = self._tb = None
+        if not enabled:
+            return
+        if resume_step:
+            dropped = drop_rows_after(self.path, resume_step)
+            if dropped:
+                logger.info("dropped %d rows of metrics.jsonl logged after the checkpoint of step %d (the run "
+                            "logs them again)", dropped, resume_step)
+        try:
+            self._jsonl = open(self.path, "a")
+        except OSError as e:
+            raise OSError(e.errno, e.strerror, self.path) from e
+        try:
+            from tensorboardX import SummaryWriter
+        except ImportError:
+            logger.warning("tensorboardX is not installed: no TensorBoard summaries (metrics.jsonl still written)")
+            return
+        # purge_step: TensorBoard hides the events of steps >= it written before this writer (an interrupted run's).
+        self._tb = SummaryWriter(os.path.join(workdir, "tensorboard"),
+                                 purge_step=resume_step + 1 if resume_step else None)
 
     def write(self, step: int, metrics: Dict[str, float], progress: Optional[str] = None):
         if not self.enabled:
             return
-        self._jsonl.write(json.dumps(dict(step=step, **metrics)) + "\n")
-        self._jsonl.flush()
+        try:
+            self._jsonl.write(json.dumps(dict(step=step, **metrics)) + "\n")
+            self._jsonl.flush()
+        except OSError as e:  # a full disk: name the file (a write's OSError names none)
+            raise OSError(e.errno, e.strerror, self.path) from e
         if self._tb is not None:
             for k, v in metrics.items():
                 self._tb.add_scalar(k, v, step)
@@ -44,7 +100,8 @@ class MetricLogger:
 
     def close(self):
         if self._jsonl:
-            self._jsonl.close()
+            with contextlib.suppress(OSError):  # a full disk was reported where it happened
+                self._jsonl.close()
         if self._tb is not None:
             self._tb.close()
 
@@ -113,16 +170,14 @@ def workdir_lock(workdir: str):
 
 
 def final_summary(summary: Dict[str, float], steps: int, seconds: float, workdir: str) -> str:
-    """The few lines a person reads at the end of a run; every metric is in metrics.jsonl and TensorBoard."""
-    lines = [f"done: {steps} steps in {seconds / 60:.1f} min"
-             + (f" ({summary['images_per_sec']:.1f} img/s at the end)" if "images_per_sec" in summary else "")
-             + (f", last loss {summary['loss']:.4f}" if "loss" in summary else "")]
-    if "eval_PQ" in summary:
-        lines.append("eval: " + "  ".join(f"{k[5:]} {summary[k]:.4f}" for k in ("eval_PQ", "eval_SQ", "eval_RQ",
-                                                                                 "eval_PQ_th", "eval_PQ_st")
-                                           if k in summary))
-    if "eval_AP" in summary:
-        lines.append("eval: " + "  ".join(f"{k[5:]} {summary[k]:.4f}" for k in ("eval_AP", "eval_AP50", "eval_AP75",
-                                                                                 "eval_AR100") if k in summary))
+    """The few lines a person reads at the end of a run, after the last progress line (which has the last losses
+    and speed, not repeated here); every metric is in metrics.jsonl and TensorBoard."""
+    lines = [f"done: {steps} steps in {seconds / 60:.1f} min"]
+    first = ("eval_PQ", "eval_SQ", "eval_RQ", "eval_PQ_th", "eval_PQ_st", "eval_AP", "eval_AP50", "eval_AP75",
+             "eval_AR100")
+    evaluated = [k for k in first if k in summary] + sorted(k for k in summary if k.startswith("eval_")
+                                                            and k not in first)
+    if evaluated:  # the final evaluation, printed here only
+        lines.append("eval: " + "  ".join(f"{k[5:]} {summary[k]:.4f}" for k in evaluated))
     lines.append(f"outputs: {workdir}/ (metrics.jsonl, tensorboard/, checkpoints/, eval/)")
     return "\n".join(lines)

@@ -41,6 +41,15 @@ def load_torch_state_dict(path: str) -> Dict[str, np.ndarray]:
     if head[:4] != b"PK\x03\x04" and not (len(head) >= 2 and head[0] == 0x80 and 2 <= head[1] <= 5):
         raise ValueError(f"{path} is not a DETR checkpoint: neither a PyTorch .pth file (like detr-r50-e632da11.pth) "
                          "nor a detr_jax training work directory")
+    if head[:4] == b"PK\x03\x04":  # a truncated or damaged archive: say so before torch is needed
+        import zipfile  # pylint: disable=import-outside-toplevel
+
+        try:
+            with zipfile.ZipFile(path) as archive:
+                archive.namelist()
+        except (zipfile.BadZipFile, OSError, EOFError, ValueError) as e:
+            raise ValueError(f"{path} is a truncated or damaged .pth file (its zip archive cannot be read: {e}); "
+                             "download it again") from None
     try:
         import torch  # pylint: disable=import-outside-toplevel
     except ImportError as e:

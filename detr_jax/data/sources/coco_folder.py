@@ -10,8 +10,9 @@ import json
 import logging
 import math
 import os
+import struct
 import threading
-from typing import Dict, Tuple
+from typing import Dict, Optional, Tuple
 
 import numpy as np
 from PIL import Image
@@ -24,6 +25,12 @@ logger = logging.getLogger(__name__)
 _STATS_LOCK = threading.Lock()
 
 LABEL_SPACES = ("contiguous", "official91")
+# label_space="official91" builds a table of max category id + 1 classes; a larger id is refused, naming it.
+MAX_OFFICIAL_CATEGORY_ID = 100_000
+# What Pillow raises on a hostile file: truncated or foreign data (OSError, SyntaxError, EOFError, struct.error,
+# ValueError, IndexError), and a header declaring more than 2 * Image.MAX_IMAGE_PIXELS pixels
+# (DecompressionBombError, not an OSError).
+DECODE_ERRORS = (OSError, ValueError, SyntaxError, EOFError, IndexError, struct.error, Image.DecompressionBombError)
 
 
 class AnnotationError(ValueError):
@@ -34,20 +41,93 @@ class ImageReadError(OSError):
     """An image that is missing, unreadable, or not the size the annotation file says (names the file)."""
 
 
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def check_file_name(ann_file: str, where: str, name) -> str:
+    """`name`, a "file_name" of `ann_file`, if it is a relative path inside its folder; AnnotationError naming
+    `where` (the entry) otherwise: not a string, empty, absolute, or with a ".." component."""
+    if not isinstance(name, str) or not name:
+        raise AnnotationError(f"{ann_file}: {where} has file_name {_short(name)}; expected a non-empty string")
+    parts = name.replace("\\", "/").split("/")
+    if os.path.isabs(name) or name.startswith(("/", "\\")) or ".." in parts or "\x00" in name:
+        raise AnnotationError(f"{ann_file}: {where} has file_name {_short(name)}; expected a path relative to the "
+                              "image folder, without '..'")
+    return name
+
+
+def pil_to_rgb(im: Image.Image) -> np.ndarray:
+    """uint8 [H, W, 3] RGB of an opened PIL image; ValueError naming the mode when it has no 8-bit reading.
+
+    16-bit grayscale ("I;16*", or "I" with values in 0..65535, as Pillow opens 16-bit PNGs) keeps its top 8
+    bits (`convert("RGB")` would clip it to near white); "I" beyond 16 bits and float ("F") images are refused.
+    Other modes (L, P, LA, PA, RGBA, CMYK, YCbCr, 1 ...) go through `convert("RGB")` (alpha dropped).
+    """
+    if im.mode.startswith("I;16") or im.mode == "I":
+        values = np.asarray(im)
+        if values.size and (values.min() < 0 or values.max() > 65535):
+            raise ValueError(f"image mode {im.mode} has values outside 0..65535 (32-bit), which have no 8-bit "
+                             "RGB reading; convert it to 8 bits first")
+        gray = (values.astype(np.uint32) >> 8).astype(np.uint8)
+        return np.repeat(gray[..., None], 3, axis=2)
+    if im.mode == "F":
+        raise ValueError("image mode F (32-bit float) has no 8-bit RGB reading; convert it to 8 bits first")
+    return np.asarray(im.convert("RGB"))
+
+
+def read_rgb(path: str, exif_transpose: bool = False) -> np.ndarray:
+    """uint8 [H, W, 3] RGB of an image file (`pil_to_rgb`), the header's declared size checked (Pillow's
+    decompression bomb limit) before the pixels are decoded. `exif_transpose`: apply the EXIF orientation (phone
+    photos; inference only: training keeps COCO's convention of ignoring it, as the official code).
+    Raises one of `DECODE_ERRORS` (FileNotFoundError for a missing file); callers name the file."""
+    with Image.open(path) as im:  # reads the header; raises DecompressionBombError for a huge declared size
+        if exif_transpose:
+            from PIL import ImageOps  # pylint: disable=import-outside-toplevel
+
+            try:
+                transposed = ImageOps.exif_transpose(im)
+            except (KeyError, TypeError, ZeroDivisionError) + DECODE_ERRORS:  # a broken EXIF block: ignore
+                transposed = None  # (a broken file fails again below, with the decoder's error)
+            if transposed is not None and transposed is not im:
+                with transposed:
+                    return pil_to_rgb(transposed)
+        return pil_to_rgb(im)
+
+
 def read_annotation_file(ann_file: str) -> Dict:
     """The JSON of a COCO(-panoptic) annotation file, with its "images", "annotations" and "categories" lists; one
     clear error naming the file otherwise."""
     try:
-        with open(ann_file) as f:
+        with open(ann_file, encoding="utf-8") as f:
             data = json.load(f)
     except FileNotFoundError:
         raise FileNotFoundError(f"annotation file {ann_file} does not exist") from None
-    except json.JSONDecodeError as e:
+    except IsADirectoryError:
+        raise AnnotationError(f"annotation file {ann_file} is a folder, not a JSON file") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise AnnotationError(f"annotation file {ann_file} is not valid JSON: {e}") from None
+    except RecursionError:
+        raise AnnotationError(f"annotation file {ann_file} is nested too deeply to be a COCO JSON") from None
     for key in ("images", "annotations", "categories"):
         if not isinstance(data.get(key) if isinstance(data, dict) else None, list):
             raise AnnotationError(f"annotation file {ann_file} has no {key!r} list")
     return data
+
+
+def _whole(value) -> Optional[int]:
+    """An integer from the JSON (480, or 480.0 as some converters write it); None for anything else."""
+    if _is_int(value):
+        return value
+    if isinstance(value, float) and math.isfinite(value) and value.is_integer():
+        return int(value)
+    return None
+
+
+def _short(value, limit: int = 80) -> str:
+    """repr of a value from the JSON, cut to `limit` characters (a message stays one readable line)."""
+    text = repr(value)
+    return text if len(text) <= limit else text[:limit] + "..."
 
 
 class CocoFolder:
@@ -59,9 +139,16 @@ class CocoFolder:
         id + 1 = 91 for COCO, as the released checkpoints use).
       keep_crowd: False (training) drops iscrowd=1 annotations, as the official code does.
       skip_bad_images: images whose file is missing are dropped at start (counted in
-        `stats["missing_images_skipped"]`), and an image that turns out unreadable later is replaced by the next
-        readable one (logged, counted in `stats["bad_images_skipped"]`), instead of raising ImageReadError.
+        `stats["missing_images_skipped"]`), as are images without width/height in the JSON whose header cannot
+        be read (e.g. a decompression bomb: more than 2 * PIL.Image.MAX_IMAGE_PIXELS declared); an image that
+        turns out unreadable later is replaced by the next readable one; both logged and counted in
+        `stats["bad_images_skipped"]`, instead of raising ImageReadError.
         Without it, a missing file fails here, before any training, naming the file and how many are missing.
+
+    The JSON is validated in the constructor: a malformed entry (not an object, a field of the wrong type, a
+    non-positive size, a file_name that is absolute or has "..", a duplicate image or annotation id, an unknown
+    category id, iscrowd other than 0 / 1) raises AnnotationError naming the file, the entry and the field.
+    Images are decoded by `read_rgb` (16-bit grayscale scaled to 8 bits; EXIF orientation ignored, as COCO's).
 
     Each example is a dict:
       "image": uint8 [H, W, 3] RGB; "boxes": float32 [K, 4] xyxy in absolute pixels, clipped to the image;
@@ -96,13 +183,14 @@ class CocoFolder:
         self.num_classes = len(self.class_names) if a.num_classes is None else int(a.num_classes)
         self.stats: Dict[str, int] = {"images": 0, "annotations": 0, "objects": 0, "crowd_dropped": 0,
                                       "zero_area_dropped": 0, "bad_images_skipped": 0, "missing_images_skipped": 0}
+        self._bad_files = set()  # paths of the unreadable images skipped (skip_bad_images)
+        self._unreadable_ids = set()  # images dropped at start for an unreadable header (skip_bad_images)
         self._images = self._parse_images(data["images"])
         self._missing_ids = set()  # dropped by skip_bad_images; their annotations are skipped
         self._check_files()
         self.image_ids = sorted(self._images)
         self._objects = self._parse_annotations(data["annotations"])
         self.stats["images"] = len(self.image_ids)
-        self._bad_files = set()
         logger.info("%s: %d images, %d objects kept of %d annotations (%d crowd dropped, %d zero-area dropped)",
                     self.ann_file, self.stats["images"], self.stats["objects"], self.stats["annotations"],
                     self.stats["crowd_dropped"], self.stats["zero_area_dropped"])
@@ -112,12 +200,17 @@ class CocoFolder:
 
     def _build_label_space(self, categories):
         names = {}
-        for cat in categories:
-            cid = cat.get("id")
-            if not isinstance(cid, int) or isinstance(cid, bool) or cid < 0:
-                raise AnnotationError(f"{self.ann_file}: category {cat!r} needs a non-negative integer 'id'")
+        for index, cat in enumerate(categories):
+            cid = cat.get("id") if isinstance(cat, dict) else None
+            if not _is_int(cid) or cid < 0:
+                raise AnnotationError(f"{self.ann_file}: category #{index} {_short(cat)} needs a non-negative "
+                                      "integer 'id'")
             if cid in names:
                 raise AnnotationError(f"{self.ann_file}: category id {cid} appears twice")
+            if self.label_space == "official91" and cid > MAX_OFFICIAL_CATEGORY_ID:
+                raise AnnotationError(f"{self.ann_file}: category id {cid} (category #{index}) is too large for "
+                                      f"label_space='official91' (label = id, a table of id + 1 classes; at most "
+                                      f"{MAX_OFFICIAL_CATEGORY_ID}); use label_space='contiguous'")
             names[cid] = str(cat.get("name", cid))
         if not names:
             raise AnnotationError(f"{self.ann_file}: the 'categories' list is empty")
@@ -131,33 +224,61 @@ class CocoFolder:
             self._label_of = {c: c for c in names}
 
     def _parse_images(self, images):
+        """{image id: {"file_name", "size": (h, w) or None (file missing)}}; every field checked, naming the entry.
+        Without width/height in the entry, the size comes from the file's header (which also catches a
+        decompression bomb before any decoding)."""
         out = {}
-        for entry in images:
-            image_id = entry.get("id")
-            if not isinstance(image_id, int) or "file_name" not in entry:
-                raise AnnotationError(f"{self.ann_file}: image entry {entry!r} needs an integer 'id' and a 'file_name'")
+        for index, entry in enumerate(images):
+            image_id = entry.get("id") if isinstance(entry, dict) else None
+            if not _is_int(image_id):
+                raise AnnotationError(f"{self.ann_file}: image entry #{index} {_short(entry)} needs an integer 'id'")
+            where = f"image id {image_id} (image entry #{index})"
+            if "file_name" not in entry:
+                raise AnnotationError(f"{self.ann_file}: {where} needs a 'file_name'")
+            check_file_name(self.ann_file, where, entry["file_name"])
             if image_id in out:
                 raise AnnotationError(f"{self.ann_file}: image id {image_id} appears twice")
-            if "width" in entry and "height" in entry:
-                size = (int(entry["height"]), int(entry["width"]))
-            elif not os.path.isfile(os.path.join(self.image_dir, entry["file_name"])):
+            path = os.path.join(self.image_dir, entry["file_name"])
+            if "width" in entry or "height" in entry:
+                height, width = _whole(entry.get("height")), _whole(entry.get("width"))
+                if height is None or width is None or height <= 0 or width <= 0:
+                    raise AnnotationError(f"{self.ann_file}: {where} has height {_short(entry.get('height'))} and "
+                                          f"width {_short(entry.get('width'))}; expected positive integers")
+                size = (height, width)
+            elif not os.path.isfile(path):
                 size = None  # a missing file: `_check_files` reports it (or drops it with skip_bad_images)
-            else:  # read the header only (PIL decodes lazily)
-                path = os.path.join(self.image_dir, entry["file_name"])
-                try:
-                    with Image.open(path) as im:
-                        size = (im.height, im.width)
-                except OSError as e:
-                    raise ImageReadError(f"image file {path} (image id {image_id}) has no width/height in "
-                                         f"{self.ann_file} and cannot be read: {e}") from None
+            else:
+                size = self._header_size(path, image_id)
+                if size is None:  # unreadable, skipped
+                    continue
             out[image_id] = {"file_name": entry["file_name"], "size": size}
         return out
+
+    def _header_size(self, path: str, image_id: int) -> Optional[Tuple[int, int]]:
+        """(h, w) from the header of an image file (PIL decodes lazily); an unreadable one raises ImageReadError,
+        or with skip_bad_images is counted and None."""
+        try:
+            with Image.open(path) as im:  # DecompressionBombError here for a huge declared size
+                return im.height, im.width
+        except DECODE_ERRORS as e:
+            message = (f"image file {path} (image id {image_id}) has no width/height in {self.ann_file} and cannot "
+                       f"be read: {type(e).__name__}: {e}")
+        if not self.skip_bad_images:
+            raise ImageReadError(message)
+        self._unreadable_ids.add(image_id)
+        self._bad_files.add(path)
+        self.stats["bad_images_skipped"] = len(self._bad_files)
+        logger.warning("skipping bad image: %s", message)
+        return None
 
     def _check_files(self):
         """Every listed image file exists (a stat each: seconds for COCO's 118k files on a local disk)."""
         missing = [i for i, entry in self._images.items()
                    if not os.path.isfile(os.path.join(self.image_dir, entry["file_name"]))]
         if not missing:
+            if not self._images and self._unreadable_ids:
+                raise ImageReadError(f"none of the image files that {self.ann_file} lists in {self.image_dir} "
+                                     "is readable")
             return
         first = os.path.join(self.image_dir, self._images[missing[0]]["file_name"])
         if not self.skip_bad_images:
@@ -176,45 +297,62 @@ class CocoFolder:
 
     def _parse_annotations(self, annotations):
         per_image = {i: ([], [], []) for i in self._images}  # boxes, labels, iscrowd
-        for ann in annotations:
+        skipped = self._missing_ids | self._unreadable_ids
+        seen_ids = set()
+        for index, ann in enumerate(annotations):
             self.stats["annotations"] += 1
+            if not isinstance(ann, dict):
+                raise AnnotationError(f"{self.ann_file}: annotation #{index} is {_short(ann)}, not an object")
             ann_id = ann.get("id")
-            where = f"{self.ann_file}: annotation id {ann_id}"
-            if ann.get("image_id") in self._missing_ids:
+            where = f"{self.ann_file}: annotation id {ann_id}" + (f" (annotation #{index})" if ann_id is None else "")
+            if ann_id is not None:
+                if not _is_int(ann_id):
+                    raise AnnotationError(f"{self.ann_file}: annotation #{index} has id {_short(ann_id)}; expected "
+                                          "an integer")
+                if ann_id in seen_ids:
+                    raise AnnotationError(f"{where} appears twice (annotation #{index})")
+                seen_ids.add(ann_id)
+            image_id = ann.get("image_id")
+            if not _is_int(image_id) or image_id not in self._images and image_id not in skipped:
+                raise AnnotationError(f"{where} refers to image id {_short(image_id)}, which is not in 'images'")
+            cid = ann.get("category_id")
+            if not _is_int(cid) or cid not in self._label_of:
+                raise AnnotationError(f"{where} has category_id {_short(cid)}, which is not in 'categories' "
+                                      f"(known ids: {_short(sorted(self._label_of))})")
+            iscrowd = ann.get("iscrowd", 0)
+            if not isinstance(iscrowd, (int, float)) or iscrowd not in (0, 1):
+                raise AnnotationError(f"{where} has iscrowd {_short(iscrowd)}; expected 0 or 1")
+            if image_id in skipped:
                 continue
-            if ann.get("image_id") not in self._images:
-                raise AnnotationError(f"{where} refers to image id {ann.get('image_id')!r}, which is not in 'images'")
             bbox = ann.get("bbox")
             if (not isinstance(bbox, (list, tuple)) or len(bbox) != 4
                 or not all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in bbox)):
-                raise AnnotationError(f"{where} has bbox {bbox!r}; expected 4 finite numbers [x, y, w, h]")
+                raise AnnotationError(f"{where} has bbox {_short(bbox)}; expected 4 finite numbers [x, y, w, h]")
             x, y, w, h = (float(v) for v in bbox)
             if w < 0 or h < 0:
                 raise AnnotationError(f"{where} has bbox {bbox!r} with negative width or height")
-            cid = ann.get("category_id")
-            if cid not in self._label_of:
-                raise AnnotationError(f"{where} has category_id {cid!r}, which is not in 'categories' "
-                                      f"(known ids: {sorted(self._label_of)})")
             label = self._label_of[cid]
             if label >= self.num_classes:
                 raise AnnotationError(f"{where} has label {label} (category_id {cid}) >= "
                                       f"num_classes={self.num_classes}; raise num_classes or use "
                                       f"label_space='contiguous'")
-            crowd = bool(ann.get("iscrowd", 0))
+            crowd = bool(iscrowd)
             if crowd and not self.keep_crowd:
                 self.stats["crowd_dropped"] += 1
                 continue
-            img_h, img_w = self._images[ann["image_id"]]["size"]
+            # As the official ConvertCocoPolysToMask: xywh -> xyxy, clamped to the image, degenerate boxes dropped.
+            img_h, img_w = self._images[image_id]["size"]
             x0, x1 = min(max(x, 0.0), img_w), min(max(x + w, 0.0), img_w)
             y0, y1 = min(max(y, 0.0), img_h), min(max(y + h, 0.0), img_h)
             if not (x1 > x0 and y1 > y0):
                 self.stats["zero_area_dropped"] += 1
                 continue
-            boxes, labels, iscrowd = per_image[ann["image_id"]]
+            boxes, labels, iscrowd_list = per_image[image_id]
             boxes.append((x0, y0, x1, y1))
             labels.append(label)
-            iscrowd.append(crowd)
+            iscrowd_list.append(crowd)
             self.stats["objects"] += 1
+        # boxes float32 [K, 4] xyxy absolute (clipped), labels int32 [K], iscrowd bool [K] per image id
         return {i: (np.asarray(b, np.float32).reshape(-1, 4), np.asarray(lab, np.int32), np.asarray(c, bool))
                 for i, (b, lab, c) in per_image.items()}
 
@@ -233,10 +371,10 @@ class CocoFolder:
         image_id = self.image_ids[index]
         path = self.image_path(index)
         try:
-            with Image.open(path) as im:
-                image = np.asarray(im.convert("RGB"))
-        except (OSError, ValueError, SyntaxError) as e:  # missing, truncated, not an image
-            raise ImageReadError(f"cannot read image file {path} (image id {image_id}): {e}") from None
+            image = read_rgb(path)
+        except DECODE_ERRORS as e:  # missing, truncated, not an image, a decompression bomb, 32-bit / float
+            raise ImageReadError(f"cannot read image file {path} (image id {image_id}): {type(e).__name__}: "
+                                 f"{e}") from None
         expected = self._images[image_id]["size"]
         if image.shape[:2] != expected:
             raise ImageReadError(f"image file {path} (image id {image_id}) is {image.shape[0]}x{image.shape[1]} "

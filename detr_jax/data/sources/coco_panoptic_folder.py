@@ -18,15 +18,19 @@ from PIL import Image
 
 from detr_jax.data.panoptic_transforms import masks_to_boxes
 from detr_jax.data.sources.arguments import PATH, REQUIRED, Arg, Arguments
-from detr_jax.data.sources.coco_folder import AnnotationError, ImageReadError, read_annotation_file
+from detr_jax.data.sources.coco_folder import (
+    DECODE_ERRORS,
+    AnnotationError,
+    ImageReadError,
+    _is_int,
+    check_file_name,
+    read_annotation_file,
+    read_rgb,
+)
 from detr_jax.ops.panoptic_ids import rgb2id
 
 LABEL_SPACES = ("official250", "contiguous")
 OFFICIAL_NUM_CLASSES = 250  # the official panoptic DETR's num_classes (COCO panoptic ids go to 200)
-
-
-def _is_int(value) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
 
 
 class CocoPanopticFolder:
@@ -112,6 +116,7 @@ class CocoPanopticFolder:
             if not _is_int(image_id) or not isinstance(entry.get("file_name"), str):
                 raise AnnotationError(f"{self.ann_file}: image entry {entry!r} needs an integer 'id' and a "
                                       "'file_name'")
+            check_file_name(self.ann_file, f"image id {image_id}", entry["file_name"])
             if image_id in out:
                 raise AnnotationError(f"{self.ann_file}: image id {image_id} appears twice")
             size = None
@@ -129,12 +134,13 @@ class CocoPanopticFolder:
         for ann in annotations:
             image_id = ann.get("image_id") if isinstance(ann, dict) else None
             where = f"{self.ann_file}: the annotation of image id {image_id!r}"
-            if image_id not in self._images:
+            if not _is_int(image_id) or image_id not in self._images:
                 raise AnnotationError(f"{where} refers to an image that is not in 'images'")
             if image_id in per_image:
                 raise AnnotationError(f"{where} appears twice")
             if not isinstance(ann.get("file_name"), str):
                 raise AnnotationError(f"{where} needs the 'file_name' of its PNG, got {ann.get('file_name')!r}")
+            check_file_name(self.ann_file, f"the annotation of image id {image_id!r}", ann["file_name"])
             if not isinstance(ann.get("segments_info"), list):
                 raise AnnotationError(f"{where} ({ann['file_name']}) needs a 'segments_info' list, got "
                                       f"{ann.get('segments_info')!r}")
@@ -195,17 +201,17 @@ class CocoPanopticFolder:
             try:
                 with Image.open(self.image_path(index)) as im:  # PIL reads the header only
                     entry["size"] = (im.height, im.width)
-            except OSError as e:
+            except DECODE_ERRORS as e:  # DecompressionBombError (a huge declared size) included
                 raise ImageReadError(f"cannot read image file {self.image_path(index)} (image id "
                                      f"{self.image_ids[index]}): {e}") from None
         return entry["size"]
 
     def _read(self, path: str, image_id: int, what: str) -> np.ndarray:
         try:
-            with Image.open(path) as im:
-                return np.asarray(im.convert("RGB"))
-        except (OSError, ValueError, SyntaxError) as e:  # missing, truncated, not an image
-            raise ImageReadError(f"cannot read {what} {path} (image id {image_id}): {e}") from None
+            return read_rgb(path)  # 16-bit grayscale scaled to 8 bits (a panoptic PNG then fails its id check)
+        except DECODE_ERRORS as e:  # missing, truncated, not an image, a decompression bomb, 32-bit / float
+            raise ImageReadError(f"cannot read {what} {path} (image id {image_id}): {type(e).__name__}: "
+                                 f"{e}") from None
 
     def __getitem__(self, index: int) -> Dict:
         index = int(index)

@@ -37,14 +37,45 @@ logger = logging.getLogger(__name__)
 _STATS_LOCK = threading.Lock()
 
 
+class MissingPackageError(ImportError):
+    """A TFDS source without tensorflow / tensorflow_datasets installed; the one-line message says what to install."""
+
+
+class DatasetNotPreparedError(FileNotFoundError):
+    """The TFDS dataset is not prepared in the data directory (detr_jax never starts TFDS's download on its own)."""
+
+
 def _import_tfds(source: str = "tfds", instead: str = "coco_folder"):
     try:
         import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
     except ImportError as e:
-        raise ImportError(f"the {source!r} data source needs tensorflow_datasets (and array_record): "
-                          f"`pip install tensorflow-datasets array-record`, or use the {instead!r} source with the "
-                          f"COCO annotation JSON and image folder instead ({e})") from e
+        raise MissingPackageError(
+            f"the {source!r} data source needs tensorflow and tensorflow_datasets (and array_record): "
+            f"`pip install -e \".[tfds]\"`, or use the {instead!r} source with the COCO annotation JSON and image "
+            f"folder instead ({type(e).__name__}: {' '.join(str(e).split())})") from e
     return tfds
+
+
+def _check_prepared(tfds, name: str, data_dir: Optional[str]) -> None:
+    """Refuse, in one line, a dataset that is not prepared in data_dir: tfds.data_source would start downloading
+    it (COCO: ~25 GB) on its own."""
+    absl = logging.getLogger("absl")
+    level = absl.level
+    absl.setLevel(logging.ERROR)  # TFDS warns that the version folder has no dataset_info.json: said below
+    try:
+        builder = tfds.builder(name, data_dir=data_dir)
+        prepared, where = builder.is_prepared(), builder.data_dir
+    except tfds.core.registered.DatasetNotFoundError:  # its message lists every TFDS dataset
+        prepared, where = False, os.path.join(data_dir or "TFDS's data_dir (~/tensorflow_datasets)", name)
+    finally:
+        absl.setLevel(level)
+    if not prepared:
+        shown = data_dir or os.environ.get("TFDS_DATA_DIR") or "~/tensorflow_datasets (TFDS's default)"
+        raise DatasetNotPreparedError(
+            f"the TFDS dataset {name} is not prepared in {shown} (no {where}/dataset_info.json) and is not "
+            f"downloaded on its own (COCO is ~25 GB): prepare it once as the README says (python -c \"import "
+            f"tensorflow_datasets as tfds; tfds.builder('{name}', data_dir='{data_dir or 'DATA'}')"
+            f".download_and_prepare(file_format='array_record')\") or set the source's data_dir to where it is")
 
 
 class TfdsRecords:
@@ -66,11 +97,12 @@ class TfdsRecords:
         tfds = _import_tfds(self.SOURCE, self.FOLDER_SOURCE)
         data_dir = data_dir or None
         self._prepare_builtin(name, data_dir)
+        _check_prepared(tfds, name, data_dir)
         self.name, self.split, self.data_dir = name, split, data_dir
         try:
-            self._source = tfds.data_source(name, split=split, data_dir=data_dir)
+            self._source = tfds.data_source(name, split=split, data_dir=data_dir, download=False)
             # The same records with the images left encoded: sizes from the JPEG header, targets without decoding.
-            self._encoded = tfds.data_source(name, split=split, data_dir=data_dir,
+            self._encoded = tfds.data_source(name, split=split, data_dir=data_dir, download=False,
                                              decoders={key: tfds.decode.SkipDecoding() for key in encoded})
         except Exception as e:
             raise RuntimeError(f"cannot open {name} split {split!r} (data_dir {data_dir}) as a random-access TFDS "
