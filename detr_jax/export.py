@@ -1,7 +1,7 @@
 """Export a DETR detector for deployment: an ONNX file (jax2onnx) or a `jax.export` StableHLO artifact.
 
-    model, variables, info = load_for_export("detr-r50-e632da11.pth")   # or a training work directory
-    write_onnx(model, variables, "deploy/model.onnx", batch_size=None, image_hw=(800, 1216))
+    export("detr-r50-e632da11.pth", "deploy", "onnx", batch_size=None, image_hw=(800, 1216))  # or a work dir
+    # deploy/model.onnx (any batch size: a symbolic dimension "B") and deploy/manifest.json
 
 The ONNX model takes `images` float32 [B, H, W, 3] (ImageNet-normalised, zero-padded bottom/right) and
 `pixel_mask` bool [B, H, W] (True on real pixels), and returns `pred_logits` [B, N, C + 1] (no-object last) and
@@ -30,10 +30,12 @@ import numpy as np
 
 from detr_jax.data.sources.coco_categories import OFFICIAL91_CLASS_NAMES
 from detr_jax.data.sources.coco_panoptic_categories import OFFICIAL250_CLASS_NAMES
+from detr_jax.data.transforms import IMAGENET_MEAN, IMAGENET_STD, make_eval_transforms
+from detr_jax.inference import export_inference
 from detr_jax.models.layers import formulations
+from detr_jax.weights.official import load_official_checkpoint
+from detr_jax.weights.workdir import load_workdir_checkpoint
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)  # Normalize in detr_jax.data.transforms (the official values)
-IMAGENET_STD = (0.229, 0.224, 0.225)
 INPUT_NAMES = ("images", "pixel_mask")
 OUTPUT_NAMES = ("pred_logits", "pred_boxes")
 DYNAMIC_BATCH = "B"  # the symbolic batch dimension of an ONNX file exported with batch_size=None
@@ -55,9 +57,6 @@ def load_for_export(path: str, dilation: bool = False, num_heads: int = 8):
     `dilation` and `num_heads` are for an official .pth (not in its weights). A panoptic checkpoint (a `DETRsegm`)
     raises `PanopticExportError`.
     """
-    from detr_jax.weights.official import load_official_checkpoint
-    from detr_jax.weights.workdir import load_workdir_checkpoint
-
     if os.path.isdir(path):
         config, model, variables = load_workdir_checkpoint(path)
         size, max_size = config.data.eval_size, config.data.max_size
@@ -87,8 +86,12 @@ def load_for_export(path: str, dilation: bool = False, num_heads: int = 8):
 
 def inference_function(model, variables, padding_invariant: bool = False):
     """(images, pixel_mask) -> (pred_logits, pred_boxes) of the detector, without auxiliary outputs, weights
-    closed over; traced with the max-pool formulation jax2onnx converts (same numbers)."""
-    model = model.with_detector(padding_invariant=padding_invariant, aux_loss=False)
+    closed over; traced with the max-pool formulation jax2onnx converts (same numbers).
+
+    Always in float32: a model trained with bfloat16 compute (`half_precision`; its parameters are float32) is
+    exported computing in float32, since onnxruntime's CPU kernels refuse bfloat16 (e.g. Einsum).
+    """
+    model = model.with_detector(padding_invariant=padding_invariant, aux_loss=False, dtype=jnp.float32)
 
     def infer(images, pixel_mask):
         with formulations(max_pool="explicit_pad"):
@@ -144,7 +147,8 @@ def manifest(model, info: Dict, batch_size: Optional[int], image_hw: Sequence[in
                       meaning="cx, cy, w, h normalised by the unpadded image")],
         mean=list(IMAGENET_MEAN), std=list(IMAGENET_STD), pixel_scale=1 / 255,
         size=info["size"], max_size=info["max_size"], padding=PADDING_RULE,
-        padding_invariant=bool(padding_invariant), num_queries=n, num_classes=detector.num_classes,
+        padding_invariant=bool(padding_invariant), compute_dtype="float32" if fmt == "onnx" else
+        jnp.dtype(detector.dtype).name, num_queries=n, num_classes=detector.num_classes,
         class_names=list(info["class_names"]))
 
 
@@ -171,7 +175,6 @@ def export_model(model, variables, info: Dict, out_dir: str, fmt: str = "onnx", 
         with open(os.path.join(out_dir, file_name), "wb") as f:
             f.write(proto.SerializeToString())
     else:
-        from detr_jax.inference import export_inference
         file_name = "model.stablehlo"
         exported = export_inference(model.with_detector(padding_invariant=padding_invariant), variables,
                                     batch_size, image_hw)
@@ -186,8 +189,6 @@ def export_model(model, variables, info: Dict, out_dir: str, fmt: str = "onnx", 
 def preprocess(image: np.ndarray, size: int, max_size: int, image_hw: Sequence[int]):
     """One uint8 RGB image [h, w, 3] -> (images [1, H, W, 3], pixel_mask [1, H, W]) as the manifest's padding
     rule says (the official eval transform, zero padding bottom/right to `image_hw`)."""
-    from detr_jax.data.transforms import make_eval_transforms
-
     x, _ = make_eval_transforms(size, max_size)(np.asarray(image, np.uint8), None, np.random.default_rng(0))
     h, w = x.shape[:2]
     if h > image_hw[0] or w > image_hw[1]:

@@ -21,6 +21,7 @@ import numpy as np
 from detr_jax.data import build_source
 from detr_jax.data.sources.coco_categories import OFFICIAL91_CLASS_NAMES
 from detr_jax.data.sources.coco_panoptic_categories import OFFICIAL250_CLASS_NAMES, OFFICIAL250_IS_THING
+from detr_jax.data.sources.files import DECODE_ERRORS, read_rgb
 from detr_jax.data.transforms import make_eval_transforms
 from detr_jax.evaluation.postprocess import postprocess
 from detr_jax.evaluation.postprocess_panoptic import post_process_panoptic
@@ -38,8 +39,6 @@ def read_image(path: str) -> np.ndarray:
     keeps COCO's convention of ignoring it). 16-bit grayscale is scaled to 8 bits; a decompression bomb (a header
     declaring more than 2 * PIL.Image.MAX_IMAGE_PIXELS pixels) is refused before decoding. Any file that cannot
     be read: one ValueError (FileNotFoundError when missing) naming the file."""
-    from detr_jax.data.sources.coco_folder import DECODE_ERRORS, read_rgb  # pylint: disable=import-outside-toplevel
-
     try:
         return read_rgb(path, exif_transpose=True)
     except FileNotFoundError as e:

@@ -153,3 +153,17 @@ def workdir_layout(workdir):
             "config": {k: sorted(v) if isinstance(v, dict) else None for k, v in config.items()},
             "class_names": sorted(names), "meta": sorted(restored["meta"]),
             "meta_model": sorted(restored["meta"]["model"]), "state": state}
+
+
+def metrics_rows(workdir):
+    """The rows of a (possibly running) run's metrics.jsonl; a line still being written is skipped."""
+    path = os.path.join(workdir, "metrics.jsonl")
+    rows = []
+    if os.path.exists(path):
+        with open(path) as f:
+            for line in f:
+                try:
+                    rows.append(json.loads(line))
+                except ValueError:
+                    pass
+    return rows

@@ -17,7 +17,7 @@ MAX_TOP_LEVEL_MODULES = 8
 LONG_FUNCTIONS_ALLOWED = {"detr_jax.config.base_config"}
 
 # What each layer may import (besides itself). Entry points (experiments/, benchmarks/, tests/) may import anything.
-#   ops -> models, data, criterion -> weights, evaluation, config -> inference, training
+#   ops -> models, data, criterion -> weights, evaluation, config -> inference, export, training
 ALLOWED = {
     "ops": set(),
     "models": {"ops"},
@@ -28,6 +28,7 @@ ALLOWED = {
     "config": {"criterion", "data", "models", "ops"},
     "cli": set(),
     "inference": {"data", "evaluation", "models", "ops", "weights"},
+    "export": {"data", "evaluation", "inference", "models", "ops", "weights"},
     "training": {"config", "criterion", "data", "evaluation", "models", "ops", "weights"},
 }
 

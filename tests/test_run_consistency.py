@@ -8,28 +8,13 @@ import json
 import os
 import subprocess
 import sys
-import time
 
 import pytest
 
-from tests.helpers import REPO, TrainRun, subprocess_env
+from tests.helpers import REPO, subprocess_env
 
 TINY_CONFIG = os.path.join(REPO, "tests", "configs", "tiny.py")
 TRAIN_PY = os.path.join(REPO, "experiments", "train.py")
-
-
-def _rows(workdir):
-    """metrics.jsonl rows; a line still being written is skipped."""
-    path = os.path.join(workdir, "metrics.jsonl")
-    rows = []
-    if os.path.exists(path):
-        with open(path) as f:
-            for line in f:
-                try:
-                    rows.append(json.loads(line))
-                except ValueError:
-                    pass
-    return rows
 
 
 def _checkpoint_steps(workdir):
@@ -79,43 +64,6 @@ def test_metric_logger_drops_the_rows_after_the_resumed_checkpoint(tmp_path, mon
     assert not [f for f in os.listdir(tmp_path) if ".tmp" in f]
     wd.MetricLogger(str(tmp_path), 10, True, resume_step=0).close()  # a new run keeps (appends to) the file
     assert purges == [5, None] and len(path.read_text().splitlines()) == 5
-
-
-def test_resumed_run_logs_what_an_uninterrupted_run_logs(tmp_path):
-    """kill -9 after a logged step beyond the last checkpoint, then resume: metrics.jsonl has each step once, and
-    the steps logged twice have the values of the first, uninterrupted, trajectory (the resumed steps equal an
-    uninterrupted run's bit for bit: test_train.test_resume_after_kill_is_bit_exact); the final metrics are printed
-    once."""
-    args = ("--config.num_steps=8", "--config.log_every=1", "--config.checkpoint_every=2",
-            "--config.eval_at_end=True")
-    first = TrainRun(TINY_CONFIG, tmp_path, *args, name="first")
-    try:
-        while True:
-            assert first.procs[0].poll() is None, f"ended before it could be killed:\n{first.stderr()[-3000:]}"
-            assert time.time() < first.deadline
-            saved, logged = _checkpoint_steps(tmp_path), [r["step"] for r in _rows(tmp_path)]
-            if saved and logged and max(logged) > saved[-1]:
-                break
-            time.sleep(0.02)
-    finally:
-        first.kill()
-    before = _rows(tmp_path)  # an uninterrupted run's rows, up to the kill
-    restored, killed_at = _checkpoint_steps(tmp_path)[-1], before[-1]["step"]
-    assert restored < killed_at < 8
-    resumed = TrainRun(TINY_CONFIG, tmp_path, *args, name="resumed").wait_ok()
-
-    got = _rows(tmp_path)
-    assert [r["step"] for r in got] == list(range(1, 9)) + [8]  # + the final evaluation's row
-    for a, b in zip(got, before):
-        assert a.keys() == b.keys()
-        for key in a:
-            if key != "images_per_sec":  # a timing
-                assert a[key] == b[key], f"step {a['step']} {key}: resumed {a[key]!r}, uninterrupted {b[key]!r}"
-    out = resumed.stdout()
-    assert f"step {restored + 1}/8" in out and f"step {restored}/8" not in out  # resumed, not started over
-    assert out.count(f"loss {got[7]['loss']:.4f}") == 1, out  # the last progress line only
-    assert out.count(f"AP50 {got[8]['eval_AP50']:.4f}") == 1 and out.count("AP50") == 1, out
-    assert "final eval" not in out
 
 
 # ---- 2. atomic description files, a full disk ----------------------------------------------------------------
@@ -264,3 +212,12 @@ def test_coco_r50_without_tensorflow_is_one_line(tmp_path):
     assert "Traceback" not in result.stderr, result.stderr[-3000:]
     (line,) = _stderr_lines(result.stderr)
     assert 'pip install -e ".[tfds]"' in line, line
+
+
+def test_the_final_summary_prints_each_metric_once():
+    """The last progress line has the losses and speed; the summary adds the final evaluation, each value once."""
+    from detr_jax.training.workdir import final_summary
+
+    text = final_summary({"loss": 1.2345, "images_per_sec": 30.0, "eval_AP50": 0.5851, "eval_AP": 0.2242}, 2500,
+                         700.0, "W")
+    assert text.count("0.5851") == 1 and text.count("AP50") == 1 and "1.2345" not in text, text
