@@ -10,6 +10,7 @@ size, with label names, and `predictor.draw` paints the segments.
 """
 
 import json
+import logging
 import os
 from typing import Dict, Optional, Sequence, Union
 
@@ -25,13 +26,15 @@ from detr_jax.data.sources.files import DECODE_ERRORS, read_rgb
 from detr_jax.data.transforms import make_eval_transforms
 from detr_jax.evaluation.postprocess import postprocess
 from detr_jax.evaluation.postprocess_panoptic import post_process_panoptic
-from detr_jax.evaluation.visualize import attention_picture, draw_detections, draw_panoptic
+from detr_jax.evaluation.visualize import attention_picture, detections_caption, draw_detections, draw_panoptic
 from detr_jax.models.detr import DETR
 from detr_jax.models.segmentation import DETRsegm
 from detr_jax.weights.official import load_official_checkpoint
 from detr_jax.weights.workdir import load_workdir_checkpoint
 
 STRIDE = 32  # pad to a multiple of the backbone stride: few compiled shapes, exact mask downsampling
+TOP_K_FALLBACK = 3  # detections drawn (with a caption saying so) when none passes the threshold
+logger = logging.getLogger(__name__)
 
 
 def read_image(path: str) -> np.ndarray:
@@ -88,11 +91,13 @@ class Predictor:
         self.has_masks = isinstance(model, DETRsegm)
         self.model = model.with_detector(padding_invariant=True, aux_loss=False)
         self.variables = variables
-        self.class_names = list(class_names)
+        num_classes = model.detector.num_classes
+        # A model may have more classes than its data named (an official checkpoint fine-tuned on a few categories
+        # without reinit): a label past the names is named by its number.
+        self.class_names = list(class_names) + [str(i) for i in range(len(class_names), num_classes)]
         self.transforms = make_eval_transforms(size, max_size)
         self.threshold = threshold
         self.panoptic_threshold = panoptic_threshold
-        num_classes = model.detector.num_classes
         if is_thing is None:
             is_thing = OFFICIAL250_IS_THING if num_classes == len(OFFICIAL250_IS_THING) else [True] * num_classes
         if len(is_thing) != num_classes:
@@ -210,15 +215,28 @@ class Predictor:
 
     def __call__(self, image: Union[str, np.ndarray]) -> Dict:
         """Detections above the threshold: boxes [K, 4] xyxy pixels, scores [K], labels [K], label_names;
-        with a mask head also "panoptic" (see `panoptic`)."""
+        with a mask head also "panoptic" (see `panoptic`). Queries with a non-finite box or score are never
+        kept: "non_finite" counts them (and a warning says so). When none passes the threshold, "top" holds the
+        `TOP_K_FALLBACK` best (same fields), which `draw` shows with a caption saying so."""
         out = self.run(image)
-        keep = out["scores"] >= self.threshold
-        labels = out["labels"][keep]
-        detections = dict(boxes=out["boxes"][keep], scores=out["scores"][keep], labels=labels,
-                          label_names=[self.class_names[int(label)] for label in labels])
+        finite = np.isfinite(out["boxes"]).all(-1) & np.isfinite(out["scores"])
+        keep = finite & (out["scores"] >= self.threshold)
+        detections = self._select(out, keep)
+        detections["non_finite"] = int((~finite).sum())
+        if detections["non_finite"]:
+            logger.warning("skipped %d of %d queries with a non-finite box or score (a diverged model?)",
+                           detections["non_finite"], len(finite))
+        if not keep.any() and finite.any():  # a young model: its best guesses, for the picture only
+            best = np.flatnonzero(finite)[np.argsort(-out["scores"][finite], kind="stable")[:TOP_K_FALLBACK]]
+            detections["top"] = self._select(out, best)
         if self.has_masks:
             detections["panoptic"] = out["panoptic"]
         return detections
+
+    def _select(self, out: Dict, index) -> Dict:
+        labels = out["labels"][index]
+        return dict(boxes=out["boxes"][index], scores=out["scores"][index], labels=labels,
+                    label_names=[self.class_names[int(label)] for label in labels])
 
     def draw(self, image: Union[str, np.ndarray], detections: Optional[Dict] = None, panoptic: Optional[bool] = None):
         """A PIL image of `detections` (`self(image)` if not given): with `panoptic` (default: when the model has
@@ -232,8 +250,12 @@ class Predictor:
                                  else "`detections` lacks 'panoptic': pass the output of this predictor's call")
             result = detections["panoptic"]
             return draw_panoptic(image, result["segment_ids"], result["segments_info"], self.class_names)
-        return draw_detections(image, detections["boxes"], detections["labels"], detections["scores"],
-                               self.class_names, threshold=0.0)
+        shown, fallback = detections, False
+        if not len(detections["scores"]) and detections.get("top") is not None:
+            shown, fallback = detections["top"], True  # none passes the threshold: the best few, said so
+        caption = detections_caption(len(shown["scores"]), self.threshold, fallback)
+        return draw_detections(image, shown["boxes"], shown["labels"], shown["scores"], self.class_names,
+                               threshold=-np.inf, caption=caption)
 
     def attention_picture(self, image: Union[str, np.ndarray], query: Optional[int] = None):
         """The last decoder layer's cross-attention of one query (default: the best-scoring) over the image.

@@ -2,8 +2,9 @@
 
 CKPT is an official DETR .pth (e.g. detr-r50-e632da11.pth, COCO class names) or a detr_jax training work
 directory. Writes <out>/detections.json (xyxy pixel boxes, label names, scores above --threshold) and one
-PNG per image with the labelled boxes (<stem>_detections.png); --attention also writes the best query's
-cross-attention map.
+PNG per image with the labelled boxes (<stem>_detections.png, captioned; when none passes the threshold, the
+top 3 are drawn and the caption says so); --attention also writes the best query's cross-attention map. Boxes
+that are not finite (a diverged model) are neither drawn nor written, and counted in the image's line.
 
 A panoptic checkpoint (e.g. detr-r50-panoptic-00ce5173.pth) also writes, per image, <stem>_panoptic.png (the
 coloured, labelled segments) and, in COCO panoptic format, the id map panoptic/<stem>.png (id = R + 256 G +
@@ -92,6 +93,11 @@ def main(argv):
         if _ATTENTION.value:
             predictor.attention_picture(path).save(os.path.join(_OUT.value, f"{stem}_attention.png"))
         summary = f"{len(results[path])} detections"
+        if not results[path] and detections.get("top"):
+            top = len(detections["top"]["scores"])
+            summary += f" (none >= {_THRESHOLD.value:.2f}: the top {top} drawn, not listed)"
+        if detections.get("non_finite"):
+            summary += f", {detections['non_finite']} non-finite boxes skipped (not drawn nor written)"
         if predictor.has_masks:
             panoptic = detections["panoptic"]
             predictor.draw(path, detections).save(os.path.join(_OUT.value, f"{stem}_panoptic.png"))

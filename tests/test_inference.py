@@ -262,3 +262,15 @@ def test_predict_cli_panoptic(panoptic_checkpoint, tmp_path):
     assert ids.shape == (48, 64)
     assert sorted(np.unique(ids)) == sorted(s["id"] for s in segments)
     assert sum(s["area"] for s in segments) == 48 * 64
+
+
+def test_a_model_with_more_classes_than_names_names_the_rest_by_number(checkpoint):
+    """A work directory's class_names.json lists the data's categories; a model of more classes (allowed: more than
+    the data uses) predicts labels past them, which are named by their number instead of failing."""
+    from detr_jax.weights.official import load_official_checkpoint
+
+    model, variables = load_official_checkpoint(checkpoint, num_heads=4)
+    predictor = Predictor(model, variables, ["person", "bicycle"], size=64, max_size=96, threshold=0.0)
+    assert predictor.class_names[:2] == ["person", "bicycle"] and predictor.class_names[90] == "90"
+    detections = predictor(np.full((48, 64, 3), 128, np.uint8))
+    assert len(detections["label_names"]) == len(detections["labels"]) > 0

@@ -411,7 +411,7 @@ def test_a_lost_process_stops_the_others_naming_it_and_the_run_resumes(tmp_path,
     finally:
         run.kill()
     err = run.stderr(0)
-    lines = [line for line in err.splitlines() if "train.py" in line and line.startswith("E")]
+    lines = [line for line in err.splitlines() if "loop.py" in line and line.startswith("E")]  # our logger's lines
     assert len(lines) == 1 and "process 1 of 2 is gone" in lines[0] and "Start all 2 processes again" in lines[0], \
         err[-3000:]
     saved = _checkpoint_steps(tmp_path)[-1]

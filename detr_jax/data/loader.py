@@ -21,16 +21,19 @@ Longer than 400 lines: both worker types live in one Loader because they share t
 counting code that the determinism above rests on.
 """
 
+import atexit
 import collections
 import concurrent.futures
 import copy
 import functools
+import gc
 import logging
 import math
 import os
 import queue
 import threading
 import time
+import weakref
 from typing import Callable, Dict, Optional, Sequence, Tuple
 
 import numpy as np
@@ -335,6 +338,9 @@ class Loader:
                                                                    per_worker_buffer_size=self.prefetch),
                                       worker_init_fn=functools.partial(_init_worker, os.getpid()))
         self._grain_iter = iter(dataset)
+        _OPEN_PROCESS_LOADERS.add(self)  # closed at exit if nobody did: see `_close_open_loaders`
+        atexit.unregister(_close_open_loaders)  # atexit runs the last registered first: before grain's own
+        atexit.register(_close_open_loaders)
 
     def _stop_producer(self):
         if self._thread is not None:
@@ -346,6 +352,8 @@ class Loader:
             if close is not None:
                 close()
             self._grain_iter = None
+            _release_shared_memory()
+        _OPEN_PROCESS_LOADERS.discard(self)
 
     def __getstate__(self):
         """What a worker process needs to make batches: no threads, queues or iterators."""
@@ -381,6 +389,38 @@ class Loader:
                 self._grain_iter.close()
         except Exception:  # interpreter shutdown
             pass
+
+
+_OPEN_PROCESS_LOADERS = weakref.WeakSet()  # loaders whose grain worker processes are running
+
+
+def _release_shared_memory() -> None:
+    """Unlink the shared-memory blocks of a closed grain pipeline now, not at interpreter exit.
+
+    Batches the workers had handed over but nobody took (prefetched) are unlinked when grain's arrays over them
+    are deleted, by a one-thread pool (`SharedMemoryArray.enable_async_del`). Collect them and wait for that
+    pool: a run that then exits leaves nothing in /dev/shm and no "N leaked shared_memory objects" warning."""
+    gc.collect()
+    try:
+        from grain._src.python.ipc.shared_memory_array import SharedMemoryArray  # pylint: disable=g-import-not-at-top
+    except ImportError:
+        return
+    pool = getattr(SharedMemoryArray, "_del_thread_pool", None)
+    if pool is not None:
+        try:
+            pool.apply(int)  # one worker thread, requests in order: when this one ran, every earlier one had
+        except Exception:  # pylint: disable=broad-except  (a pool already shut down at exit: nothing to wait for)
+            pass
+
+
+def _close_open_loaders() -> None:
+    """Close the process loaders still open at exit, before the interpreter tears down grain's modules (their
+    `__del__` then fails half-way and leaves the prefetched batches' shared memory behind)."""
+    for loader in list(_OPEN_PROCESS_LOADERS):
+        try:
+            loader.close()
+        except Exception:  # pylint: disable=broad-except
+            logging.getLogger(__name__).warning("could not close a data loader at exit", exc_info=True)
 
 
 class _BatchJob:

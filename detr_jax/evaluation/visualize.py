@@ -3,7 +3,7 @@ cross-attention (PIL, host side)."""
 
 import colorsys
 import logging
-from typing import Dict, List, Mapping, Sequence
+from typing import Dict, List, Mapping, Optional, Sequence
 
 import numpy as np
 from PIL import Image, ImageDraw
@@ -13,19 +13,49 @@ PALETTE = [(230, 25, 75), (60, 180, 75), (255, 225, 25), (0, 130, 200), (245, 13
            (70, 240, 240), (240, 50, 230), (210, 245, 60), (250, 190, 190)]
 
 
-def draw_detections(image: np.ndarray, boxes, labels, scores, class_names: Sequence[str], threshold: float = 0.5):
-    """A PIL image of `image` (uint8 [H, W, 3]) with labelled boxes (xyxy absolute) scoring above `threshold`."""
+def draw_detections(image: np.ndarray, boxes, labels, scores, class_names: Sequence[str], threshold: float = 0.5,
+                    caption: Optional[str] = None):
+    """A PIL image of `image` (uint8 [H, W, 3]) with labelled boxes (xyxy absolute) scoring above `threshold`.
+
+    Labels are written on a filled black box (readable on any background); `caption`, if given, the same way at
+    the top-left corner. Boxes or scores that are not finite (a diverged model) are skipped and counted in a
+    warning; the picture keeps the image's size."""
     pil = Image.fromarray(np.asarray(image, np.uint8))
     draw = ImageDraw.Draw(pil)
+    w, h = pil.size
+    non_finite = 0
     for box, label, score in zip(boxes, labels, scores):
+        box = np.asarray(box, np.float64)
+        if not (np.isfinite(box).all() and np.isfinite(float(score))):
+            non_finite += 1
+            continue
         if score < threshold:
             continue
         colour = PALETTE[int(label) % len(PALETTE)]
-        x0, y0, x1, y1 = (float(v) for v in box)
-        draw.rectangle([x0, y0, x1, y1], outline=colour, width=2)
-        name = class_names[int(label)] if int(label) < len(class_names) else str(int(label))
-        draw.text((x0 + 2, y0 + 1), f"{name} {score:.2f}", fill=colour)
+        # Far outside the picture (a wild box): clipped, so PIL's integer coordinates cannot overflow.
+        x0, y0, x1, y1 = (float(v) for v in np.clip(box, [-w, -h, -w, -h], [2 * w, 2 * h, 2 * w, 2 * h]))
+        draw.rectangle([min(x0, x1), min(y0, y1), max(x0, x1), max(y0, y1)], outline=colour, width=2)
+        name = class_names[int(label)] if 0 <= int(label) < len(class_names) else str(int(label))
+        _label(draw, (min(max(x0, 0.0), w - 1) + 2, min(max(y0, 0.0), h - 1) + 1), f"{name} {score:.2f}", colour)
+    if caption:
+        _label(draw, (2, 2), caption, (255, 255, 255))
+    if non_finite:
+        logger.warning("skipped %d detection(s) with a non-finite box or score (not drawn)", non_finite)
     return pil
+
+
+def _label(draw, origin, text: str, colour) -> None:
+    """`text` at `origin` in `colour` on a filled black box: readable over any picture."""
+    left, top, right, bottom = draw.textbbox(origin, text)
+    draw.rectangle((left - 1, top - 1, right + 1, bottom + 1), fill=(0, 0, 0))
+    draw.text(origin, text, fill=colour)
+
+
+def detections_caption(num_shown: int, threshold: float, fallback: bool) -> str:
+    """The caption of a detections picture: how many pass `threshold`, or that none does and the best are shown."""
+    if fallback:
+        return f"none >= {threshold:.2f}: the top {num_shown} shown"
+    return f"score >= {threshold:.2f}: {num_shown} detections"
 
 
 def segment_colour(index: int):

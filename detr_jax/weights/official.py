@@ -55,6 +55,7 @@ def load_torch_state_dict(path: str) -> Dict[str, np.ndarray]:
     except ImportError as e:
         raise ImportError(f"Reading the PyTorch checkpoint {path} needs torch, only to unpickle it: "
                                             "`pip install torch==2.13.0` (a CPU build is enough)") from e
+    _refuse_unsafe_torch(torch.__version__, path)
     try:
         # Official training checkpoints also pickle the argparse Namespace of the run: allow that one class.
         with torch.serialization.safe_globals([argparse.Namespace]):
@@ -66,7 +67,35 @@ def load_torch_state_dict(path: str) -> Dict[str, np.ndarray]:
     state_dict = checkpoint.get("model", checkpoint) if isinstance(checkpoint, Mapping) else None
     if not isinstance(state_dict, Mapping):
         raise ValueError(f"{path} holds no state dict (expected {{'model': state_dict}} or a state dict)")
-    return {k: v.detach().cpu().numpy() for k, v in state_dict.items() if hasattr(v, "detach")}
+    arrays = {}
+    for key, value in state_dict.items():
+        if not isinstance(key, str) or not hasattr(value, "detach"):
+            raise ValueError(f"{path}: entry {key!r} is a {type(value).__name__}, not a tensor: not a DETR / "
+                             "torchvision state dict (expected {'model': {name: tensor}} or {name: tensor})")
+        value = value.detach().cpu()
+        if value.is_floating_point():
+            value = value.float()  # bfloat16 / float16 have no numpy dtype (bf16) or lose nothing as float32
+        array = value.numpy()
+        if np.issubdtype(array.dtype, np.floating) and not np.isfinite(array).all():
+            n = int(array.size - np.isfinite(array).sum())
+            raise ValueError(f"{path}: tensor {key!r} holds {n} NaN/inf value(s) of {array.size}: the weights are "
+                             "broken (a diverged run or a damaged file); refusing to load them")
+        arrays[key] = array
+    if not arrays:
+        raise ValueError(f"{path} holds an empty state dict (no tensors)")
+    return arrays
+
+
+MIN_SAFE_TORCH = (2, 10)  # torch.load(weights_only=True) has known bypasses before (CVE-2025-32434 for <= 2.5.1)
+
+
+def _refuse_unsafe_torch(version: str, path: str) -> None:
+    """Refuse to unpickle `path` with a torch whose `weights_only=True` loader is known to be bypassable."""
+    m = re.match(r"(\d+)\.(\d+)", str(version))
+    if m and (int(m.group(1)), int(m.group(2))) < MIN_SAFE_TORCH:
+        raise ImportError(f"refusing to read {path} with torch {version}: torch.load(weights_only=True) can run "
+                          "code hidden in a .pth before torch 2.10 (CVE-2025-32434 for <= 2.5.1 and a later "
+                          "advisory); `pip install torch==2.13.0` (a CPU build is enough)")
 
 
 def _torch_key_to_flax(key: str) -> Optional[Tuple[str, Tuple[str, ...], str]]:
@@ -108,21 +137,45 @@ def _torch_key_to_flax(key: str) -> Optional[Tuple[str, Tuple[str, ...], str]]:
     return "params", tuple(path) + (leaf,), "copy"
 
 
-def torch_state_dict_to_variables(state_dict: Mapping[str, np.ndarray]) -> Dict[str, Any]:
-    """Convert an official DETR (or torchvision ResNet) state dict to a nested Flax variables dict."""
+def torch_state_dict_to_variables(state_dict: Mapping[str, np.ndarray], origin: Optional[Dict[str, str]] = None,
+                                  prefix: str = "") -> Dict[str, Any]:
+    """Convert an official DETR (or torchvision ResNet) state dict to a nested Flax variables dict.
+
+    A key that cannot be converted (an unknown layer kind, a weight of the wrong rank) raises a ValueError naming
+    it. `origin`, when given, receives {"collection/flax/path": official key} (keys written with `prefix`)."""
     flat: Dict[Tuple[str, ...], np.ndarray] = {}
     for key, value in state_dict.items():
-        mapped = _torch_key_to_flax(key)
+        try:
+            mapped = _torch_key_to_flax(key)
+        except (KeyError, IndexError) as e:
+            raise ValueError(f"key {prefix + key!r} is not a DETR / ResNet weight name (cannot place {e})") from None
         if mapped is None:
             continue
         collection, path, kind = mapped
-        flat[(collection,) + path] = _to_flax_layout(value, kind)
-    return flax.traverse_util.unflatten_dict(flat)
+        flat[(collection,) + path] = _to_flax_layout(value, kind, prefix + key)
+        if origin is not None:
+            origin["/".join((collection,) + path)] = prefix + key
+    return _unflatten(flat, origin)
 
 
-def _to_flax_layout(value, kind: str) -> np.ndarray:
+def _unflatten(flat, origin):
+    """`flax.traverse_util.unflatten_dict`, a clash (a key both a weight and a module) named as a ValueError."""
+    try:
+        return flax.traverse_util.unflatten_dict(flat)
+    except (AssertionError, TypeError, KeyError, IndexError, ValueError):
+        paths = sorted("/".join(k) for k in flat)
+        clash = next((a for a, b in zip(paths, paths[1:]) if b.startswith(a + "/")), paths[0] if paths else "")
+        raise ValueError(f"key {(origin or {}).get(clash, clash)!r} is both a weight and a module") from None
+
+
+_RANK = {"linear": 2, "conv": 4}
+
+
+def _to_flax_layout(value, kind: str, key: str = "") -> np.ndarray:
     """A torch array as flax stores it: Linear [out, in] -> [in, out], Conv [O, I, kh, kw] -> [kh, kw, I, O]."""
     value = np.asarray(value, np.float32)
+    if kind in _RANK and value.ndim != _RANK[kind]:
+        raise ValueError(f"key {key!r} has shape {tuple(value.shape)}: a {kind} weight has {_RANK[kind]} dimensions")
     if kind == "linear":
         return value.T
     if kind == "conv":
@@ -160,20 +213,27 @@ def _segm_key_to_flax(key: str) -> Tuple[str, Tuple[str, ...], str]:
     return "params", tuple(path) + (leaf,), "copy"
 
 
-def panoptic_state_dict_to_variables(state_dict: Mapping[str, np.ndarray]) -> Dict[str, Any]:
+def panoptic_state_dict_to_variables(state_dict: Mapping[str, np.ndarray],
+                                     origin: Optional[Dict[str, str]] = None) -> Dict[str, Any]:
     """Convert an official `DETRsegm` state dict to the nested Flax variables of a `DETRsegm`.
 
     The "detr." keys are converted as a plain DETR's (`torch_state_dict_to_variables`) and nested under "detr"
     in each collection; the "bbox_attention." / "mask_head." keys go to the modules of the same names.
     """
-    detector = flax.traverse_util.flatten_dict(torch_state_dict_to_variables(_detector_state_dict(state_dict)))
+    inner: Dict[str, str] = {}
+    detector = flax.traverse_util.flatten_dict(torch_state_dict_to_variables(
+        _detector_state_dict(state_dict), inner, prefix=PANOPTIC_DETR_PREFIX))
     flat = {(collection, "detr") + tuple(path): value for (collection, *path), value in detector.items()}
+    if origin is not None:
+        origin.update({"/".join([c, "detr"] + p): k for (c, *p), k in ((n.split("/"), k) for n, k in inner.items())})
     for key, value in state_dict.items():
         if key.startswith(PANOPTIC_DETR_PREFIX) or key.endswith("num_batches_tracked"):
             continue
         collection, path, kind = _segm_key_to_flax(key)
-        flat[(collection,) + path] = _to_flax_layout(value, kind)
-    return flax.traverse_util.unflatten_dict(flat)
+        flat[(collection,) + path] = _to_flax_layout(value, kind, key)
+        if origin is not None:
+            origin["/".join((collection,) + path)] = key
+    return _unflatten(flat, origin)
 
 
 def infer_detr_config(state_dict: Mapping[str, np.ndarray]) -> Dict[str, Any]:
@@ -188,6 +248,14 @@ def infer_detr_config(state_dict: Mapping[str, np.ndarray]) -> Dict[str, Any]:
 
     if "query_embed.weight" not in state_dict or "class_embed.weight" not in state_dict:
         raise ValueError("not an official DETR state dict: missing query_embed.weight / class_embed.weight")
+    ffn = [k for k in ("transformer.encoder.layers.0.linear1.weight", "transformer.decoder.layers.0.linear1.weight")
+           if k in state_dict]
+    if not ffn:
+        raise ValueError("not an official DETR state dict: missing transformer.{encoder,decoder}.layers.0.linear1"
+                         ".weight")
+    for key in ("query_embed.weight", "class_embed.weight", ffn[0]):
+        if np.ndim(state_dict[key]) != 2:
+            raise ValueError(f"key {key!r} has shape {tuple(np.shape(state_dict[key]))}: expected 2 dimensions")
     stages = tuple(count(rf"backbone\.0\.body\.layer{i}\.(\d+)\.") for i in range(1, 5))
     kind = "bottleneck" if "backbone.0.body.layer1.0.conv3.weight" in state_dict else "basic"
     depth = [d for d, spec in RESNET_SPECS.items() if spec == (kind, stages)]
@@ -200,19 +268,20 @@ def infer_detr_config(state_dict: Mapping[str, np.ndarray]) -> Dict[str, Any]:
             hidden_dim=hidden_dim,
             num_encoder_layers=count(r"transformer\.encoder\.layers\.(\d+)\."),
             num_decoder_layers=count(r"transformer\.decoder\.layers\.(\d+)\."),
-            dim_feedforward=state_dict["transformer.encoder.layers.0.linear1.weight"].shape[0]
-            if "transformer.encoder.layers.0.linear1.weight" in state_dict
-            else state_dict["transformer.decoder.layers.0.linear1.weight"].shape[0],
+            dim_feedforward=state_dict[ffn[0]].shape[0],
             pre_norm="transformer.encoder.norm.weight" in state_dict,
             backbone_depth=depth[0],
             position_embedding="learned" if "backbone.1.row_embed.weight" in state_dict else "sine",
     )
 
 
-def check_variables_match(model, variables, source: str, sample_hw=(64, 64), may_miss=()) -> None:
+def check_variables_match(model, variables, source: str, sample_hw=(64, 64), may_miss=(),
+                          origin: Optional[Mapping[str, str]] = None) -> None:
     """Raise a ValueError naming every missing, unexpected or mis-shaped array against `model`'s own tree.
 
-    `may_miss`: "collection/module" prefixes (e.g. "params/class_embed") the variables need not have."""
+    `may_miss`: "collection/module" prefixes (e.g. "params/class_embed") the variables need not have. `origin`
+    ({"collection/flax/path": official key}) lets the message start with the first official key that does not
+    fit."""
     expected = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), jnp.zeros((1,) + tuple(sample_hw) + (3,))))
     want = flax.traverse_util.flatten_dict(flax.core.unfreeze(expected), sep="/")
     have = flax.traverse_util.flatten_dict(flax.core.unfreeze(variables), sep="/")
@@ -223,7 +292,11 @@ def check_variables_match(model, variables, source: str, sample_hw=(64, 64), may
     if missing or unexpected or mis_shaped:
         def show(items):
             return ", ".join(items[:8]) + (f" ... ({len(items)} in all)" if len(items) > 8 else "")
-        raise ValueError(f"{source} does not match the model config: missing [{show(missing)}], "
+        first = next((origin[k] for k in unexpected + sorted(k for k in set(want) & set(have)
+                                                             if tuple(have[k].shape) != tuple(want[k].shape))
+                      if k in origin), None) if origin else None
+        lead = f"{source}: key {first!r} does not fit; it" if first else source
+        raise ValueError(f"{lead} does not match the model config: missing [{show(missing)}], "
                          f"unexpected [{show(unexpected)}], mis-shaped [{show(mis_shaped)}]")
 
 
@@ -252,7 +325,10 @@ def load_pretrained(init, model: DETR, variables, detector_variables=None):
             state_dict = load_torch_state_dict(init.detr_checkpoint)
             if init.reinit_class_head:
                 state_dict = {k: v for k, v in state_dict.items() if not k.startswith("class_embed.")}
-            loaded = torch_state_dict_to_variables(state_dict)
+            try:
+                loaded = torch_state_dict_to_variables(state_dict)
+            except ValueError as e:
+                raise ValueError(f"{init.detr_checkpoint}: {e}") from None
         check_variables_match(model, loaded, init.detr_checkpoint, may_miss=may_miss)
         ours = flax.traverse_util.flatten_dict(flax.core.unfreeze(variables))
         ours.update({k: jnp.asarray(v) for k, v in flax.traverse_util.flatten_dict(loaded).items()})
@@ -278,16 +354,21 @@ def load_official_checkpoint(path: str, dilation: bool = False, num_heads: int =
     segm_overrides = {k: overrides.pop(k) for k in ("freeze_detr",) if k in overrides}
     if segm_overrides and not panoptic:
         raise ValueError(f"{sorted(segm_overrides)} only applies to a panoptic checkpoint; {path} is a detector's")
-    config = infer_detr_config(state_dict)
+    origin: Dict[str, str] = {}
+    try:
+        config = infer_detr_config(state_dict)
+        if panoptic:
+            variables = panoptic_state_dict_to_variables(state_dict, origin)
+        else:
+            variables = torch_state_dict_to_variables(state_dict, origin)
+    except ValueError as e:
+        raise ValueError(f"{path}: {e}") from None
     config.update(dilation=dilation, num_heads=num_heads, **overrides)
     model = DETR(**config)
     if panoptic:
         model = DETRsegm(model, **segm_overrides)
-        variables = panoptic_state_dict_to_variables(state_dict)
-    else:
-        variables = torch_state_dict_to_variables(state_dict)
     variables = jax.tree_util.tree_map(jnp.asarray, variables)
-    check_variables_match(model, variables, path)
+    check_variables_match(model, variables, path, origin=origin)
     return model, variables
 
 
@@ -301,7 +382,10 @@ def load_torchvision_backbone(path: str, variables, depth: int):
     Returns:
         New variables with backbone params and frozen batch-norm buffers from the file.
     """
-    converted = torch_state_dict_to_variables(load_torch_state_dict(path))
+    try:
+        converted = torch_state_dict_to_variables(load_torch_state_dict(path))
+    except ValueError as e:
+        raise ValueError(e if str(e).startswith(path) else f"{path}: {e}") from None
     for collection in ("params", FROZEN_COLLECTION):
         theirs = flax.traverse_util.flatten_dict(converted.get(collection, {}).get("backbone", {}), sep="/")
         ours = flax.traverse_util.flatten_dict(flax.core.unfreeze(variables[collection]["backbone"]), sep="/")

@@ -32,6 +32,23 @@ from detr_jax.data.sources.arguments import PATH, Arg, Arguments
 from detr_jax.data.sources.coco_categories import COCO_CATEGORY_IDS, COCO_CLASS_NAMES, OFFICIAL91_CLASS_NAMES
 
 logger = logging.getLogger(__name__)
+
+
+class _NoOpenCVNotice(logging.Filter):
+    """Drops TFDS's "OpenCV is not installed ... Defaulting to PIL" notice (once per worker process: PIL decodes
+    COCO's JPEGs as well; nothing to do about it). Every other absl record passes."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith("OpenCV is not installed")
+
+
+def _silence_opencv_notice() -> None:
+    absl = logging.getLogger("absl")  # absl.logging writes through this logger
+    if not any(isinstance(f, _NoOpenCVNotice) for f in absl.filters):
+        absl.addFilter(_NoOpenCVNotice())
+
+
+_silence_opencv_notice()  # at import: also in each worker process, which imports this module to unpickle a source
 # Guards the sources' counters against the loader's worker threads. Module-level, not per source: a source then
 # pickles as it is (loader worker processes get a copy, whose counters the loader sums).
 _STATS_LOCK = threading.Lock()
