@@ -13,11 +13,14 @@ from absl import flags
 
 
 def define_multihost_flags():
-    """--coordinator_address, --num_processes, --process_id and --multihost; returns a function giving their values
-    as the keyword arguments of `sharding.maybe_initialize_distributed`."""
+    """--coordinator_address, --coordinator_bind_address, --num_processes, --process_id and --multihost; returns a
+    function giving their values as the keyword arguments of `sharding.maybe_initialize_distributed`."""
     holders = dict(
         coordinator_address=flags.DEFINE_string("coordinator_address", None,
                                                 "host:port of process 0, for multi-host CPU/GPU."),
+        coordinator_bind_address=flags.DEFINE_string(
+            "coordinator_bind_address", None, "host:port process 0's coordination service listens on (default: "
+            "--coordinator_address itself; '[::]:PORT' for every interface)."),
         num_processes=flags.DEFINE_integer("num_processes", None, "Number of processes (multi-host)."),
         process_id=flags.DEFINE_integer("process_id", None, "This process's id (multi-host)."),
         multihost=flags.DEFINE_bool("multihost", None, "Start jax.distributed from the environment (SLURM, Open MPI "

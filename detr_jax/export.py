@@ -33,6 +33,7 @@ from detr_jax.data.sources.coco_panoptic_categories import OFFICIAL250_CLASS_NAM
 from detr_jax.data.transforms import IMAGENET_MEAN, IMAGENET_STD, make_eval_transforms
 from detr_jax.inference import export_inference
 from detr_jax.models.layers import formulations
+from detr_jax.ops.files import atomic_write
 from detr_jax.weights.official import load_official_checkpoint
 from detr_jax.weights.workdir import load_workdir_checkpoint
 
@@ -181,8 +182,7 @@ def export_model(model, variables, info: Dict, out_dir: str, fmt: str = "onnx", 
         with open(os.path.join(out_dir, file_name), "wb") as f:
             f.write(exported.serialize())
     meta = manifest(model, info, batch_size, image_hw, padding_invariant, fmt, file_name)
-    with open(os.path.join(out_dir, "manifest.json"), "w") as f:
-        json.dump(meta, f, indent=1)
+    atomic_write(os.path.join(out_dir, "manifest.json"), json.dumps(meta, indent=1))
     return meta
 
 

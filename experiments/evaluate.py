@@ -29,6 +29,7 @@ from absl import app, flags
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # run from a checkout
 
 from detr_jax.cli import config_value, define_config_file, define_multihost_flags, parse_flags, quiet_logs  # noqa: E402 (no jax import)
+from detr_jax.ops.files import atomic_write  # noqa: E402 (no jax import)
 from detr_jax.ops.xla_flags import set_process_defaults  # noqa: E402 (no jax import)
 
 set_process_defaults()  # before jax is imported: XLA flags (the user's XLA_FLAGS win) and glibc malloc options
@@ -99,8 +100,7 @@ def main(argv):
     if jax.process_index() != 0:
         return
     os.makedirs(out, exist_ok=True)
-    with open(os.path.join(out, "metrics.json"), "w") as f:
-        json.dump(metrics, f, indent=1)
+    atomic_write(os.path.join(out, "metrics.json"), json.dumps(metrics, indent=1))
     print(" ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}" for k, v in metrics.items()))
 
 

@@ -21,6 +21,7 @@ from absl import app, flags
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # run from a checkout
 
 from detr_jax.cli import parse_flags, quiet_logs  # noqa: E402 (no jax import)
+from detr_jax.ops.files import atomic_write  # noqa: E402 (no jax import)
 from detr_jax.ops.xla_flags import set_process_defaults  # noqa: E402 (no jax import)
 
 set_process_defaults()  # before jax is imported: XLA flags (the user's XLA_FLAGS win) and glibc malloc options
@@ -107,14 +108,13 @@ def main(argv):
                 dict(seg, iscrowd=0) for seg in panoptic["segments_info"]]))
             summary += f", {len(panoptic['segments_info'])} panoptic segments"
         print(f"{path}: {summary}")
-    with open(os.path.join(_OUT.value, "detections.json"), "w") as f:
-        json.dump(results, f, indent=1)
+    atomic_write(os.path.join(_OUT.value, "detections.json"), json.dumps(results, indent=1))
     print(f"wrote {_OUT.value}/detections.json")
     if predictor.has_masks:
         categories = [dict(id=label, name=name, isthing=int(thing)) for label, (name, thing)
                       in enumerate(zip(predictor.class_names, predictor.is_thing)) if name != "N/A"]
-        with open(os.path.join(_OUT.value, "panoptic.json"), "w") as f:
-            json.dump(dict(annotations=annotations, categories=categories), f, indent=1)
+        atomic_write(os.path.join(_OUT.value, "panoptic.json"),
+                     json.dumps(dict(annotations=annotations, categories=categories), indent=1))
         print(f"wrote {_OUT.value}/panoptic.json and panoptic/")
     if any(isinstance(r, dict) for r in results.values()):
         sys.exit(1)

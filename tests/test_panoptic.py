@@ -8,6 +8,8 @@ import os
 from collections import defaultdict
 from pathlib import Path
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
@@ -16,7 +18,7 @@ from PIL import Image
 
 from detr_jax.evaluation import panoptic_quality
 from detr_jax.evaluation import postprocess_panoptic as panoptic
-from detr_jax.ops import interpolate, panoptic_ids
+from detr_jax.ops import interpolate, interpolate_device, panoptic_ids
 
 # As tests/conftest.py: the official reference outputs live in ../shared/fixtures, or DETR_JAX_FIXTURES.
 _FIXTURES = Path(os.environ.get("DETR_JAX_FIXTURES",
@@ -301,6 +303,45 @@ def test_post_process_segm_of_a_padded_batch_is_the_official_of_a_batch_that_fil
         np.testing.assert_array_equal(g, e[:, 0].numpy().astype(bool))
     # Stretched to the largest image instead (padded_size None), the masks move.
     assert any((g != s).any() for g, s in zip(got, panoptic.post_process_segm(masks[:2], max_sizes, orig_sizes)))
+
+
+@pytest.mark.parametrize("blend", [interpolate_device.plain_blend, interpolate_device.exact_blend])
+@pytest.mark.parametrize("in_size,out_size", [((48, 72), (192, 288)), ((40, 50), (170, 230)), ((200, 150), (97, 101))])
+def test_device_resize_is_torchs_with_either_blend(blend, in_size, out_size):
+    """The device resize gives torch's numbers (not merely close ones) with the blend the backend picked and with
+    the error-free emulation kept for backends that do not contract `a * w0 + b * w1` into torch's fma."""
+    x = np.random.default_rng(6).normal(scale=10.0, size=(2, 3) + in_size).astype(np.float32)
+    expected = F.interpolate(torch.from_numpy(x), size=out_size, mode="bilinear", align_corners=False).numpy()
+    rows, cols = interpolate.linear_taps(in_size[0], out_size[0]), interpolate.linear_taps(in_size[1], out_size[1])
+    got = jax.jit(interpolate_device.apply_taps_transposed, static_argnums=3)(x, rows, cols, blend, jnp.uint32(0))
+    np.testing.assert_array_equal(np.swapaxes(np.asarray(got), -1, -2), interpolate.apply_taps(x, rows, cols))
+    assert np.abs(np.swapaxes(np.asarray(got), -1, -2) - expected).max() <= 1e-5  # as the host resize's test
+    assert interpolate_device.device_blend() in (interpolate_device.plain_blend, interpolate_device.exact_blend)
+
+
+@pytest.mark.parametrize("threshold", [0.5, 0.3, 0.9, 1e-6])
+def test_logit_cut_is_the_sigmoid_threshold(threshold):
+    """x >= logit_cut(t) exactly when the float32 sigmoid of x is > t: on every float32 within 2^17 ulps of the cut
+    and on random logits."""
+    cut = panoptic.logit_cut(threshold)
+    near = np.float32(cut) + np.arange(-2 ** 17, 2 ** 17) * np.spacing(np.abs(np.float32(cut)))
+    far = np.random.default_rng(7).normal(scale=20.0, size=2 ** 18)
+    for x in (near.astype(np.float32), far.astype(np.float32)):
+        with np.errstate(over="ignore"):
+            np.testing.assert_array_equal(x >= cut, panoptic._sigmoid(x) > threshold)
+    with pytest.raises(ValueError, match="probability"):
+        panoptic.logit_cut(1.0)
+
+
+def test_post_process_segm_at_another_threshold_and_coco_like_sizes():
+    masks = np.random.default_rng(8).normal(scale=3.0, size=(2, 4, 50, 67)).astype(np.float32)
+    max_sizes, orig_sizes = [(200, 266), (190, 250)], [(120, 160), (427, 640)]  # down- and upsampled
+    got = panoptic.post_process_segm(masks, max_sizes, orig_sizes, threshold=0.3)
+    expected = _ref_post_process_segm(masks, max_sizes, orig_sizes, threshold=0.3)
+    for g, e, size in zip(got, expected, orig_sizes):
+        assert g.shape == (4,) + size and g.dtype == bool
+        assert g[0].T.flags.c_contiguous  # column-major: what the RLE encoder reads without a copy
+        np.testing.assert_array_equal(g, e[:, 0].numpy().astype(bool))
 
 # --- Panoptic quality: hand-computed cases ----------------------------------------------------
 

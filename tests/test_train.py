@@ -363,6 +363,29 @@ def test_half_precision_step_is_close_to_float32(unit):
     assert float(metrics["loss"]) == pytest.approx(float(ref["loss"]), rel=0.05)
 
 
+def test_denoising_noise_follows_the_seed_and_step_and_leaves_the_matching_losses(unit):
+    """dn_groups > 0: the same state gives the same step (the noise is a function of the seed and the step, so a
+    resumed run draws what the uninterrupted one drew), another step number other noise; the matching queries'
+    losses are those of the step without denoising (they never see the denoising queries)."""
+    config = copy.deepcopy(unit.config)
+    config.training_aids.update(dn_groups=2, dn_negatives=True)
+    model = build_training_model(config)
+    initial, tx, _ = create_train_state(config, model, total_steps=1000, steps_per_epoch=1)
+    initial = jax.device_get(initial)
+    assert set(initial["params"]) == {"model", "denoising"}
+    ours, ref = _flat(initial["params"]["model"]), _flat(unit.initial["params"]["model"])
+    assert ours.keys() == ref.keys() and all(np.array_equal(ours[k], ref[k]) for k in ref)
+    step = training.make_train_step(model, tx, config, unit.mesh)
+    run = lambda state: step(jax.device_put(state, sharding.replicated(unit.mesh)), unit.batch)[1]  # noqa: E731
+    first, again, later = run(initial), run(initial), run(dict(initial, step=initial["step"] + 1))
+    assert float(first["loss_dn"]) == float(again["loss_dn"]) and float(first["loss"]) == float(again["loss"])
+    assert float(later["loss_dn"]) != float(first["loss_dn"])
+    _, plain = unit.step(unit.fresh_state(), unit.batch)
+    for key in ("loss_ce", "loss_bbox", "loss_giou", "loss_ce_0", "loss_bbox_0"):
+        assert float(first[key]) == pytest.approx(float(plain[key]), rel=1e-5, abs=1e-6), key
+    assert float(first["loss"]) > float(plain["loss"])  # ... plus the denoising losses
+
+
 def test_batch_norm_backbone_step_updates_the_running_statistics(unit):
     """backbone_norm "batch": the step's new "frozen" statistics are those of a training-mode forward on the
     batch (momentum 0.1, torch's rule), the parameters still update, and a non-finite step keeps both."""
@@ -429,4 +452,12 @@ def test_work_directories_keep_the_layout_of_before_the_package_reorganisation(r
         old = json.load(f)
     new = json.loads(json.dumps(workdir_layout(reference[0])))  # tuples -> lists, as in the file
     assert new["state"] == old["state"], sorted(set(new["state"]) ^ set(old["state"]))[:10]
+    # Config fields added since, each with a default for a config.json without it: config.eval_backend (read with
+    # .get, pycocotools), the denoising aid's (DETRWithAids' defaults: off).
+    config = dict(new["config"])
+    assert config.pop("eval_backend", "missing") is None
+    dn = {"dn_groups", "dn_box_noise", "dn_label_noise", "dn_negatives"}
+    assert dn <= set(config["training_aids"])
+    config["training_aids"] = sorted(set(config["training_aids"]) - dn)
+    new["config"] = config
     assert {k: v for k, v in new.items() if k != "state"} == {k: v for k, v in old.items() if k != "state"}

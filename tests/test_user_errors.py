@@ -193,7 +193,8 @@ def test_multi_process_launchers_are_detected(monkeypatch):
             assert sharding.cluster_environment() == name
             calls.clear()
             sharding.maybe_initialize_distributed()  # srun -n 4 python experiments/train.py: one run, not four
-            assert calls == [dict(coordinator_address=None, num_processes=None, process_id=None)]
+            assert calls == [dict(coordinator_address=None, num_processes=None, process_id=None,
+                                  coordinator_bind_address=None)]
             calls.clear()
             sharding.maybe_initialize_distributed(multihost=False)
             assert calls == []

@@ -6,14 +6,16 @@
 It matches every decoder layer to the targets (Hungarian, `matcher.py`), then adds up each weighted term: the
 set losses of every layer (`set_losses.py`), the panoptic mask losses of the main layer (`mask_losses.py`) and
 the dense losses of the training aids' token heads (`dense_losses.py`), with Group DETR's query groups each
-matched on its own (`query_groups.py`). The train step knows none of them: forward -> criterion -> grad ->
-update. A new term is a method here and a line in `__call__`.
+matched on its own (`query_groups.py`), and the denoising queries' losses without matching (`denoising.py`).
+The train step knows none of them: forward -> criterion -> grad -> update. A new term is a method here and a line
+in `__call__`.
 """
 
 from typing import Dict, Mapping, Optional, Tuple
 
 import jax.numpy as jnp
 
+from detr_jax.criterion.denoising import denoising_losses
 from detr_jax.criterion.dense_losses import encoder_dense_losses
 from detr_jax.criterion.mask_losses import mask_losses
 from detr_jax.criterion.matcher import HungarianMatcher
@@ -62,7 +64,8 @@ class Criterion:
           batch: "labels" int32 [B, M], "boxes" [B, M, 4] cxcywh normalised, "mask" bool [B, M] (True on real
             objects); panoptic "target_masks" (bool [B, M, H, W], or [B, M, P] with "mask_points" int [B, P]),
             "pixel_mask" bool [B, H, W].
-          aids: {name: token-head outputs} of the training aids (`models.aids.DETRWithAids`).
+          aids: {name: token-head outputs} of the training aids (`models.aids.DETRWithAids`); "dn": the
+            denoising queries' outputs and targets.
         Returns:
           (total, terms): the weighted total, and a dict of every logged scalar ("loss" is the total).
         """
@@ -77,7 +80,11 @@ class Criterion:
             masks = self.mask_losses(outputs, batch, targets, indices)
             terms = dict(terms, **masks, loss=terms["loss"] + w["mask"] * masks["loss_mask"]
                          + w["dice"] * masks["loss_dice"])
-        for name, dense_outputs in (aids or {}).items():  # weighted inside, with the decoder's weights
+        aids = dict(aids or {})
+        if "dn" in aids:  # weighted inside, with the decoder's weights
+            dn = self.denoising_losses(aids.pop("dn"))
+            terms = dict(terms, **dn, loss=terms["loss"] + dn["loss_dn"])
+        for name, dense_outputs in aids.items():  # weighted inside, with the decoder's weights
             dense = self.dense_losses(dense_outputs, batch, name)
             terms = dict(terms, **dense, loss=terms["loss"] + dense["loss_" + name])
         return terms["loss"], terms
@@ -95,6 +102,14 @@ class Criterion:
         return mask_losses(outputs["pred_masks"], batch["target_masks"], targets["mask"], indices[-1],
                            targets["mask"].sum(), points=batch.get("mask_points"),
                            image_size=batch["pixel_mask"].shape[1:])
+
+    def denoising_losses(self, dn_outputs) -> Dict:
+        """The denoising queries' losses, each against its own object ("loss_dn" weighted with the decoder's
+        weights, and the last layer's parts; `denoising.denoising_losses`)."""
+        w = self.weights
+        return denoising_losses(dn_outputs, num_classes=self.num_classes, eos_coef=self.eos_coef,
+                                ce_loss_coef=w["ce"], bbox_loss_coef=w["bbox"], giou_loss_coef=w["giou"],
+                                bbox_loss_type=self.bbox_loss_type)
 
     def dense_losses(self, dense_outputs, batch, name: str) -> Dict:
         """A training aid's one-to-many token losses ("loss_<name>", weighted with the decoder's weights, and its

@@ -1,8 +1,8 @@
 """Evaluation: post-processing, COCO box AP, panoptic quality and segm AP, pictures; one evaluator interface.
 
   postprocess.py            the official PostProcess: top classes and absolute xyxy boxes
-  coco.py                   DetectionEvaluator: COCO box AP (pycocotools), results JSON, pictures
-  postprocess_panoptic.py   the official PostProcessPanoptic / PostProcessSegm (host, numpy)
+  coco.py                   DetectionEvaluator: COCO box AP (pycocotools or faster-coco-eval), results JSON, pictures
+  postprocess_panoptic.py   the official PostProcessPanoptic / PostProcessSegm (choices on host, pixels on device)
   panoptic_quality.py       PQ / SQ / RQ (panopticapi's definition)
   segm.py                   COCO segm / bbox AP of the thing segments
   panoptic.py               PanopticEvaluator: PQ and segm AP of a DETRsegm

@@ -6,8 +6,9 @@ The official path, kept here: the images go through the evaluation transforms (s
 <= max_size) and are padded into a batch; the model predicts class logits and mask logits at stride 4 of the
 padded batch; `PostProcessPanoptic` resizes each image's kept masks to its processed size (the resized size
 before padding), takes the per-pixel argmax and resizes the id map to the original size; PQ compares it with
-the ground-truth id map. Only the forward pass is jitted: the post-processing is data dependent and runs on
-the host (`panoptic.post_process_panoptic`), one image at a time, as does the PQ bookkeeping.
+the ground-truth id map. The forward pass is jitted, and so are the resizes, the argmax and the thresholds of the
+post-processing (`postprocess_panoptic`: on device, at the original size's pixels only); the data-dependent choices
+(which queries, the merging of stuff) are made on the host, as are the PNGs, the RLEs and the PQ bookkeeping.
 
 Labels are the model's classes; `source.category_ids[label]` is the dataset's category id. Predicted
 segments of a label that is no category of the dataset (an "N/A" label of the official 250-class space) are
@@ -28,8 +29,9 @@ from jax.sharding import PartitionSpec
 
 from detr_jax.data import build_data, check_labels_fit
 from detr_jax.data.transforms import normalize_images
+from detr_jax.evaluation.coco import EVAL_BACKENDS
 from detr_jax.evaluation.panoptic_quality import VOID, CategoryStats, PanopticQuality
-from detr_jax.evaluation.postprocess_panoptic import post_process_panoptic
+from detr_jax.evaluation.postprocess_panoptic import post_process_panoptic, segm_masks
 from detr_jax.evaluation.segm import UNUSED_CLASS_NAME, InstanceScorer
 from detr_jax.ops import sharding
 
@@ -81,12 +83,14 @@ class PanopticScorer:
         "segment_ids", "labels", "iscrowd", "image_id"; `category_ids`, `class_names`, `is_thing` per label.
       threshold: `post_process_panoptic`'s class probability threshold (official 0.85).
       segm: also the COCO segm and bbox AP of every query (`evaluate_segm.InstanceScorer`); `add` then needs
-        pred_boxes. Costs a mask at the original size per query of a thing label, and its RLE.
+        pred_boxes. Costs every query's mask at the original size (on device) and the RLEs of those of a thing label.
+      backend: the COCOeval of the segm AP (`coco.EVAL_BACKENDS`, config.eval_backend).
     """
 
-    def __init__(self, source, threshold: float = OFFICIAL_THRESHOLD, segm: bool = True):
+    def __init__(self, source, threshold: float = OFFICIAL_THRESHOLD, segm: bool = True,
+                 backend: str = EVAL_BACKENDS[0]):
         self.source, self.threshold = source, threshold
-        self.instances = InstanceScorer(source) if segm else None
+        self.instances = InstanceScorer(source, backend) if segm else None
         self.category_ids = list(source.category_ids)
         self.categories = dataset_categories(source)
         self.is_thing_map = dict(enumerate(source.is_thing))  # in label space, as post-processing reads it
@@ -108,7 +112,8 @@ class PanopticScorer:
         Args:
           image_ids: int [B].
           pred_logits: [B, N, C + 1] class logits, no-object last.
-          pred_masks: [B, N, h, w] mask logits at stride 4 of the padded batch.
+          pred_masks: [B, N, h, w] mask logits at stride 4 of the padded batch (numpy, or a jax array: the
+            post-processing then runs where it is, without a copy through the host).
           sizes: int [B, 2] each image's (h, w) after the transforms, before padding (the processed size).
           orig_sizes: int [B, 2] the original (H, W): the predicted id map is made at this size.
           pred_boxes: [B, N, 4] cxcywh normalised; needed with segm.
@@ -119,24 +124,30 @@ class PanopticScorer:
         if self.instances is not None and pred_boxes is None:
             raise ValueError("PanopticScorer(segm=True).add needs pred_boxes (the bbox AP is of the same queries); "
                              "pass them or build the scorer with segm=False")
-        image_ids, pred_logits, pred_masks = np.asarray(image_ids), np.asarray(pred_logits), np.asarray(pred_masks)
+        image_ids, pred_logits = np.asarray(image_ids), np.asarray(pred_logits)
         sizes, orig_sizes = np.asarray(sizes), np.asarray(orig_sizes)
         real = image_ids >= 0
         if not real.any():
             return
-        results = post_process_panoptic(pred_logits[real], pred_masks[real], None, sizes[real], orig_sizes[real],
-                                        self.is_thing_map, self.threshold, padded_size=padded_size)
-        if padded_size is None:
-            padded_size = sizes[real].max(0)
-        for i, result in zip(np.flatnonzero(real), results):
+        if not real.all():  # the padding examples of a last batch: left out before anything is computed
+            rows = np.flatnonzero(real)
+            pred_masks, sizes, orig_sizes = pred_masks[rows], sizes[rows], orig_sizes[rows]
+            image_ids, pred_logits = image_ids[rows], pred_logits[rows]
+            pred_boxes = None if pred_boxes is None else np.asarray(pred_boxes)[rows]
+        if self.instances is not None:  # dispatched first: the device makes them while the host works below
+            segm = segm_masks(pred_masks, sizes, orig_sizes, padded_size=padded_size)
+        results = post_process_panoptic(pred_logits, pred_masks, None, sizes, orig_sizes, self.is_thing_map,
+                                        self.threshold, padded_size=padded_size)
+        if self.instances is not None:
+            segm = np.asarray(segm)  # one transfer (B x N x W x H bytes; none on a CPU)
+        for i, result in enumerate(results):
             example = self.source[self._index_of[int(image_ids[i])]]
             gt_ids, gt_segments = ground_truth_segments(example, self.category_ids)
             pred_ids, pred_segments = prediction_segments(result, self.category_ids, self.categories)
             self.metric.update(gt_ids, gt_segments, pred_ids, pred_segments)
             self.num_images += 1
             if self.instances is not None:
-                self.instances.add(example, pred_logits[i], np.asarray(pred_boxes)[i], pred_masks[i], sizes[i],
-                                   padded_size)
+                self.instances.add(example, pred_logits[i], np.asarray(pred_boxes)[i], segm[i])
 
     def _gathered(self):
         """(PanopticQuality, number of images) summed over all processes (a collective: all processes call it);
@@ -184,10 +195,11 @@ class PanopticEvaluator:
     Args:
       config: the run's config: data.* (eval_size, max_size, buckets, workers), eval_batch_size,
         eval_padding_invariant (not official: with the official backbone a batch's padding changes every image's
-        outputs a little), panoptic.threshold (official 0.85), panoptic.eval_segm.
+        outputs a little), panoptic.threshold (official 0.85), panoptic.eval_segm, eval_backend.
       model: a `models.segmentation.DETRsegm`; `evaluate` takes its variables.
-      mesh: the device mesh; the global batch is split over it. The host receives [B, N, H/4, W/4] float32 mask
-        logits per batch, so keep the batch moderate at COCO sizes (8 images at 800 x 1216: ~0.2 GB).
+      mesh: the device mesh; the global batch is split over it. With segm, the host receives [B, N, W, H] bool
+        instance masks per batch (B x 100 x 640 x 640 bytes at COCO sizes: ~40 MB an image), so keep the batch
+        moderate; with several processes, also the [B, N, H/4, W/4] float32 mask logits of its images.
       source: a panoptic source (see `PanopticScorer`) instead of the config's validation split; its labels must
         be the model's classes.
       batch_size: the global batch (default config.eval_batch_size).
@@ -210,7 +222,8 @@ class PanopticEvaluator:
         self.source = self.loader.source.source
         check_labels_fit(self.source, model.detector.num_classes, "the panoptic data")
         self.scorer = PanopticScorer(self.source, config.panoptic.threshold,
-                                     segm=config.panoptic.eval_segm if segm is None else segm)
+                                     segm=config.panoptic.eval_segm if segm is None else segm,
+                                     backend=config.get("eval_backend", EVAL_BACKENDS[0]))  # .get: older runs
         repl, sharded = sharding.replicated(mesh), sharding.batch_sharded(mesh)
 
         def predict(params, frozen, batch):
@@ -240,7 +253,9 @@ class PanopticEvaluator:
         for local in self.loader:
             batch = sharding.global_batch({k: local[k] for k in ("images", "pixel_mask")}, self.mesh)
             logits, boxes, masks = self._predict(params, frozen, batch)
-            self.scorer.add(local["image_id"], self._local(logits), self._local(masks), local["size"],
+            # One process: the masks stay on the device(s), where the instance masks are made from them.
+            masks = masks if jax.process_count() == 1 else self._local(masks)
+            self.scorer.add(local["image_id"], self._local(logits), masks, local["size"],
                             local["orig_size"], pred_boxes=self._local(boxes), padded_size=local["images"].shape[1:3])
         metrics = self.scorer.compute()
         logger.info("panoptic: PQ %.4f SQ %.4f RQ %.4f (things PQ %.4f, stuff PQ %.4f) on %d images",

@@ -1,28 +1,30 @@
-"""Panoptic post-processing and metrics, on the host in numpy, as the official DETR does them.
+"""Panoptic post-processing, as the official DETR does it: the data-dependent choices on the host, the pixels on
+device (jit), with the official numbers.
 
 - `post_process_panoptic`: the official `PostProcessPanoptic` (models/segmentation.py): confident queries ->
   per-pixel argmax of their mask logits -> COCO panoptic id map, PNG and `segments_info`.
-- `post_process_segm`: the official `PostProcessSegm`: binary instance masks for COCO segm AP.
+- `post_process_segm` / `segm_masks`: the official `PostProcessSegm`: binary instance masks for COCO segm AP.
 The panoptic quality metric (PQ) is in `panoptic_quality.py`.
 
-All of it runs after the jitted forward pass: the outputs are data dependent (how many queries survive,
-the merging of stuff segments, a loop until no segment is too small), and the official result is defined
-by torch's interpolation and PIL's resize, reproduced here on numpy arrays.
+Which queries survive and the merging of stuff segments are decided on the host; the masks' resize (torch's bilinear
+with its roundings, `ops.interpolate_device`), the softmax argmax, the loop until no segment is too small and the
+sigmoid threshold run on device, at the pixels of the original size only (the official nearest resizes, torch's for
+the instance masks and PIL's for the id map, pick them), so the host never holds a full-resolution logit map.
 
-COCO panoptic encoding (panopticapi.utils): an id map is stored as an RGB image, id = R + 256 G + 256^2 B.
-"""
+COCO panoptic encoding (panopticapi.utils): an id map is stored as an RGB image, id = R + 256 G + 256^2 B."""
 
+import functools
 import io
 from collections import defaultdict
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 from PIL import Image
 
-from detr_jax.ops.interpolate import apply_taps, linear_taps, nearest_index, resize_bilinear
-from detr_jax.ops.panoptic_ids import id2rgb, rgb2id
-
-_SEGM_CHUNK = 16  # queries resized at once by post_process_segm
-
+from detr_jax.ops.interpolate import linear_taps, nearest_index
+from detr_jax.ops.interpolate_device import apply_taps_transposed, device_blend
+from detr_jax.ops.panoptic_ids import id2rgb
 
 # --- The official PostProcessPanoptic --------------------------------------------------------
 
@@ -53,30 +55,6 @@ def _stuff_equivalences(classes, is_thing_map):
     return equiv
 
 
-def _segment_image(masks, target_size, stuff_equiv=None):
-    """The official `get_ids_area`: id map, its RGB image at the target size, and each segment's area.
-
-    masks: float32 [K, h, w] mask logits at the processed size. Each pixel goes to the query with the
-    highest softmax over the K masks (query index = segment id; all 0 when K = 0). With `stuff_equiv`
-    (the official `dedup=True`), the queries that share a stuff class are merged into the first of them.
-    The id map is resized to target_size (H, W) as an id2rgb image with PIL's NEAREST, as official.
-    Returns ids int32 [H, W], the PIL RGB image, area list of K ints (pixels of each query at target size).
-    """
-    num_masks, h, w = masks.shape
-    if num_masks == 0:
-        ids = np.zeros((h, w), np.int64)
-    else:
-        ids = _softmax(masks, axis=0).argmax(0)
-    for equiv in (stuff_equiv or {}).values():
-        if len(equiv) > 1:
-            ids[np.isin(ids, equiv)] = equiv[0]
-    final_h, final_w = target_size
-    image = Image.fromarray(id2rgb(ids)).resize((final_w, final_h), resample=Image.NEAREST)
-    ids = rgb2id(np.asarray(image))
-    area = np.bincount(ids.ravel(), minlength=num_masks)[:num_masks]
-    return ids, image, [int(a) for a in area]
-
-
 def _png_bytes(image):
     """PNG encoding of a PIL image (the official `png_string`)."""
     with io.BytesIO() as out:
@@ -84,39 +62,95 @@ def _png_bytes(image):
         return out.getvalue()
 
 
-def _panoptic_one_image(logits, masks, processed_size, target_size, is_thing_map, threshold, padded_size=None):
-    """`post_process_panoptic` for one image: logits [N, C + 1], masks [N, h, w] -> result dict."""
+def _pil_nearest_index(in_size, out_size):
+    """Source index of each output index in PIL's NEAREST resize (the official resize of the id map), read off
+    PIL itself: a NEAREST resize picks rows and columns independently."""
+    line = Image.fromarray(np.arange(in_size, dtype=np.int32)[None, :])  # mode "I"
+    return np.asarray(line.resize((int(out_size), 1), resample=Image.NEAREST))[0].astype(np.int64)
+
+
+def _taps(mask_size, sizes, targets, padded_sizes, out_size, pick):
+    """Per image, the bilinear taps (mask_size -> its padded size, cropped to its size) of the pixels that the
+    resize `pick` (in_size, out_size) -> source indices takes to its target size, padded to out_size with index 0,
+    weight 0. Returns (i0, i1 int32, w0, w1 float32) of the height [B, out_h] + the same of the width [B, out_w]."""
+    dtypes = (np.int32, np.int32, np.float32, np.float32)
+    taps = [np.zeros((len(sizes), out_size[axis]), dtype) for axis in (0, 1) for dtype in dtypes]
+    for b, (size, target, padded) in enumerate(zip(sizes, targets, padded_sizes)):
+        for axis in (0, 1):
+            picked = pick(int(size[axis]), int(target[axis]))  # in the crop [:size]: the taps' own indices
+            for k, t in enumerate(linear_taps(int(mask_size[axis]), int(padded[axis]))):
+                taps[4 * axis + k][b, :len(picked)] = t[picked]
+    return taps
+
+
+def _candidates(logits, threshold, is_thing_map):
+    """The confident queries of one image (in query order), their classes, and the candidate that each one's
+    pixels go to: itself, or the first candidate of its stuff class (the official `dedup`)."""
     keep, labels = _confident_queries(logits, threshold)
-    classes = labels[keep]
-    if padded_size is None:  # official: the whole mask (padding included) is stretched to the processed size
-        masks = resize_bilinear(masks[keep], processed_size)
-    else:  # resized to the padded canvas, of which only the image's pixels are computed (the crop)
-        (h, w), (img_h, img_w) = masks.shape[-2:], processed_size
-        rows = tuple(t[:img_h] for t in linear_taps(h, int(padded_size[0])))
-        cols = tuple(t[:img_w] for t in linear_taps(w, int(padded_size[1])))
-        masks = apply_taps(np.asarray(masks[keep], np.float32), rows, cols)
-    ids, image, area = _segment_image(masks, target_size, _stuff_equivalences(classes, is_thing_map))
-    # Merged stuff queries now have area 0. Drop every segment of <= 4 pixels and redo the assignment
-    # (official: without merging again) until none is that small; the dropped pixels go to the others.
-    while len(classes) and min(area) <= 4:
-        large = np.asarray(area) > 4
-        classes, masks = classes[large], masks[large]
-        ids, image, area = _segment_image(masks, target_size)
-    # (The official sets cur_classes = ones(1) when no query is kept; with no area there is no segment.)
-    segments_info = [
-        {"id": i, "isthing": bool(is_thing_map[int(c)]), "category_id": int(c), "area": a}
-        for i, (c, a) in enumerate(zip(classes, area))
-    ]
-    return {"segment_ids": ids.astype(np.int32), "png_string": _png_bytes(image), "segments_info": segments_info}
+    queries, classes = np.flatnonzero(keep), labels[keep]
+    owner = np.arange(len(queries))
+    for equiv in _stuff_equivalences(classes, is_thing_map).values():
+        owner[equiv] = equiv[0]
+    return queries, classes, owner
+
+
+@functools.partial(jax.jit, static_argnames="blend")
+def _panoptic_ids(pred_masks, queries, owner, targets, taps, zero, blend):
+    """The official `get_ids_area` and its loop, at the target pixels only, for a batch (see `_one_image_ids`)."""
+    return jax.vmap(functools.partial(_one_image_ids, blend=blend, zero=zero))(pred_masks, queries, owner, targets,
+                                                                              *taps)
+
+
+def _one_image_ids(masks, queries, owner, target, r0, r1, rw0, rw1, c0, c1, cw0, cw1, blend, zero):
+    """masks [N, h, w]; queries int32 [K] the candidates' queries; owner int32 [K] (-1: no candidate); target
+    (H, W); the taps of the target pixels ([H'], [W'], padded). Each pixel goes to the candidate of the highest
+    softmax over the candidates' resized logits, then to its owner; then, as long as a candidate covers <= 4 pixels,
+    those are dropped and the pixels reassigned among the others (without owners, as official).
+    Returns ids int32 [H', W'] (a candidate), valid bool [K] (the candidates left), area int32 [K] (pixels)."""
+    logits = apply_taps_transposed(jnp.moveaxis(masks[queries], 0, -1), (r0, r1, rw0, rw1), (c0, c1, cw0, cw1),
+                                   blend, zero, channels_last=True)  # [W', H', K]
+    index = jnp.arange(len(queries))
+    inside = (jnp.arange(logits.shape[0])[:, None] < target[1]) & (jnp.arange(logits.shape[1]) < target[0])
+
+    def assign(valid, owner):  # numpy's _softmax(x, 0).argmax(0) over the valid candidates, each pixel's owner
+        x = jnp.where(valid, logits, -jnp.inf)
+        e = jnp.exp(x - x.max(-1, keepdims=True))
+        ids = owner[jnp.argmax(e / e.sum(-1, keepdims=True), axis=-1)]  # [W', H']
+        return ids, jnp.bincount(jnp.where(inside, ids, len(queries)).ravel(), length=len(queries) + 1)[:-1]
+
+    def step(state):  # the first assignment (with owners), then each redo after dropping small candidates
+        first, valid, _, area = state
+        valid = jnp.where(first, valid, valid & (area > 4))
+        return (jnp.asarray(False), valid) + assign(valid, jnp.where(first, owner, index))
+
+    state = (jnp.asarray(True), owner >= 0, jnp.zeros(logits.shape[:2], jnp.int32), jnp.zeros(len(queries), jnp.int32))
+    _, valid, ids, area = jax.lax.while_loop(lambda s: s[0] | jnp.any(s[1] & (s[3] <= 4)), step, state)
+    return jnp.swapaxes(ids, 0, 1), valid, area
+
+
+def _panoptic_result(ids, valid, area, classes, target, is_thing_map):
+    """One image's result dict from `_panoptic_ids`' rows (ids at least [H, W], target (H, W))."""
+    if not valid.any():  # no candidate, or none left: the map is all 0 (official) and no segment
+        ids = np.zeros(target, np.int32)
+    else:  # candidate -> its index among those left: the segment id
+        ids = (np.cumsum(valid) - 1).astype(np.int32)[ids[:target[0], :target[1]]]
+    segments_info = [{"id": i, "isthing": bool(is_thing_map[int(c)]), "category_id": int(c), "area": int(a)}
+                     for i, (c, a) in enumerate(zip(classes[valid], area[valid]))]
+    return {"segment_ids": ids, "png_string": _png_bytes(Image.fromarray(id2rgb(ids))),
+            "segments_info": segments_info}
 
 
 def post_process_panoptic(pred_logits, pred_masks, pred_boxes, processed_sizes, target_sizes, is_thing_map,
                           threshold=0.85, padded_size=None):
     """The official `PostProcessPanoptic.forward`: model outputs -> COCO panoptic predictions.
 
+    The confident queries and the merging of stuff are chosen on the host; the resize of their masks, the per-pixel
+    argmax and the dropping of small segments run on device (jit), at the pixels of the target size only (PIL's
+    NEAREST resize of the official id map picks them).
+
     Args:
       pred_logits: [B, N, C + 1] class logits, no-object last.
-      pred_masks: [B, N, h, w] mask logits (stride 4 of the padded batch).
+      pred_masks: [B, N, h, w] mask logits (stride 4 of the padded batch); a jax array stays on its device.
       pred_boxes: [B, N, 4] cxcywh, normalised. Unused: the official converts them to xyxy and never
         reads them; kept so the call mirrors the official one.
       processed_sizes: B pairs (h, w): each image's size as fed to the model (after the transforms,
@@ -136,16 +170,29 @@ def post_process_panoptic(pred_logits, pred_masks, pred_boxes, processed_sizes, 
         "segments_info": [{"id", "isthing", "category_id", "area"}], area in pixels at the target size.
     """
     del pred_boxes  # the official output does not depend on them
-    pred_logits, pred_masks = np.asarray(pred_logits), np.asarray(pred_masks, np.float32)
+    pred_logits = np.asarray(pred_logits)
     if not len(pred_logits) == len(pred_masks) == len(processed_sizes) == len(target_sizes):
         raise ValueError(f"post_process_panoptic: batch sizes differ: pred_logits {len(pred_logits)}, "
                          f"pred_masks {len(pred_masks)}, processed_sizes {len(processed_sizes)}, "
                          f"target_sizes {len(target_sizes)}.")
-    return [
-        _panoptic_one_image(logits, masks, tuple(int(s) for s in size), tuple(int(s) for s in target),
-                            is_thing_map, threshold, padded_size)
-        for logits, masks, size, target in zip(pred_logits, pred_masks, processed_sizes, target_sizes)
-    ]
+    sizes = np.asarray(processed_sizes, np.int64).reshape(-1, 2)
+    targets = np.asarray(target_sizes, np.int64).reshape(-1, 2)
+    candidates = [_candidates(logits, threshold, is_thing_map) for logits in pred_logits]
+    num = max([len(queries) for queries, _, _ in candidates] + [0])
+    if num == 0:
+        return [_panoptic_result(None, np.zeros(0, bool), np.zeros(0, int), np.zeros(0, int), tuple(t), is_thing_map)
+                for t in targets]
+    num = min(-(-num // 8) * 8, pred_logits.shape[1])  # a multiple of 8: few shapes compile
+    queries, owner = np.zeros((len(sizes), num), np.int32), np.full((len(sizes), num), -1, np.int32)
+    for b, (q, _, o) in enumerate(candidates):
+        queries[b, :len(q)], owner[b, :len(o)] = q, o
+    padded = sizes if padded_size is None else [padded_size] * len(sizes)
+    taps = _taps(np.shape(pred_masks)[-2:], sizes, targets, padded, -(-targets.max(0) // 32) * 32, _pil_nearest_index)
+    ids, valid, area = (np.asarray(x) for x in _panoptic_ids(jnp.asarray(pred_masks, jnp.float32), queries, owner,
+                                                             targets.astype(np.int32), taps, jnp.uint32(0),
+                                                             device_blend()))
+    return [_panoptic_result(ids[b], valid[b, :len(c)], area[b, :len(c)], c, tuple(targets[b]), is_thing_map)
+            for b, (_, c, _) in enumerate(candidates)]
 
 
 # --- The official PostProcessSegm ------------------------------------------------------------
@@ -154,45 +201,76 @@ def _sigmoid(x):
     return np.float32(1) / (np.float32(1) + np.exp(-x))
 
 
-def post_process_segm(pred_masks, max_target_sizes, orig_target_sizes, threshold=0.5, padded_size=None):
-    """The official `PostProcessSegm`: binary instance masks at the original image size, for COCO segm AP.
+@functools.lru_cache(maxsize=None)
+def logit_cut(threshold: float) -> np.float32:
+    """The smallest float32 x whose float32 sigmoid (`_sigmoid`, 1 / (1 + exp(-x))) is > threshold: the sigmoid
+    test of a mask logit is then the comparison x >= cut, with no exp on device. 0 < threshold < 1."""
+    if not 0.0 < threshold < 1.0:
+        raise ValueError(f"the mask threshold is a probability in (0, 1), got {threshold}")
 
-    As official, all masks of the batch are resized (bilinear) to the padded size of the batch, each image's
-    are cropped to its processed size, binarised (sigmoid > threshold) and resized (nearest) to the original
-    size. Only the pixels that survive the crop and the nearest resize are interpolated.
+    def above(key):  # float32 of a key that orders the floats as integers (negative keys: negative floats)
+        bits = np.asarray([abs(key) | (0x80000000 if key < 0 else 0)], np.uint32)
+        with np.errstate(over="ignore"):
+            return bool(_sigmoid(bits.view(np.float32))[0] > threshold)
 
-    Args:
-      pred_masks: [B, N, h, w] mask logits (stride 4 of the padded batch).
-      max_target_sizes: B pairs (h, w): each image's processed size (after the transforms, before padding).
-      orig_target_sizes: B pairs (H, W): each image's original size.
-      threshold: on the sigmoid probability.
-      padded_size: (H, W) of the padded batch the masks are at stride 4 of. None: the largest of
-        max_target_sizes, as official, whose batches are padded to exactly their largest image; detr_jax pads
-        further (to a multiple of 32 or a bucket), and stretching that padding to the largest image would
-        shift the masks.
+    low, high = -0x7F800000, 0x7F800000  # -inf (below the cut), +inf (above it)
+    while high - low > 1:  # invariant: not above(low), above(high)
+        mid = (low + high) // 2
+        low, high = (low, mid) if above(mid) else (mid, high)
+    return np.asarray([abs(high) | (0x80000000 if high < 0 else 0)], np.uint32).view(np.float32)[0]
+
+
+@functools.partial(jax.jit, static_argnames="blend")
+def _segm_masks(pred_masks, taps, cut, zero, blend):
+    def one_image(masks, r0, r1, rw0, rw1, c0, c1, cw0, cw1):
+        return apply_taps_transposed(masks, (r0, r1, rw0, rw1), (c0, c1, cw0, cw1), blend, zero) >= cut
+    return jax.vmap(one_image)(pred_masks, *taps)
+
+
+def segm_masks(pred_masks, max_target_sizes, orig_target_sizes, threshold=0.5, padded_size=None):
+    """`post_process_segm` on device (jit): the masks of the whole batch, transposed, in one bool array.
+
+    Args: as `post_process_segm`; pred_masks may be a jax array (it stays on its device).
     Returns:
-      a list of B bool arrays [N, H, W] (the official returns them as uint8 [N, 1, H, W]).
+      bool [B, N, W, H] (a jax array): image b's masks at its original size (h, w) are [b, :, :w, :h], transposed
+      (column-major, as COCO's RLE reads them); the rest is padding. (H, W): the largest original size of the batch
+      rounded up to a multiple of 32, so that few shapes compile.
     """
-    pred_masks = np.asarray(pred_masks, np.float32)
     max_target_sizes = np.asarray(max_target_sizes, np.int64).reshape(-1, 2)
     orig_target_sizes = np.asarray(orig_target_sizes, np.int64).reshape(-1, 2)
     if not len(pred_masks) == len(max_target_sizes) == len(orig_target_sizes):
         raise ValueError(f"post_process_segm: batch sizes differ: pred_masks {len(pred_masks)}, "
                          f"max_target_sizes {len(max_target_sizes)}, orig_target_sizes {len(orig_target_sizes)}.")
-    h, w = pred_masks.shape[-2:]
-    max_h, max_w = max_target_sizes.max(0) if padded_size is None else (int(s) for s in padded_size)
-    rows, cols = linear_taps(h, max_h), linear_taps(w, max_w)
-    results = []
-    for masks, (img_h, img_w), (orig_h, orig_w) in zip(pred_masks, max_target_sizes, orig_target_sizes):
-        # Crop to the image, then keep only the pixels that the nearest resize to the original size reads:
-        # the same numbers as resizing everything, at a fraction of the cost.
-        out_rows = nearest_index(int(img_h), int(orig_h))
-        out_cols = nearest_index(int(img_w), int(orig_w))
-        row_taps = tuple(t[:img_h][out_rows] for t in rows)
-        col_taps = tuple(t[:img_w][out_cols] for t in cols)
-        # A few queries at a time: N float64 intermediates at full resolution would take gigabytes.
-        results.append(np.concatenate([
-            _sigmoid(apply_taps(masks[i:i + _SEGM_CHUNK], row_taps, col_taps)) > threshold
-            for i in range(0, max(len(masks), 1), _SEGM_CHUNK)
-        ]))
-    return results
+    if padded_size is None:  # official
+        padded_size = max_target_sizes.max(0) if len(max_target_sizes) else (1, 1)
+    out_size = -(-orig_target_sizes.max(0, initial=1) // 32) * 32
+    taps = _taps(np.shape(pred_masks)[-2:], max_target_sizes, orig_target_sizes, [padded_size] * len(pred_masks),
+                 out_size, nearest_index)
+    return _segm_masks(jnp.asarray(pred_masks, jnp.float32), taps, logit_cut(float(threshold)), jnp.uint32(0),
+                       device_blend())
+
+
+def post_process_segm(pred_masks, max_target_sizes, orig_target_sizes, threshold=0.5, padded_size=None):
+    """The official `PostProcessSegm`: binary instance masks at the original image size, for COCO segm AP.
+
+    As official, all masks of the batch are resized (bilinear) to the padded size of the batch, each image's
+    are cropped to its processed size, binarised (sigmoid > threshold) and resized (nearest) to the original
+    size. Only the pixels that survive the crop and the nearest resize are interpolated, on device
+    (`segm_masks`), with torch's roundings.
+
+    Args:
+      pred_masks: [B, N, h, w] mask logits (stride 4 of the padded batch).
+      max_target_sizes: B pairs (h, w): each image's processed size (after the transforms, before padding).
+      orig_target_sizes: B pairs (H, W): each image's original size.
+      threshold: on the sigmoid probability, in (0, 1).
+      padded_size: (H, W) of the padded batch the masks are at stride 4 of. None: the largest of
+        max_target_sizes, as official, whose batches are padded to exactly their largest image; detr_jax pads
+        further (to a multiple of 32 or a bucket), and stretching that padding to the largest image would
+        shift the masks.
+    Returns:
+      a list of B bool arrays [N, H, W] (the official returns them as uint8 [N, 1, H, W]), each mask
+      column-major (Fortran order), as COCO's RLE encoder reads it.
+    """
+    masks = np.asarray(segm_masks(pred_masks, max_target_sizes, orig_target_sizes, threshold, padded_size))
+    return [np.ascontiguousarray(masks[b, :, :w, :h]).transpose(0, 2, 1)
+            for b, (h, w) in enumerate(np.asarray(orig_target_sizes, np.int64).reshape(-1, 2))]

@@ -11,10 +11,12 @@ Predictions: every query, as the official gives them: score = the largest softma
 classes, that label, the box scaled to the original image, the `post_process_segm` mask (sigmoid > 0.5 at the
 original size) as an RLE. Queries whose label is no thing category of the dataset are left out: COCOeval scores
 each category of the ground truth separately, and those categories have none, so the numbers are the same and
-their masks need not be made. Only RLEs are kept, never full-resolution masks beyond one image.
+their masks need not be encoded. The masks are made on device for a batch (`postprocess_panoptic.segm_masks`, in the
+column-major layout the RLE encoder reads), fetched and encoded one image at a time; only RLEs are kept.
 
 Multi-process: each process encodes its own images (ground truth and predictions); the JSON of each process is
-gathered to every process, and every process runs COCOeval on the whole, so all return the same numbers.
+gathered to every process, and every process runs COCOeval (config.eval_backend's) on the whole, so all return the
+same numbers.
 """
 
 import json
@@ -26,18 +28,19 @@ from jax.experimental import multihost_utils
 from pycocotools import mask as mask_util
 from scipy.special import softmax
 
-from detr_jax.evaluation.coco import coco_metrics
-from detr_jax.evaluation.postprocess_panoptic import post_process_segm
+from detr_jax.evaluation.coco import EVAL_BACKENDS, coco_metrics
 
 UNUSED_CLASS_NAME = "N/A"  # the name of a label that is no category (panoptic_sources, official250)
 
 
 def encode_masks(masks) -> List[Dict]:
-    """bool [K, H, W] -> K COCO RLEs {"size": [H, W], "counts": str} (JSON-ready, as the official encodes)."""
+    """bool [K, H, W] -> K COCO RLEs {"size": [H, W], "counts": str} (JSON-ready, as the official encodes).
+    Fastest when each mask is column-major (masks.transpose(1, 2, 0) Fortran-contiguous)."""
     masks = np.asarray(masks, bool)
     if not len(masks):
         return []
-    rles = mask_util.encode(np.asfortranarray(masks.transpose(1, 2, 0).astype(np.uint8)))  # [H, W, K] uint8
+    # [H, W, K] uint8, column-major: no copy when each mask already is (`segm_masks`' layout)
+    rles = mask_util.encode(np.asfortranarray(masks.transpose(1, 2, 0)).view(np.uint8))
     for rle in rles:
         rle["counts"] = rle["counts"].decode("ascii")
     return rles
@@ -78,9 +81,11 @@ class InstanceScorer:
 
     Args:
       source: a panoptic source: `category_ids`, `class_names`, `is_thing` per label.
+      backend: the COCOeval that scores (`coco.EVAL_BACKENDS`, config.eval_backend).
     """
 
-    def __init__(self, source):
+    def __init__(self, source, backend: str = EVAL_BACKENDS[0]):
+        self.backend = backend
         self.category_ids = list(source.category_ids)
         self.thing_labels = [label for label, (name, thing) in enumerate(zip(source.class_names, source.is_thing))
                              if thing and name != UNUSED_CLASS_NAME]
@@ -91,16 +96,15 @@ class InstanceScorer:
     def reset(self):
         self.images, self.annotations, self.segm_results, self.bbox_results = [], [], [], []
 
-    def add(self, example: Dict, pred_logits, pred_boxes, pred_masks, size, padded_size):
+    def add(self, example: Dict, pred_logits, pred_boxes, masks):
         """Encode one image's ground truth and predictions.
 
         Args:
           example: the source's example ("masks", "labels", "iscrowd", "image_id", "orig_size").
           pred_logits: [N, C + 1] class logits, no-object last.
           pred_boxes: [N, 4] cxcywh, normalised.
-          pred_masks: [N, h, w] mask logits at stride 4 of the padded batch.
-          size: (h, w) the image after the transforms, before padding.
-          padded_size: (H, W) of the padded batch (see `post_process_segm`).
+          masks: bool [N, W', H'] (numpy or jax), `postprocess_panoptic.segm_masks`' row of this image: each query's
+            `post_process_segm` mask at the original size (H, W), transposed, in the corner [:, :W, :H].
         """
         image_id = int(example["image_id"])
         orig_h, orig_w = (int(s) for s in example["orig_size"])
@@ -111,8 +115,7 @@ class InstanceScorer:
         scores, labels = prob.max(-1), prob.argmax(-1)
         keep = np.isin(labels, self.thing_labels)
         cx, cy, w, h = (np.asarray(pred_boxes, np.float32)[keep] * [orig_w, orig_h, orig_w, orig_h]).T
-        (masks,) = post_process_segm(np.asarray(pred_masks)[None, keep], [size], [(orig_h, orig_w)],
-                                     padded_size=padded_size)
+        masks = np.asarray(masks)[keep, :orig_w, :orig_h].transpose(0, 2, 1)  # [K, H, W], column-major
         for score, label, rle, x0, y0, bw, bh in zip(scores[keep], labels[keep], encode_masks(masks),
                                                      cx - w / 2, cy - h / 2, w, h):
             common = {"image_id": image_id, "category_id": int(self.category_ids[int(label)]), "score": float(score)}
@@ -121,7 +124,7 @@ class InstanceScorer:
 
     def compute(self) -> Dict[str, float]:
         """{"segm_AP", "segm_AP50", "segm_AP75", "bbox_AP", "bbox_AP50", "bbox_AP75"} (fractions) over the images
-        of all processes (a collective); pycocotools' -1 where the ground truth has no instance."""
+        of all processes (a collective); COCOeval's -1 where the ground truth has no instance."""
         parts = allgather_json({"images": self.images, "annotations": self.annotations, "segm": self.segm_results,
                                 "bbox": self.bbox_results})
         images = [image for part in parts for image in part["images"]]
@@ -132,6 +135,7 @@ class InstanceScorer:
         ground_truth = {"images": images, "annotations": annotations, "categories": self.categories}
         metrics = {}
         for iou_type in ("segm", "bbox"):
-            coco = coco_metrics(ground_truth, [r for part in parts for r in part[iou_type]], iou_type)
+            coco = coco_metrics(ground_truth, [r for part in parts for r in part[iou_type]], iou_type,
+                                self.backend)
             metrics.update({f"{iou_type}_{k}": coco[k] for k in ("AP", "AP50", "AP75")})
         return metrics

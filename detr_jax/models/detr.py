@@ -81,7 +81,7 @@ class DETR(nn.Module):
 
     @nn.compact
     def __call__(self, images, pixel_mask=None, train: bool = False, return_attention: bool = False,
-                 return_features: bool = False, extra_queries=None):
+                 return_features: bool = False, extra_queries=None, denoising=None):
         """Predict boxes and classes.
 
         Args:
@@ -92,7 +92,9 @@ class DETR(nn.Module):
             return_features: also return the intermediate features ("features"), for heads built on top of DETR
                 (the panoptic mask head, the training aids of `aux_heads.py`).
             extra_queries: [G, N, D] more query groups, each decoded as its own set beside the learned queries
-                (no self-attention between groups; Group DETR, see `aux_heads.DETRWithAids`).
+                (no self-attention between groups; Group DETR, see `aids.DETRWithAids`).
+            denoising: training only, the denoising queries of `aids.DETRWithAids.dn_groups` ("content", "pos"
+                [B, Gd, Md, D], "mask" bool [B, Gd, Md]; see `Transformer`), decoded in groups no other query sees.
         Returns:
             "pred_logits": [B, N, num_classes + 1]; "pred_boxes": [B, N, 4] cxcywh normalised by the unpadded
             image size; "aux_outputs": list of L-1 dicts with the same keys, first decoder layer first (when
@@ -102,6 +104,8 @@ class DETR(nn.Module):
             [B, H/32, W/32, C4]), "src" [B, h, w, D] (the projected last stage), "pos" [B, h, w, D],
             "mask" bool [B, h, w] (True on real positions), "memory" [B, h * w, D] (the encoder's output),
             "hs" [L, B, N, D] (every decoder layer's normalised output).
+            With denoising, "denoising": the same "pred_logits", "pred_boxes" and "aux_outputs" for the Gd * Md
+            denoising queries (group by group); every other output is the matching queries' only.
         """
         if pixel_mask is None:
             pixel_mask = jnp.ones(images.shape[:3], bool)
@@ -123,14 +127,25 @@ class DETR(nn.Module):
         transformer = Transformer(self.num_heads, self.num_encoder_layers, self.num_decoder_layers,
                                   self.dim_feedforward, self.dropout, self.pre_norm, self.dtype, name="transformer")
         pos = pos.astype(self.dtype)
-        hs, attn, memory = transformer(src, mask, query_embed, pos, train)
+        hs, attn, memory = transformer(src, mask, query_embed, pos, train, denoising)
 
         # [L, B, N, C + 1]
         logits = Linear(self.num_classes + 1, dtype=self.dtype, name="class_embed")(hs).astype(jnp.float32)
         boxes = jax.nn.sigmoid(MLP(self.hidden_dim, 4, 3, self.dtype, name="bbox_embed")(hs).astype(jnp.float32))
-        out = {"pred_logits": logits[-1], "pred_boxes": boxes[-1]}
-        if self.aux_loss:
-            out["aux_outputs"] = [{"pred_logits": logits[i], "pred_boxes": boxes[i]} for i in range(len(hs) - 1)]
+
+        def layered(logits, boxes):  # [L, B, n, ...] -> the last layer's, and every earlier one's as aux_outputs
+            out = {"pred_logits": logits[-1], "pred_boxes": boxes[-1]}
+            if self.aux_loss:
+                out["aux_outputs"] = [{"pred_logits": logits[i], "pred_boxes": boxes[i]} for i in range(len(hs) - 1)]
+            return out
+
+        if denoising is None:
+            out = layered(logits, boxes)
+        else:  # the matching queries (G * N) first, the denoising ones after them
+            n = query_embed.size // self.hidden_dim
+            out = layered(logits[:, :, :n], boxes[:, :, :n])
+            out["denoising"] = layered(logits[:, :, n:], boxes[:, :, n:])
+            hs, attn = hs[:, :, :n], attn[:, :, :n]
         if return_attention:
             out["cross_attention"] = attn[-1].reshape(b, -1, h, w)
             out["feature_mask"] = mask

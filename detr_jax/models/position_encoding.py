@@ -52,3 +52,18 @@ class LearnedPositionEncoding(nn.Module):
         y_emb = jnp.broadcast_to(row_embed[:h, None], (h, w, self.num_pos_feats))
         pos = jnp.concatenate([x_emb, y_emb], axis=-1)
         return jnp.broadcast_to(pos[None], (b, h, w, 2 * self.num_pos_feats))
+
+
+def box_sine_encoding(boxes, num_pos_feats: int = 64, temperature: float = 10000., scale: float = 2 * math.pi):
+    """Sine encodings of boxes, as DAB-DETR's and DN-DETR's `gen_sineembed_for_position` (sin/cos interleaved).
+
+    Args:
+        boxes: [..., 4] cxcywh normalised (any 4 numbers in [0, 1]).
+    Returns:
+        float32 [..., 4 * num_pos_feats]: cx, cy, w, h features in that order.
+    """
+    dim_t = jnp.arange(num_pos_feats, dtype=jnp.float32)
+    dim_t = temperature ** (2 * (dim_t // 2) / num_pos_feats)
+    pos = boxes.astype(jnp.float32)[..., None] * scale / dim_t  # [..., 4, F]
+    pos = jnp.stack([jnp.sin(pos[..., 0::2]), jnp.cos(pos[..., 1::2])], axis=-1).reshape(pos.shape)
+    return pos.reshape(boxes.shape[:-1] + (4 * num_pos_feats,))

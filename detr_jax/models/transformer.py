@@ -150,11 +150,15 @@ class DecoderLayer(nn.Module):
     attention_impl: str = "auto"
 
     @nn.compact
-    def __call__(self, tgt, memory, pos, query_pos, memory_mask, train: bool, groups: int = 1):
+    def __call__(self, tgt, memory, pos, query_pos, memory_mask, train: bool, groups: int = 1,
+                 denoising_mask=None):
         """tgt, query_pos: [B, N, D]; memory, pos: [B, S, D]; memory_mask: bool [B, S] -> ([B, N, D], [B, N, S]).
 
         With `groups` G > 1 the N queries are G independent groups of N / G (group by group): the self-attention
         runs within each group only; the cross-attention and the feed-forward are per query anyway.
+        With `denoising_mask` (bool [B, Gd, Md], True on real denoising queries), the last Gd * Md of the N
+        queries are Gd denoising groups (`aids.DETRWithAids.dn_groups`): each attends within itself only, to its
+        real queries, and the first N - Gd * Md (the matching queries) never see them.
         """
         self_attn = MultiheadAttention(self.num_heads, self.dropout, self.dtype, self.attention_impl, name="self_attn")
         cross_attn = MultiheadAttention(self.num_heads, self.dropout, self.dtype, self.attention_impl,
@@ -163,11 +167,21 @@ class DecoderLayer(nn.Module):
         drop = lambda x: nn.Dropout(self.dropout)(x, deterministic=not train)
         norm1, norm2, norm3 = _layer_norm("norm1"), _layer_norm("norm2"), _layer_norm("norm3")
 
-        def self_attention(x):  # [B, N, D], attending within each group: [B * G, N / G, D] inside
+        def grouped(x, query_pos):  # [B, N, D], attending within each group: [B * G, N / G, D] inside
             b, n, d = x.shape
             split = lambda t: t.reshape(b * groups, n // groups, d)
             q = split(x + query_pos)
             return self_attn(q, q, split(x), None, train).reshape(b, n, d)
+
+        def self_attention(x):
+            if denoising_mask is None:
+                return grouped(x, query_pos)
+            b, dn_groups, dn_size = denoising_mask.shape
+            n = x.shape[1] - dn_groups * dn_size  # the matching queries first, then the denoising groups
+            split = lambda t: t[:, n:].reshape(b * dn_groups, dn_size, t.shape[-1])
+            q = split(x + query_pos)
+            dn = self_attn(q, q, split(x), denoising_mask.reshape(b * dn_groups, dn_size), train)
+            return jnp.concatenate([grouped(x[:, :n], query_pos[:, :n]), dn.reshape(b, -1, x.shape[-1])], 1)
 
         if self.pre_norm:
             tgt = tgt + drop(self_attention(norm1(tgt)))
@@ -197,7 +211,7 @@ class Transformer(nn.Module):
     attention_impl: str = "auto"  # see MultiheadAttention: "auto", "reference", "xla" or "cudnn"
 
     @nn.compact
-    def __call__(self, src, mask, query_embed, pos, train: bool = False):
+    def __call__(self, src, mask, query_embed, pos, train: bool = False, denoising=None):
         """Run encoder and decoder.
 
         Args:
@@ -206,9 +220,12 @@ class Transformer(nn.Module):
             query_embed: [N, D] learned query position embeddings, or [G, N, D]: G independent groups of queries
                 (Group DETR), each decoded as its own set, with no self-attention between groups.
             pos: [B, h, w, D] position encodings.
+            denoising: training only (`aids.DETRWithAids.dn_groups`): "content" [B, Gd, Md, D] and "pos"
+                [B, Gd, Md, D] (the denoising queries' starting slots and positions) and "mask" bool [B, Gd, Md]
+                (True on real queries); decoded after the matching queries, Gd groups that see only themselves.
         Returns:
             hs: [L, B, N, D] normalised decoder outputs, first layer first ([L, B, G * N, D] for groups, group
-                by group);
+                by group; [L, B, G * N + Gd * Md, D] with denoising, the denoising queries last);
             cross_attn: [L, B, N, h * w] head-averaged cross-attention weights of each decoder layer ([L, B, G * N,
                 h * w] for groups);
             memory: [B, h * w, D] the encoder's output.
@@ -227,12 +244,18 @@ class Transformer(nn.Module):
         query_embed = query_embed.reshape(-1, d)  # [G * N, D], group by group
         query_pos = jnp.broadcast_to(query_embed[None].astype(src.dtype), (b,) + query_embed.shape)
         tgt = jnp.zeros_like(query_pos)  # decoder slots start at zero; the queries enter as positions
+        dn_mask = None
+        if denoising is not None:  # appended after the matching queries: [B, G * N + Gd * Md, D]
+            flat = lambda t: t.reshape(b, -1, d).astype(src.dtype)
+            tgt = jnp.concatenate([tgt, flat(denoising["content"])], 1)
+            query_pos = jnp.concatenate([query_pos, flat(denoising["pos"])], 1)
+            dn_mask = denoising["mask"]
         decoder_norm = _layer_norm("decoder_norm")
         hs, attn = [], []
         for i in range(self.num_decoder_layers):
             layer = DecoderLayer(self.num_heads, self.dim_feedforward, self.dropout, self.pre_norm, self.dtype,
                                  self.attention_impl, name=f"decoder_layers_{i}")
-            tgt, weights = layer(tgt, memory, pos, query_pos, key_mask, train, groups)
+            tgt, weights = layer(tgt, memory, pos, query_pos, key_mask, train, groups, dn_mask)
             hs.append(decoder_norm(tgt))
             attn.append(weights)
         hs, attn = jnp.stack(hs), jnp.stack(attn)  # [L, B, G * N, D], [L, B, G * N, S]

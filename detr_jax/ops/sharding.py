@@ -32,7 +32,8 @@ def cluster_environment() -> Optional[str]:
 
 
 def maybe_initialize_distributed(coordinator_address: Optional[str] = None, num_processes: Optional[int] = None,
-                                 process_id: Optional[int] = None, multihost: Optional[bool] = None) -> None:
+                                 process_id: Optional[int] = None, multihost: Optional[bool] = None,
+                                 coordinator_bind_address: Optional[str] = None) -> None:
     """Start multi-host JAX when asked by arguments or the environment; a no-op for one process.
 
     Explicit: the coordinator address, process count and id, by argument or through DETR_JAX_COORDINATOR /
@@ -41,6 +42,10 @@ def maybe_initialize_distributed(coordinator_address: Optional[str] = None, num_
     this, each of those processes would run on its own, all writing the same work directory. `multihost=True`
     (--multihost, DETR_JAX_MULTIHOST=1) asks for `jax.distributed.initialize()` in any other environment it
     supports; False never initializes.
+
+    Process 0's coordination service listens on `coordinator_bind_address` (DETR_JAX_COORDINATOR_BIND_ADDRESS),
+    by default on the coordinator address itself (jax's own default is every interface, "[::]:PORT"); with a
+    detected launcher and no address given, jax's default.
     """
     coordinator_address = coordinator_address or os.environ.get("DETR_JAX_COORDINATOR")
     if num_processes is None and "DETR_JAX_NUM_PROCESSES" in os.environ:
@@ -53,8 +58,9 @@ def maybe_initialize_distributed(coordinator_address: Optional[str] = None, num_
     detected = cluster_environment()
     if multihost is False or not (explicit or detected or multihost):
         return
+    bind = coordinator_bind_address or os.environ.get("DETR_JAX_COORDINATOR_BIND_ADDRESS") or coordinator_address
     jax.distributed.initialize(coordinator_address=coordinator_address, num_processes=num_processes,
-                               process_id=process_id)
+                               process_id=process_id, coordinator_bind_address=bind)
     logging.info("jax.distributed (%s): process %d of %d, %d local / %d global devices",
                  "arguments" if explicit else detected or "--multihost", jax.process_index(), jax.process_count(),
                  jax.local_device_count(), jax.device_count())

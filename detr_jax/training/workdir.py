@@ -2,6 +2,7 @@
 progress line, jax's compilation cache, the closing summary."""
 
 import contextlib
+import errno
 import fcntl
 import json
 import logging
@@ -12,24 +13,11 @@ from typing import Dict, Optional
 
 import jax
 import ml_collections
+import numpy as np
+
+from detr_jax.ops.files import atomic_write
 
 logger = logging.getLogger(__name__)
-
-
-def atomic_write(path: str, text: str) -> None:
-    """Write `text` to `path` whole or not at all: into a temporary file next to it, then os.replace (a crash or a
-    full disk leaves the previous file, never half of one). An OSError names `path`."""
-    tmp = f"{path}.tmp.{os.getpid()}"
-    try:
-        with open(tmp, "w") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except OSError as e:
-        with contextlib.suppress(OSError):
-            os.remove(tmp)
-        raise OSError(e.errno, e.strerror, path) from e
 
 
 def drop_rows_after(path: str, step: int) -> int:
@@ -138,35 +126,69 @@ def enable_compilation_cache(config: ml_collections.ConfigDict, workdir: str) ->
 
 
 class WorkdirInUseError(ValueError):
-    """Another live run owns the work directory."""
+    """Another live run owns the work directory, or its file system cannot lock it."""
+
+
+LOCK_MESSAGE_BYTES = 1024  # process 0's refusal, as every process of a multi-process run learns it
 
 
 @contextlib.contextmanager
 def workdir_lock(workdir: str):
     """Hold <workdir>/.lock (an flock, released by the kernel however the process ends) for the whole run, so that
     a second run started in the same work directory is refused by name instead of writing over the first one's
-    checkpoints. Process 0 of a multi-process run holds it for all. Not on object stores (gs://), which have no
-    locks."""
-    if "://" in workdir or jax.process_index() != 0:
+    checkpoints. Process 0 of a multi-process run holds it for all, and every process learns its answer before
+    any other collective (none is left waiting for a process that stopped). A file system without locks is
+    refused as such (DETR_JAX_NO_WORKDIR_LOCK=1 runs without the lock). Not on object stores (gs://), which
+    have no locks."""
+    if "://" in workdir:
         yield
         return
+    with contextlib.ExitStack() as stack:
+        refusal = _take_lock(stack, workdir) if jax.process_index() == 0 else ""
+        if jax.process_count() > 1:
+            refusal = _from_process_zero(refusal)
+        if refusal:
+            raise WorkdirInUseError(refusal)
+        yield
+
+
+def _take_lock(stack: contextlib.ExitStack, workdir: str) -> str:
+    """Lock <workdir>/.lock for the life of `stack`; "" when held, else the line that refuses the run."""
     path = os.path.join(workdir, ".lock")
-    with open(path, "a+") as f:
-        try:
-            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
+    f = stack.enter_context(open(path, "a+"))
+    try:
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError as e:
+        if e.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
             f.seek(0)
             owner = f.read().strip() or "another process"
-            raise WorkdirInUseError(f"{workdir} is in use by the run of {owner}; wait for it, stop it, or use another "
-                                    "--workdir") from None
-        f.seek(0)
-        f.truncate()
-        f.write(f"pid {os.getpid()} on host {socket.gethostname()}, started {time.strftime('%Y-%m-%d %H:%M:%S')}")
-        f.flush()
-        try:
-            yield
-        finally:
-            fcntl.flock(f, fcntl.LOCK_UN)
+            return f"{workdir} is in use by the run of {owner}; wait for it, stop it, or use another --workdir"
+        if os.environ.get("DETR_JAX_NO_WORKDIR_LOCK", "") not in ("", "0"):
+            logging.warning("running without the work directory lock (%s: %s)", path, os.strerror(e.errno))
+            return ""
+        return (f"the file system of {workdir} does not support file locks ({os.strerror(e.errno)} locking {path}); "
+                "use a work directory on a local or lock-capable file system, or set DETR_JAX_NO_WORKDIR_LOCK=1 "
+                "to run without the lock (nothing then stops a second run in the same --workdir)")
+    f.seek(0)
+    f.truncate()
+    f.write(f"pid {os.getpid()} on host {socket.gethostname()}, started {time.strftime('%Y-%m-%d %H:%M:%S')}")
+    f.flush()
+    stack.callback(fcntl.flock, f, fcntl.LOCK_UN)
+    return ""
+
+
+def _from_process_zero(refusal: str) -> str:
+    """Process 0's `refusal` ("" for none) on every process (a broadcast all of them join)."""
+    from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+
+    data = np.zeros(LOCK_MESSAGE_BYTES, np.uint8)
+    encoded = refusal.encode()[:LOCK_MESSAGE_BYTES]
+    data[:len(encoded)] = np.frombuffer(encoded, np.uint8)
+    shared = np.asarray(multihost_utils.broadcast_one_to_all(data))
+    text = bytes(shared[shared != 0]).decode(errors="replace")
+    if text and jax.process_index() != 0:
+        text = f"process 0 refused the run: {text}"
+    return text
 
 
 def final_summary(summary: Dict[str, float], steps: int, seconds: float, workdir: str) -> str:

@@ -22,6 +22,10 @@ from detr_jax.config import base_config
 
 def get_config(arg: str = ""):
     config = base_config()  # the base config is this recipe, on TFDS coco/2017
+    # Denoising training (DN-DETR; a training-only aid, off as in the official recipe). To turn it on:
+    #   --config.training_aids.dn_groups=2 [--config.training_aids.dn_negatives=True]
+    # Each group decodes data.max_objects (100) more queries in training; evaluation is unchanged (docs/denoising.md).
+    config.training_aids.dn_groups = 0
     if arg == "smoke":
         smoke(config)
     elif arg:

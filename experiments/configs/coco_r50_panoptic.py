@@ -16,9 +16,10 @@ Where this differs from the official code, and why:
   (`panoptic.mask_loss_points`, Mask2Former's number) instead of every pixel: the batch then carries 12544 values
   per object instead of whole masks (at batch 64 with 100 objects per image, ~0.8 GB instead of ~11 GB of bool
   masks per step). The focal loss is an unbiased estimate of the official one; set it to 0 for the official loss.
-- Evaluation batches are 16 images (the host receives [B, 100, H/4, W/4] float32 mask logits per batch), and the
-  periodic and final evaluations report PQ only: segm AP's post-processing takes about an hour of host time on
-  val2017 (`experiments/evaluate.py` reports it; or set --config.panoptic.eval_segm=True).
+- Evaluation batches are 16 images. The periodic and final evaluations report PQ and, as the official does with
+  --masks, the segm / bbox AP of the same outputs: the masks' post-processing runs on device, leaving the host the
+  PNGs and RLEs (~0.03 s an image at COCO sizes, BENCHMARKS.md) and [B, 100, W, H] bool masks to fetch per batch
+  (~40 MB an image). --config.panoptic.eval_segm=False reports PQ only.
 
 `:smoke` (with or without `boxes`, e.g. `:boxes,smoke`) runs each stage's data path (TFDS ArrayRecord with the
 panoptic PNGs, the official augmentation at small scales, recipe buckets, worker processes) on the built-in
@@ -48,7 +49,7 @@ def get_config(arg: str = ""):
     if "boxes" not in words:  # stage 2: the mask head on the frozen detector
         config.num_epochs = 25
         config.optimizer.lr_drop_epochs = 15
-        config.panoptic.update(enabled=True, freeze_detr=True, mask_loss_points=112 * 112, eval_segm=False)
+        config.panoptic.update(enabled=True, freeze_detr=True, mask_loss_points=112 * 112)
     if "smoke" in words:
         smoke(config)
     return config
