@@ -260,9 +260,10 @@ def main():
         if parts:
             top = max(parts, key=lambda part: parts[part][1])
             lines.append(f"- {name}: {top} dominates ({parts[top][1]:.3f} CPU s / image).")
+    load = os.getloadavg()[0]
     lines.append(f"\nSame results on both paths: segm masks {'yes' if same_segm else 'NO'}, panoptic id map, PNG and "
-                 f"areas {'yes' if same_panoptic else 'NO'}. 1-min load average at the end: {os.getloadavg()[0]:.1f} "
-                 "(other processes share the cores).")
+                 f"areas {'yes' if same_panoptic else 'NO'}. 1-min load average at the end: {load:.1f}"
+                 + (" (other processes share the cores: compare the CPU seconds)." if load > 1.5 else "."))
     report.publish("\n".join(lines), "Evaluation post-processing per COCO-sized image", jax.devices()[0].platform,
                    append=not args.no_append)
     if not (same_segm and same_panoptic):

@@ -12,19 +12,27 @@ from typing import List
 from absl import flags
 
 
-def define_multihost_flags():
-    """--coordinator_address, --coordinator_bind_address, --num_processes, --process_id and --multihost; returns a
-    function giving their values as the keyword arguments of `sharding.maybe_initialize_distributed`."""
+def define_multihost_flags(flag_values: flags.FlagValues = flags.FLAGS):
+    """--coordinator_address, --coordinator_bind_address, --num_processes, --process_id, --multihost and
+    --heartbeat_timeout_s in `flag_values`; returns a function giving their values as the keyword arguments of
+    `sharding.maybe_initialize_distributed`."""
     holders = dict(
         coordinator_address=flags.DEFINE_string("coordinator_address", None,
-                                                "host:port of process 0, for multi-host CPU/GPU."),
+                                                "host:port of process 0, for multi-host CPU/GPU.",
+                                                flag_values=flag_values),
         coordinator_bind_address=flags.DEFINE_string(
             "coordinator_bind_address", None, "host:port process 0's coordination service listens on (default: "
-            "--coordinator_address itself; '[::]:PORT' for every interface)."),
-        num_processes=flags.DEFINE_integer("num_processes", None, "Number of processes (multi-host)."),
-        process_id=flags.DEFINE_integer("process_id", None, "This process's id (multi-host)."),
+            "--coordinator_address itself; '[::]:PORT' for every interface).", flag_values=flag_values),
+        num_processes=flags.DEFINE_integer("num_processes", None, "Number of processes (multi-host).",
+                                           flag_values=flag_values),
+        process_id=flags.DEFINE_integer("process_id", None, "This process's id (multi-host).",
+                                        flag_values=flag_values),
         multihost=flags.DEFINE_bool("multihost", None, "Start jax.distributed from the environment (SLURM, Open MPI "
-                                    "and TPU pods are detected without it; --nomultihost: never)."))
+                                    "and TPU pods are detected without it; --nomultihost: never).",
+                                    flag_values=flag_values),
+        heartbeat_timeout_s=flags.DEFINE_integer(
+            "heartbeat_timeout_s", None, "Seconds without a heartbeat after which a process counts as dead and the "
+            "others stop, naming it (default: jax's, 100).", lower_bound=1, flag_values=flag_values))
     return lambda: {name: holder.value for name, holder in holders.items()}
 
 
@@ -64,8 +72,8 @@ def describe(error: BaseException, argv: List[str]) -> str:
     # A value that does not parse: name the argument whose value the message quotes.
     quoted = [a for a in argv if a.startswith("--config.") and "=" in a and a.split("=", 1)[1] in message]
     where = quoted[0] if quoted else _argument_naming(argv, "")
-    if isinstance(error, flags.Error) and not quoted:
-        return message
+    if isinstance(error, flags.Error) and not quoted:  # another flag: absl's own line names it
+        return " ".join(str(error).split())
     return f"{where}: {message}"
 
 

@@ -74,11 +74,14 @@ def verify(path, model, variables, batch_size, image_hw, padding_invariant):
 def main(argv):
     del argv
     quiet_logs()
+    try:
+        image_hw = parse_size(_SIZE.value)  # before jax is imported: a bad flag is refused at once
+    except ValueError as e:
+        sys.exit(f"error: {e}")
     from detr_jax.export import export_model, load_for_export
 
     batch_size = _BATCH_SIZE.value or None
     try:
-        image_hw = parse_size(_SIZE.value)
         model, variables, info = load_for_export(_CHECKPOINT.value, dilation=_DILATION.value,
                                                  num_heads=_NUM_HEADS.value)
         meta = export_model(model, variables, info, _OUT.value, _FORMAT.value, batch_size, image_hw,

@@ -179,6 +179,26 @@ def test_malformed_fields_name_record(tmp_path):
         CocoPanopticFolder(ann_file, image_dir, pan_dir)
 
 
+def test_image_sizes_as_whole_floats_are_read_and_others_named(tmp_path):
+    """height/width written as 6.0 (as some converters do) read as 6, as in the detection folder; 6.5, 0 and
+    "6" are refused naming the image id."""
+    ann_file, image_dir, pan_dir = _write_folder(str(tmp_path))
+    with open(ann_file) as f:
+        data = json.load(f)
+    for height, width in ((6.0, 8.0), (6.5, 8), (0, 8), ("6", 8)):
+        data["images"][0].update(height=height, width=width)  # image id 10
+        with open(ann_file, "w") as f:
+            json.dump(data, f)
+        if height == 6.0:
+            src = CocoPanopticFolder(ann_file, image_dir, pan_dir)
+            assert src.image_size(1) == (6, 8) and src[1]["orig_size"] == (6, 8)
+            assert all(type(v) is int for v in src.image_size(1))  # not 6.0: sizes index arrays
+            continue
+        with pytest.raises(AnnotationError, match=f"image id 10 has height {height!r} and width 8; expected "
+                                                   "positive integers"):
+            CocoPanopticFolder(ann_file, image_dir, pan_dir)
+
+
 # --- synthetic -------------------------------------------------------------------------------------
 
 def test_synthetic_deterministic_and_complete():

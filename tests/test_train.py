@@ -415,12 +415,13 @@ def test_batch_norm_backbone_step_updates_the_running_statistics(unit):
         np.testing.assert_array_equal(v, got[k], err_msg="/".join(k))
 
 
-def test_a_lost_process_stops_the_others_naming_it_and_the_run_resumes(tmp_path, compile_cache):
-    """kill -9 of process 1 of 2: process 0 stops within 2 minutes (no hang until a timeout of its own, no abort
-    with a stack trace as its last word) with one line naming process 1 and the checkpoint to resume from; both
-    started again finish the run from there."""
-    steps = 40
-    run = _Run(tmp_path, steps, "--config.checkpoint_every=4", devices=1, num_processes=2, name="first")
+def test_a_lost_process_stops_the_others_naming_it_and_the_run_resumes(tmp_path):
+    """kill -9 of process 1 of 2: process 0 stops once the coordination service misses its heartbeats
+    (--heartbeat_timeout_s=15 here; no hang until a timeout of its own, no abort with a stack trace as its last word)
+    with one line naming process 1 and the checkpoint to resume from; both started again finish the run from
+    there."""
+    steps, heartbeat = 20, "--heartbeat_timeout_s=15"
+    run = _Run(tmp_path, steps, "--config.checkpoint_every=4", heartbeat, devices=1, num_processes=2, name="first")
     try:
         while not [s for s in _checkpoint_steps(tmp_path) if s >= 4] or max(_logged_steps(tmp_path), default=0) < 6:
             assert all(p.poll() is None for p in run.procs), run.stderr(0)[-3000:] + run.stderr(1)[-3000:]
@@ -430,7 +431,7 @@ def test_a_lost_process_stops_the_others_naming_it_and_the_run_resumes(tmp_path,
         killed = time.time()
         code = run.procs[0].wait(timeout=150)
         print(f"process 0 stopped {time.time() - killed:.0f} s after process 1 was killed (exit {code})")
-        assert time.time() - killed < 120 and code == 1
+        assert time.time() - killed < 60 and code == 1  # jax's default heartbeat timeout alone is 100 s
     finally:
         run.kill()
     err = run.stderr(0)
@@ -439,7 +440,8 @@ def test_a_lost_process_stops_the_others_naming_it_and_the_run_resumes(tmp_path,
         err[-3000:]
     saved = _checkpoint_steps(tmp_path)[-1]
     assert f"resumes from the checkpoint of step {saved}" in lines[0]
-    _Run(tmp_path, steps, "--config.checkpoint_every=4", devices=1, num_processes=2, name="again").wait_ok()
+    _Run(tmp_path, steps, "--config.checkpoint_every=4", heartbeat, devices=1, num_processes=2,
+         name="again").wait_ok()
     assert max(_logged_steps(tmp_path)) == steps
 
 

@@ -128,6 +128,7 @@ def test_work_directory_describes_itself(tmp_path):
     (["--config=nope.py"], "error: cannot load the config file nope.py: [Errno 2] No such file"),
     (["--config.num_steps=abc"], "error: --config.num_steps=abc: invalid literal for int()"),
     (["--config.model.num_classes=-1"], "config.model.num_classes must be > 0, got -1"),
+    (["--heartbeat_timeout_s=0"], "error: flag --heartbeat_timeout_s=0: 0 is not a positive integer"),
     (["--config.data.worker_type=fork"], "config.data.worker_type must be one of ('thread', 'process'), got 'fork'"),
     (["--config.optimizer.schedule=linear"], "config.optimizer.schedule must be 'step', 'cosine' or 'constant'"),
     (["--config.model.num_classes=4"], "the training data (synthetic, split train) has labels up to 4 (category id 5) "

@@ -73,8 +73,26 @@ def test_process_zero_listens_on_the_coordinator_address_unless_told(monkeypatch
         monkeypatch.delenv(key, raising=False)
     sharding.maybe_initialize_distributed("10.0.0.5:1234", 2, 0)
     assert calls[-1]["coordinator_bind_address"] == "10.0.0.5:1234"  # not jax's default, every interface
+    assert "heartbeat_timeout_seconds" not in calls[-1]  # jax's default
+    sharding.maybe_initialize_distributed("10.0.0.5:1234", 2, 0, heartbeat_timeout_s=1)
+    assert calls[-1]["heartbeat_timeout_seconds"] == 1
     sharding.maybe_initialize_distributed("10.0.0.5:1234", 2, 0, coordinator_bind_address="[::]:1234")
     assert calls[-1]["coordinator_bind_address"] == "[::]:1234"
     monkeypatch.setenv("DETR_JAX_COORDINATOR_BIND_ADDRESS", "0.0.0.0:1234")
     sharding.maybe_initialize_distributed("10.0.0.5:1234", 2, 1)
     assert calls[-1]["coordinator_bind_address"] == "0.0.0.0:1234"
+
+
+def test_heartbeat_timeout_flag_takes_one_second_and_refuses_zero():
+    """--heartbeat_timeout_s: 1 (its lower bound) is passed on; 0 is refused by the flag parser (test_user_errors
+    checks the one line a user sees)."""
+    from absl import flags
+
+    from detr_jax.cli import define_multihost_flags
+
+    flag_values = flags.FlagValues()
+    values = define_multihost_flags(flag_values)
+    flag_values(["train.py", "--heartbeat_timeout_s=1"])
+    assert values()["heartbeat_timeout_s"] == 1
+    with pytest.raises(flags.IllegalFlagValueError, match="--heartbeat_timeout_s=0"):
+        flag_values(["train.py", "--heartbeat_timeout_s=0"])

@@ -33,7 +33,8 @@ def cluster_environment() -> Optional[str]:
 
 def maybe_initialize_distributed(coordinator_address: Optional[str] = None, num_processes: Optional[int] = None,
                                  process_id: Optional[int] = None, multihost: Optional[bool] = None,
-                                 coordinator_bind_address: Optional[str] = None) -> None:
+                                 coordinator_bind_address: Optional[str] = None,
+                                 heartbeat_timeout_s: Optional[int] = None) -> None:
     """Start multi-host JAX when asked by arguments or the environment; a no-op for one process.
 
     Explicit: the coordinator address, process count and id, by argument or through DETR_JAX_COORDINATOR /
@@ -46,6 +47,9 @@ def maybe_initialize_distributed(coordinator_address: Optional[str] = None, num_
     Process 0's coordination service listens on `coordinator_bind_address` (DETR_JAX_COORDINATOR_BIND_ADDRESS),
     by default on the coordinator address itself (jax's own default is every interface, "[::]:PORT"); with a
     detected launcher and no address given, jax's default.
+
+    `heartbeat_timeout_s`: a process that sends no heartbeat for this long counts as dead, and the others stop
+    naming it (`training.loop`); None keeps jax's default (100 s).
     """
     coordinator_address = coordinator_address or os.environ.get("DETR_JAX_COORDINATOR")
     if num_processes is None and "DETR_JAX_NUM_PROCESSES" in os.environ:
@@ -59,8 +63,9 @@ def maybe_initialize_distributed(coordinator_address: Optional[str] = None, num_
     if multihost is False or not (explicit or detected or multihost):
         return
     bind = coordinator_bind_address or os.environ.get("DETR_JAX_COORDINATOR_BIND_ADDRESS") or coordinator_address
+    timeout = {} if heartbeat_timeout_s is None else {"heartbeat_timeout_seconds": int(heartbeat_timeout_s)}
     jax.distributed.initialize(coordinator_address=coordinator_address, num_processes=num_processes,
-                               process_id=process_id, coordinator_bind_address=bind)
+                               process_id=process_id, coordinator_bind_address=bind, **timeout)
     logging.info("jax.distributed (%s): process %d of %d, %d local / %d global devices",
                  "arguments" if explicit else detected or "--multihost", jax.process_index(), jax.process_count(),
                  jax.local_device_count(), jax.device_count())

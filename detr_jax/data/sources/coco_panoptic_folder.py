@@ -23,6 +23,8 @@ from detr_jax.data.sources.coco_folder import (
     AnnotationError,
     ImageReadError,
     _is_int,
+    _short,
+    _whole,
     check_file_name,
     read_annotation_file,
     read_rgb,
@@ -120,12 +122,13 @@ class CocoPanopticFolder:
             if image_id in out:
                 raise AnnotationError(f"{self.ann_file}: image id {image_id} appears twice")
             size = None
-            if "height" in entry or "width" in entry:
-                if not (_is_int(entry.get("height")) and _is_int(entry.get("width"))
-                        and entry["height"] > 0 and entry["width"] > 0):
-                    raise AnnotationError(f"{self.ann_file}: image id {image_id} has height {entry.get('height')!r}"
-                                          f" and width {entry.get('width')!r}; expected positive integers")
-                size = (entry["height"], entry["width"])
+            if "height" in entry or "width" in entry:  # whole floats (480.0) too, as the detection folder reads
+                height, width = _whole(entry.get("height")), _whole(entry.get("width"))
+                if height is None or width is None or height <= 0 or width <= 0:
+                    raise AnnotationError(f"{self.ann_file}: image id {image_id} has height "
+                                          f"{_short(entry.get('height'))} and width {_short(entry.get('width'))}; "
+                                          "expected positive integers")
+                size = (height, width)
             out[image_id] = {"file_name": entry["file_name"], "size": size}
         return out
 
