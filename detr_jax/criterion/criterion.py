@@ -69,7 +69,7 @@ class Criterion:
         Returns:
           (total, terms): the weighted total, and a dict of every logged scalar ("loss" is the total).
         """
-        targets = {k: batch[k] for k in ("labels", "boxes", "mask")}
+        targets = self.targets(batch)
         outputs, targets = split_query_groups(outputs, targets, self.num_query_groups)
         layers = list(outputs.get("aux_outputs", [])) + [outputs]
         indices = self.matcher(jnp.stack([o["pred_logits"] for o in layers]),
@@ -102,6 +102,12 @@ class Criterion:
         return mask_losses(outputs["pred_masks"], batch["target_masks"], targets["mask"], indices[-1],
                            targets["mask"].sum(), points=batch.get("mask_points"),
                            image_size=batch["pixel_mask"].shape[1:])
+
+    @staticmethod
+    def targets(batch: Mapping) -> Dict:
+        """The set targets of a batch: "labels" int32 [B, M], "boxes" [B, M, 4] cxcywh normalised, "mask" bool
+        [B, M] (True on real objects)."""
+        return {k: batch[k] for k in ("labels", "boxes", "mask")}
 
     def denoising_losses(self, dn_outputs) -> Dict:
         """The denoising queries' losses, each against its own object ("loss_dn" weighted with the decoder's

@@ -126,6 +126,7 @@ class PanopticScorer:
                              "pass them or build the scorer with segm=False")
         image_ids, pred_logits = np.asarray(image_ids), np.asarray(pred_logits)
         sizes, orig_sizes = np.asarray(sizes), np.asarray(orig_sizes)
+        pred_boxes = None if pred_boxes is None else np.asarray(pred_boxes)
         real = image_ids >= 0
         if not real.any():
             return
@@ -133,7 +134,7 @@ class PanopticScorer:
             rows = np.flatnonzero(real)
             pred_masks, sizes, orig_sizes = pred_masks[rows], sizes[rows], orig_sizes[rows]
             image_ids, pred_logits = image_ids[rows], pred_logits[rows]
-            pred_boxes = None if pred_boxes is None else np.asarray(pred_boxes)[rows]
+            pred_boxes = None if pred_boxes is None else pred_boxes[rows]
         if self.instances is not None:  # dispatched first: the device makes them while the host works below
             segm = segm_masks(pred_masks, sizes, orig_sizes, padded_size=padded_size)
         results = post_process_panoptic(pred_logits, pred_masks, None, sizes, orig_sizes, self.is_thing_map,
@@ -147,7 +148,7 @@ class PanopticScorer:
             self.metric.update(gt_ids, gt_segments, pred_ids, pred_segments)
             self.num_images += 1
             if self.instances is not None:
-                self.instances.add(example, pred_logits[i], np.asarray(pred_boxes)[i], segm[i])
+                self.instances.add(example, pred_logits[i], pred_boxes[i], segm[i])
 
     def _gathered(self):
         """(PanopticQuality, number of images) summed over all processes (a collective: all processes call it);

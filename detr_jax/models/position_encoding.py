@@ -24,14 +24,17 @@ def sine_position_encoding(mask, num_pos_feats: int = 128, temperature: float = 
         # Normalised by the extent of the real image, so padding does not change the encodings.
         y_embed = y_embed / (y_embed[:, -1:, :] + eps) * scale
         x_embed = x_embed / (x_embed[:, :, -1:] + eps) * scale
+    return jnp.concatenate([_sine_features(y_embed, num_pos_feats, temperature),
+                            _sine_features(x_embed, num_pos_feats, temperature)], axis=-1)
+
+
+def _sine_features(embed, num_pos_feats: int, temperature: float):
+    """[...] scaled positions -> float32 [..., num_pos_feats]: sin on even, cos on odd features (the official
+    `PositionEmbeddingSine`'s frequencies)."""
     dim_t = jnp.arange(num_pos_feats, dtype=jnp.float32)
     dim_t = temperature ** (2 * (dim_t // 2) / num_pos_feats)
-
-    def interleave(embed):  # [B, h, w] -> [B, h, w, F]: sin on even, cos on odd features
-        pos = embed[..., None] / dim_t
-        return jnp.stack([jnp.sin(pos[..., 0::2]), jnp.cos(pos[..., 1::2])], axis=4).reshape(pos.shape)
-
-    return jnp.concatenate([interleave(y_embed), interleave(x_embed)], axis=-1)
+    pos = embed[..., None] / dim_t
+    return jnp.stack([jnp.sin(pos[..., 0::2]), jnp.cos(pos[..., 1::2])], axis=-1).reshape(pos.shape)
 
 
 class LearnedPositionEncoding(nn.Module):
@@ -62,8 +65,5 @@ def box_sine_encoding(boxes, num_pos_feats: int = 64, temperature: float = 10000
     Returns:
         float32 [..., 4 * num_pos_feats]: cx, cy, w, h features in that order.
     """
-    dim_t = jnp.arange(num_pos_feats, dtype=jnp.float32)
-    dim_t = temperature ** (2 * (dim_t // 2) / num_pos_feats)
-    pos = boxes.astype(jnp.float32)[..., None] * scale / dim_t  # [..., 4, F]
-    pos = jnp.stack([jnp.sin(pos[..., 0::2]), jnp.cos(pos[..., 1::2])], axis=-1).reshape(pos.shape)
+    pos = _sine_features(boxes.astype(jnp.float32) * scale, num_pos_feats, temperature)  # [..., 4, F]
     return pos.reshape(boxes.shape[:-1] + (4 * num_pos_feats,))

@@ -39,7 +39,7 @@ def make_train_step(model: DETRWithAids, tx, config: ml_collections.ConfigDict, 
         rngs, extra = {"dropout": rng}, {}
         if model.dn_groups > 0:  # denoising queries: noised targets, the noise a function of (seed, step)
             rngs["denoising"] = jax.random.fold_in(rng, 1)
-            extra["targets"] = {k: batch[k] for k in ("labels", "boxes", "mask")}
+            extra["targets"] = criterion.targets(batch)
         outputs = model.apply({"params": params, FROZEN_COLLECTION: frozen}, images,
                               pixel_mask=batch["pixel_mask"], train=True, rngs=rngs, mutable=mutable, **extra)
         (outputs, aids), frozen = outputs if mutable else (outputs, {FROZEN_COLLECTION: frozen})
