@@ -15,7 +15,7 @@ from detr_jax.data.loader import WORKER_TYPES
 from detr_jax.data.sources import check_data_kwargs
 from detr_jax.data.transforms import COCO_MAX_SIZE, COCO_TRAIN_SCALES
 from detr_jax.models.backbone import BACKBONE_NORMS, RESNET_SPECS
-from detr_jax.models.detr import POSITION_EMBEDDINGS
+from detr_jax.models.detr import POSITION_EMBEDDINGS, REMAT_CHOICES
 
 SCHEDULES = ("step", "cosine", "constant")  # optimizer.schedule (training.state.learning_rate_schedule)
 EVAL_BACKENDS = ("pycocotools", "faster_coco_eval")  # eval_backend: evaluation.coco.EVAL_BACKENDS (not importable here)
@@ -52,7 +52,10 @@ def base_config() -> ml_collections.ConfigDict:
         aux_loss=True,  # losses on every decoder layer
         padding_invariant=False,  # in training; evaluation follows eval_padding_invariant
         backbone_norm="frozen_bn",  # "frozen_bn" (official), "group" or "batch" (training from scratch)
-        train_stem=False))  # train the ResNet stem and stage 1 too (frozen in the official recipe)
+        train_stem=False,  # train the ResNet stem and stage 1 too (frozen in the official recipe)
+        # Rematerialisation (memory for compute; the same losses and gradients): "none", "backbone" (each ResNet
+        # block), "transformer" (each encoder / decoder layer) or "full" (both). experiments/plan.py measures it.
+        remat="none"))
 
     # Training-only aids for training from scratch, off in the official recipe: see DETRWithAids in
     # detr_jax/models/aids.py. The evaluated and exported model never has them.
@@ -110,8 +113,12 @@ def base_config() -> ml_collections.ConfigDict:
         grad_clip=0.1,  # global gradient-norm clip (0: none)
         schedule="step",  # "step" (x0.1 at lr_drop_epochs), "cosine" (down to cosine_alpha * lr) or "constant"
         lr_drop_epochs=200, cosine_alpha=0.01,
-        warmup_steps=0,  # linear warmup from 0 in front of the schedule
-        grad_accum_steps=1))  # gradients of that many steps are summed before one update
+        warmup_steps=0))  # linear warmup from 0 in front of the schedule
+    # Gradient accumulation: each step's global batch runs as this many micro-batches (one in memory at a time) and
+    # makes one update equal to the whole batch's (every normaliser the global batch's). For fewer chips than the
+    # recipe's batch: experiments/plan.py shows what it saves. Dropout masks are drawn per micro-batch (the same
+    # distribution, other draws); refused with denoising queries and with backbone_norm "batch".
+    config.grad_accum_steps = 1
 
     # Weights to start from: a torchvision ImageNet ResNet .pth and/or a DETR: an official .pth or a detr_jax work
     # directory (its latest checkpoint's detector; the panoptic recipe's box model); reinit_class_head keeps a
@@ -120,14 +127,31 @@ def base_config() -> ml_collections.ConfigDict:
     return config
 
 
+def _need(ok, field, value, what):
+    if not ok:
+        raise ValueError(f"config.{field} must be {what}, got {value!r}")
+
+
+def _check_grad_accum(config: ml_collections.ConfigDict) -> None:
+    """Gradient accumulation is exact (training.step): refuse what cannot be, naming the field."""
+    k = config.grad_accum_steps
+    _need(isinstance(k, int) and k >= 1, "grad_accum_steps", k, "an integer >= 1")
+    if k > 1:
+        _need(config.batch_size % k == 0, "batch_size", config.batch_size, f"a multiple of grad_accum_steps={k}")
+        _need(config.training_aids.dn_groups == 0, "training_aids.dn_groups", config.training_aids.dn_groups,
+              "0 with grad_accum_steps > 1 (the denoising noise is drawn per batch: micro-batches would draw other "
+              "noise than the whole batch)")
+        _need(config.model.backbone_norm != "batch", "model.backbone_norm", config.model.backbone_norm,
+              "'frozen_bn' or 'group' with grad_accum_steps > 1 (batch statistics of a micro-batch are not the "
+              "whole batch's)")
+
+
 def check_config(config: ml_collections.ConfigDict) -> None:
     """Refuse, before any work, values that would fail later or deep inside jax: one ValueError naming the field.
     The allowed values are the constants of the code that uses them."""
     m, d, opt = config.model, config.data, config.optimizer
 
-    def need(ok, field, value, what):
-        if not ok:
-            raise ValueError(f"config.{field} must be {what}, got {value!r}")
+    need = _need
 
     def either(values):  # ("a", "b", "c") -> "'a', 'b' or 'c'"
         quoted = [repr(v) for v in values]
@@ -148,6 +172,7 @@ def check_config(config: ml_collections.ConfigDict) -> None:
     need(m.position_embedding in POSITION_EMBEDDINGS, "model.position_embedding", m.position_embedding,
          either(POSITION_EMBEDDINGS))
     need(0 <= m.dropout < 1, "model.dropout", m.dropout, "in [0, 1)")
+    need(m.remat in REMAT_CHOICES, "model.remat", m.remat, either(REMAT_CHOICES))
     for field in ("batch_size", "eval_batch_size"):
         positive(field, config[field])
     need(config.eval_backend in EVAL_BACKENDS, "eval_backend", config.eval_backend, either(EVAL_BACKENDS))
@@ -163,6 +188,7 @@ def check_config(config: ml_collections.ConfigDict) -> None:
              "a non-empty tuple of positive integers")
     need(d.buckets == "recipe" or (d.buckets and all(len(b) == 2 and min(b) > 0 for b in d.buckets)),
          "data.buckets", d.buckets, "'recipe' or a tuple of (height, width) pairs")
+    _check_grad_accum(config)
     need(opt.schedule in SCHEDULES, "optimizer.schedule", opt.schedule, either(SCHEDULES))
     need(opt.lr > 0 and opt.lr_backbone >= 0, "optimizer.lr", (opt.lr, opt.lr_backbone),
          "> 0 (and lr_backbone >= 0)")

@@ -5,6 +5,12 @@ from pathlib import Path
 
 import pytest
 
+from detr_jax.ops.xla_flags import set_default_platforms
+
+# The tests run on the CPU; with the tpu extra installed (tests/test_plan.py compiles for TPU topologies), jax
+# would start libtpu in every process without this, as the entry points also avoid.
+set_default_platforms()
+
 # The official-DETR reference outputs live beside the repository, in shared/fixtures
 # (see its README.md); DETR_JAX_FIXTURES points elsewhere.
 _DEFAULT_FIXTURES = Path(__file__).resolve().parents[1].parent / "shared" / "fixtures"

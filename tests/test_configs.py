@@ -87,6 +87,7 @@ def test_every_config_has_exactly_the_base_schema(path):
     ("training_aids.num_query_groups", 0, "config.training_aids.num_query_groups must be an integer >= 1, got 0"),
     ("training_aids.backbone_aux_stages", (5,), "config.training_aids.backbone_aux_stages must be ResNet stages"),
     ("optimizer.schedule", "linear", "config.optimizer.schedule must be 'step', 'cosine' or 'constant'"),
+    ("model.remat", "all", "config.model.remat must be 'none', 'backbone', 'transformer' or 'full', got 'all'"),
 ])
 def test_check_config_refuses_what_the_model_and_the_criterion_trust(field, value, message):
     """The model, the criterion and the optimizer no longer check these: check_config is the one place."""
@@ -121,3 +122,26 @@ def test_check_config_refuses_a_misspelt_source_argument():
     config.data.source_kwargs = dict(config.data.source_kwargs.to_dict(), label_sapce="official91")
     with pytest.raises(ValueError, match="config.data.source_kwargs: .*'label_sapce'.*label_space"):
         check_config(config)
+
+
+@pytest.mark.parametrize("changes, message", [
+    (dict(grad_accum_steps=0), "config.grad_accum_steps must be an integer >= 1, got 0"),
+    (dict(grad_accum_steps=3), "config.batch_size must be a multiple of grad_accum_steps=3, got 64"),
+    (dict(grad_accum_steps=2, dn_groups=1), "config.training_aids.dn_groups must be 0 with grad_accum_steps > 1"),
+    (dict(grad_accum_steps=2, backbone_norm="batch"), "config.model.backbone_norm must be 'frozen_bn' or 'group' "
+     "with grad_accum_steps > 1"),
+    (dict(grad_accum_steps=64), None),  # a micro-batch of one image
+    (dict(grad_accum_steps=1, dn_groups=1, backbone_norm="batch"), None),
+])
+def test_check_config_refuses_what_gradient_accumulation_cannot_make_exact(changes, message):
+    from detr_jax.config import base_config, check_config
+
+    config = base_config()
+    config.grad_accum_steps = changes["grad_accum_steps"]
+    config.training_aids.dn_groups = changes.get("dn_groups", 0)
+    config.model.backbone_norm = changes.get("backbone_norm", "frozen_bn")
+    if message is None:
+        check_config(config)
+    else:
+        with pytest.raises(ValueError, match=re.escape(message)):
+            check_config(config)

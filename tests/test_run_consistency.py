@@ -157,11 +157,25 @@ def test_eval_batch_size_is_checked_only_when_the_run_evaluates():
 
     from detr_jax.training.loop import check_batch_sizes
 
-    config = ml_collections.ConfigDict(dict(batch_size=4, eval_batch_size=3, eval_every=0, eval_at_end=False))
+    config = ml_collections.ConfigDict(dict(batch_size=4, eval_batch_size=3, eval_every=0, eval_at_end=False,
+                                            grad_accum_steps=1))
     check_batch_sizes(config, 2)
     config.eval_every = 10
     with pytest.raises(ValueError, match=r"config.eval_batch_size=3 must be a multiple of the 2 devices"):
         check_batch_sizes(config, 2)
+
+
+def test_a_batch_must_split_over_the_devices_and_the_micro_batches():
+    import ml_collections
+
+    from detr_jax.training.loop import check_batch_sizes
+
+    config = ml_collections.ConfigDict(dict(batch_size=8, eval_batch_size=8, eval_every=0, eval_at_end=False,
+                                            grad_accum_steps=4))
+    check_batch_sizes(config, 2)  # exactly 2 devices x 4 micro-batches of one image
+    with pytest.raises(ValueError, match=r"config.batch_size=8 must be a multiple of the 4 devices x "
+                                         r"grad_accum_steps=4 .*--config.batch_size=16"):
+        check_batch_sizes(config, 4)
 
 
 # ---- 5. TFDS not installed, TFDS data not prepared ----------------------------------------------------------

@@ -268,6 +268,34 @@ def test_two_processes_give_the_single_process_losses(runs, reference):
     assert _checkpoint_steps(workdir)[-1] == 4, "the two-process run saved no final checkpoint"
 
 
+@pytest.mark.parametrize("source, resumed_on", [("two_processes", dict(devices=2)),
+                                                ("eight_devices", dict(devices=1, num_processes=2))],
+                         ids=["2x2_on_1x2", "1x8_on_2x1"])
+def test_a_run_resumes_on_another_slice_size_and_follows_the_uninterrupted_run(runs, reference, tmp_path, source,
+                                                                                resumed_on):
+    """Preempted onto another slice: the checkpoint of step 4 of a 2-process x 2-device run goes on on 1 process
+    with 2 devices, and that of a 1 x 8-device run on 2 processes x 1 device. The global batches are the loader's
+    (its position is in global batches), so every later step sees the batch the uninterrupted single-device run
+    saw, and its losses follow that run's to float32 reduction order (a device count sums in another order)."""
+    shutil.copytree(runs[source].wait_ok().workdir, tmp_path / "run")
+    resumed = _Run(tmp_path / "run", REFERENCE_STEPS, name="resumed", **resumed_on).wait_ok()
+    assert "at step 4" in resumed.stderr(), resumed.stderr()[-2000:]
+    metrics, ref = _metrics(tmp_path / "run"), reference[1]
+    assert sorted(metrics) == list(range(1, REFERENCE_STEPS + 1))  # each step once: none skipped or repeated
+    for step in range(5, REFERENCE_STEPS + 1):
+        for key in (k for k in ref[step] if k.startswith("loss")):
+            assert metrics[step][key] == pytest.approx(ref[step][key], rel=1e-4, abs=1e-5), (step, key)
+    import orbax.checkpoint as ocp
+
+    loaders = []
+    for workdir in (str(tmp_path / "run"), reference[0]):
+        manager = checkpoint_manager(workdir, _tiny_config())
+        loaders.append(manager.restore(REFERENCE_STEPS, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
+                       ["loader"])
+        manager.close()
+    assert loaders[0] == loaders[1]  # the same place in the same epoch's order
+
+
 # The killed and the resumed run load with worker processes, the reference with a thread: the same batches.
 WORKER_PROCESSES = ("--config.data.worker_type=process", "--config.data.num_workers=2")
 
@@ -338,18 +366,110 @@ def _step_for(config, unit):
     return training.make_train_step(model, tx, config, unit.mesh), jax.device_put(state, sharding.replicated(unit.mesh))
 
 
-def test_gradient_accumulation_equals_one_big_step(unit):
-    """Two accumulated micro-steps on the same batch make exactly the update of one plain step."""
-    config = copy.deepcopy(unit.config)
-    config.optimizer.grad_accum_steps = 2
-    accum_step, state = _step_for(config, unit)
-    state, _ = accum_step(state, unit.batch)
-    np.testing.assert_array_equal(_flat(state["params"])[("model", "class_embed", "kernel")],
-                                  _flat(unit.initial["params"])[("model", "class_embed", "kernel")])  # no update yet
-    state, _ = accum_step(state, unit.batch)
-    plain, _ = unit.step(unit.fresh_state(), unit.batch)
-    ours, ref = _flat(state["params"]), _flat(plain["params"])
-    assert max(float(np.abs(ours[k] - ref[k]).max()) for k in ref) < 1e-6
+def _three_steps(config, batches, mesh):
+    """Parameters and metrics after training `config` from its seed's initial parameters on `batches`."""
+    model = build_training_model(config)
+    state, tx, _ = create_train_state(config, model, total_steps=1000, steps_per_epoch=100)
+    step = training.make_train_step(model, tx, config, mesh)
+    state, metrics = jax.device_put(state, sharding.replicated(mesh)), []
+    for batch in batches:
+        state, m = step(state, sharding.global_batch(batch, mesh))
+        metrics.append(jax.device_get(m))
+    return _flat(jax.device_get(state["params"])), metrics
+
+
+def test_gradient_accumulation_equals_the_whole_batch_step():
+    """grad_accum_steps=4 makes the update of the whole batch, for a recipe with query groups and token heads on
+    the encoder and on stage 3: three steps (AdamW, clipping after accumulation, warmup), every logged term and
+    every parameter to float32 rounding. The images hold 1-8 objects and the 6 queries fewer than some of them
+    (matching assigns min(objects, N)), so every normaliser differs between micro-batches and the whole batch."""
+    config = _tiny_config()
+    config.training_aids.update(num_query_groups=2, encoder_aux_loss=True, backbone_aux_stages=(3,))
+    config.data.source_kwargs = dict(image_size=(64, 64), min_objects=1, max_objects=8, seed=0)
+    config.optimizer.grad_clip = 0.1
+    with build_data(config, "train", train=True) as loader:
+        batches = [b for b, _ in zip(loader, range(3))]
+    assert max(b["mask"].sum(-1).max() for b in batches) > config.model.num_queries
+    mesh = sharding.make_mesh()
+    whole, whole_metrics = _three_steps(config, batches, mesh)
+    config.grad_accum_steps = 4
+    accumulated, accumulated_metrics = _three_steps(config, batches, mesh)
+    for ours, ref in zip(accumulated_metrics, whole_metrics):
+        assert ours.keys() == ref.keys()
+        for k in ref:
+            np.testing.assert_allclose(ours[k], ref[k], rtol=2e-6, atol=1e-6, err_msg=k)
+    # The key projections' biases have an exactly zero gradient in exact arithmetic (a softmax does not see a
+    # shift of its logits), so Adam turns their float32 noise into +-lr steps: hence the absolute 1e-7 floor.
+    for k in whole:
+        diff = float(np.abs(accumulated[k] - whole[k]).max())
+        assert diff <= 1e-5 * float(np.abs(whole[k]).max()) + 1e-7, ("/".join(k), diff)
+
+
+def test_gradient_accumulation_shares_add_up_to_each_term_of_the_whole_batch():
+    """Term by term (each normaliser on its own, as RF-DETR got two of them wrong): the criterion on 4 micro-batches
+    with the whole batch's `normalisers` adds up to the criterion on the whole batch, for random outputs with
+    query groups, token heads and one image with more objects than queries and one with none."""
+    from detr_jax.criterion import Criterion
+    from detr_jax.criterion.matcher import HungarianMatcher
+    from detr_jax.models.aids import token_grid
+
+    rng = np.random.default_rng(0)
+    b, n, groups, m, c, (h, w) = 8, 3, 2, 5, 4, (4, 6)
+    counts = np.array([5, 0, 1, 2, 3, 4, 1, 2])
+    mask = np.arange(m)[None] < counts[:, None]
+    xy = rng.uniform(0.2, 0.8, (b, m, 2))
+    batch = {"labels": rng.integers(0, c, (b, m)).astype(np.int32), "mask": mask,
+             "boxes": np.concatenate([xy, rng.uniform(0.05, 0.4, (b, m, 2))], -1).astype(np.float32)}
+    pixel = np.ones((b, h, w), bool)
+    pixel[::3, :, 4:] = False  # some images narrower than the padded map
+    token_mask, centres = token_grid(pixel)
+
+    def head(queries):
+        return {"pred_logits": rng.normal(size=(b, queries, c + 1)).astype(np.float32),
+                "pred_boxes": rng.uniform(0.1, 0.9, (b, queries, 4)).astype(np.float32)}
+
+    outputs = dict(head(groups * n), aux_outputs=[head(groups * n)])
+    aids = {"enc": dict(head(h * w), token_mask=token_mask, token_centres=centres)}
+    criterion = Criterion(c, HungarianMatcher(1.0, 5.0, 2.0), eos_coef=0.1, num_query_groups=groups, num_queries=n)
+    _, whole = criterion(outputs, batch, aids)
+    shares = criterion.normalisers(batch, {"enc": (token_mask, centres)})
+    parts = []
+    for i in range(4):
+        cut = lambda tree, rows=slice(2 * i, 2 * i + 2): jax.tree_util.tree_map(lambda x: x[rows], tree)  # noqa: E731
+        parts.append(criterion(cut(outputs), cut(batch), cut(aids), shares)[1])
+    assert set(whole) == set(parts[0])
+    for k in whole:
+        np.testing.assert_allclose(sum(float(p[k]) for p in parts), float(whole[k]), rtol=1e-5, atol=1e-5,
+                                   err_msg=k)
+
+
+def test_remat_gives_the_same_losses_and_gradients(unit):
+    """config.model.remat recomputes activations in the backward pass: the loss and every gradient are those
+    without it (1e-6), with dropout on (the recomputation redraws the same masks)."""
+    from detr_jax.criterion import Criterion
+
+    def loss_and_grads(remat):
+        config = copy.deepcopy(unit.config)
+        config.model.update(remat=remat, dropout=0.1)
+        model = build_training_model(config)
+        criterion = Criterion.from_config(config, model)
+
+        def loss_fn(params):
+            outputs, aids = model.apply({"params": params, "frozen": unit.initial["frozen"]}, unit.images,
+                                        pixel_mask=unit.local_batch["pixel_mask"], train=True,
+                                        rngs={"dropout": jax.random.PRNGKey(3)})
+            return criterion(outputs, unit.local_batch, aids)[0]
+
+        return jax.jit(jax.value_and_grad(loss_fn))(unit.initial["params"])
+
+    loss, grads = loss_and_grads("none")
+    for remat in ("full", "backbone"):
+        remat_loss, remat_grads = loss_and_grads(remat)
+        np.testing.assert_allclose(remat_loss, loss, rtol=1e-6)
+        ours, ref = _flat(remat_grads), _flat(grads)
+        scale = max(float(np.abs(g).max()) for g in ref.values())  # relative to the gradient's largest entry
+        worst = max(ref, key=lambda k: float(np.abs(ours[k] - ref[k]).max()))
+        assert float(np.abs(ours[worst] - ref[worst]).max()) <= 1e-6 * scale, (remat, "/".join(worst))
 
 
 def test_half_precision_step_is_close_to_float32(unit):

@@ -64,7 +64,7 @@ def _config(record, init_path):
                         num_encoder_layers=int(record["layers"]), num_decoder_layers=int(record["layers"]),
                         num_queries=int(record["queries"]), num_classes=91, dropout=0.0, aux_loss=True)
     config.optimizer.update(lr=1e-4, lr_backbone=1e-5, weight_decay=1e-4, grad_clip=0.1, schedule="step",
-                            lr_drop_epochs=int(record["lr_drop"]), warmup_steps=0, grad_accum_steps=1)
+                            lr_drop_epochs=int(record["lr_drop"]), warmup_steps=0)
     config.loss.matcher = "host"
     config.data.max_objects = MAX_OBJECTS
     config.init.detr_checkpoint = str(init_path)

@@ -1,5 +1,6 @@
 """The XLA flags and glibc malloc options the entry points set before JAX starts."""
 
+import importlib.util
 import os
 import platform
 import subprocess
@@ -76,3 +77,32 @@ def test_malloc_options_serve_big_blocks_from_the_heap_unless_the_user_chose():
     assert run({"GLIBC_TUNABLES": "glibc.malloc.trim_threshold=1000000"}, set_options=True) == \
         ["None", "mmapped blocks 1"]
     assert set_default_malloc_options({NO_MALLOC_OPTIONS_ENV: "1"}) is None
+
+
+def test_with_libtpu_on_a_host_without_a_tpu_the_entry_points_stay_on_the_cpu(tmp_path):
+    """JAX_PLATFORMS=cpu is set only where libtpu is installed, no TPU chip is on the PCI bus, no GPU plugin is
+    installed and the user chose no platform; an entry point then starts jax without libtpu's warnings."""
+    from detr_jax.ops.xla_flags import set_default_platforms
+
+    pci = tmp_path / "pci"
+    (pci / "0000:00:04.0").mkdir(parents=True)
+    (pci / "0000:00:04.0" / "vendor").write_text("0x8086\n")
+    only = lambda *names: (lambda name: object() if name in names else None)  # noqa: E731  (a fake find_spec)
+    env = {}
+    assert set_default_platforms(env, str(pci), only("libtpu")) == "cpu" and env == {"JAX_PLATFORMS": "cpu"}
+    for environ, find_spec in (({"JAX_PLATFORMS": "tpu"}, only("libtpu")), ({}, only()),
+                               ({}, only("libtpu", "jax_cuda13_plugin"))):
+        before = dict(environ)
+        assert set_default_platforms(environ, str(pci), find_spec) is None and environ == before
+    (pci / "0000:00:05.0").mkdir()
+    (pci / "0000:00:05.0" / "vendor").write_text("0x1ae0\n")  # a TPU chip
+    assert set_default_platforms({}, str(pci), only("libtpu")) is None
+
+    if importlib.util.find_spec("libtpu") is None:
+        return
+    code = (f"import runpy; runpy.run_path({os.path.join(REPO, 'experiments', 'train.py')!r}, run_name='x'); "
+            "import jax; print(jax.devices()[0].platform)")
+    env = {k: v for k, v in os.environ.items() if k != "JAX_PLATFORMS"}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, cwd=REPO)
+    assert out.returncode == 0 and out.stdout.split()[-1] == "cpu", out.stderr[-2000:]
+    assert "TPU_WORKER_HOSTNAMES" not in out.stderr and "TPU_ACCELERATOR_TYPE" not in out.stderr, out.stderr

@@ -16,7 +16,7 @@ from typing import Dict, Mapping, Optional, Tuple
 import jax.numpy as jnp
 
 from detr_jax.criterion.denoising import denoising_losses
-from detr_jax.criterion.dense_losses import encoder_dense_losses
+from detr_jax.criterion.dense_losses import assign_tokens, encoder_dense_losses
 from detr_jax.criterion.mask_losses import mask_losses
 from detr_jax.criterion.matcher import HungarianMatcher
 from detr_jax.criterion.query_groups import split_query_groups
@@ -34,12 +34,14 @@ class Criterion:
         losses), "mask", "dice" (panoptic).
       bbox_loss_type: "l1" (official) or "smooth_l1".
       num_query_groups: Group DETR's G: the outputs hold G groups of queries, each matched on its own.
+      num_queries: N, the queries of a group (for `normalisers`).
     """
 
     def __init__(self, num_classes: int, matcher: HungarianMatcher, *, eos_coef: float = 0.1,
                  weights: Optional[Mapping[str, float]] = None, bbox_loss_type: str = "l1",
-                 num_query_groups: int = 1):
+                 num_query_groups: int = 1, num_queries: Optional[int] = None):
         self.num_classes, self.matcher, self.eos_coef = num_classes, matcher, eos_coef
+        self.num_queries = num_queries
         self.weights = {**dict(ce=1.0, bbox=5.0, giou=2.0, mask=1.0, dice=1.0), **(weights or {})}
         self.bbox_loss_type, self.num_query_groups = bbox_loss_type, num_query_groups
 
@@ -53,10 +55,12 @@ class Criterion:
         weights = dict(ce=loss.ce_loss_coef, bbox=loss.bbox_loss_coef, giou=loss.giou_loss_coef,
                        mask=config.panoptic.mask_loss_coef, dice=config.panoptic.dice_loss_coef)
         return cls(model.detector.num_classes, matcher, eos_coef=loss.eos_coef, weights=weights,
-                   bbox_loss_type=loss.bbox_loss_type, num_query_groups=getattr(model, "num_query_groups", 1))
+                   bbox_loss_type=loss.bbox_loss_type, num_query_groups=getattr(model, "num_query_groups", 1),
+                   num_queries=model.detector.num_queries)
 
-    def __call__(self, outputs: Dict, batch: Dict, aids: Optional[Dict] = None) -> Tuple[jnp.ndarray, Dict]:
-        """The loss of one (global) batch.
+    def __call__(self, outputs: Dict, batch: Dict, aids: Optional[Dict] = None,
+                 shares: Optional[Dict] = None) -> Tuple[jnp.ndarray, Dict]:
+        """The loss of one (global) batch, or with `shares` one micro-batch's share of it.
 
         Args:
           outputs: the model's: "pred_logits" [B, G * N, C + 1], "pred_boxes" [B, G * N, 4] cxcywh normalised,
@@ -66,6 +70,9 @@ class Criterion:
             "pixel_mask" bool [B, H, W].
           aids: {name: token-head outputs} of the training aids (`models.aids.DETRWithAids`); "dn": the
             denoising queries' outputs and targets.
+          shares: gradient accumulation: `normalisers` of the global batch that `batch` is one micro-batch of.
+            Every term is then this micro-batch's share, and the micro-batches' totals, terms and gradients add up
+            to the global batch's (each normaliser is the global batch's, fixed by its masks before any runs).
         Returns:
           (total, terms): the weighted total, and a dict of every logged scalar ("loss" is the total).
         """
@@ -74,33 +81,61 @@ class Criterion:
         layers = list(outputs.get("aux_outputs", [])) + [outputs]
         indices = self.matcher(jnp.stack([o["pred_logits"] for o in layers]),
                                jnp.stack([o["pred_boxes"] for o in layers]), targets)  # [L, B, M]
-        terms = self.set_losses(outputs, targets, indices)
+        terms = self.set_losses(outputs, targets, indices, shares)
         w = self.weights
         if "pred_masks" in outputs:  # panoptic
-            masks = self.mask_losses(outputs, batch, targets, indices)
+            masks = self.mask_losses(outputs, batch, targets, indices, shares)
             terms = dict(terms, **masks, loss=terms["loss"] + w["mask"] * masks["loss_mask"]
                          + w["dice"] * masks["loss_dice"])
         aids = dict(aids or {})
-        if "dn" in aids:  # weighted inside, with the decoder's weights
+        if "dn" in aids:  # weighted inside, with the decoder's weights (config.check_config: never with shares)
             dn = self.denoising_losses(aids.pop("dn"))
             terms = dict(terms, **dn, loss=terms["loss"] + dn["loss_dn"])
         for name, dense_outputs in aids.items():  # weighted inside, with the decoder's weights
-            dense = self.dense_losses(dense_outputs, batch, name)
+            dense = self.dense_losses(dense_outputs, batch, name, shares)
             terms = dict(terms, **dense, loss=terms["loss"] + dense["loss_" + name])
         return terms["loss"], terms
 
-    def set_losses(self, outputs, targets, indices) -> Dict:
+    def normalisers(self, batch: Mapping, tokens: Optional[Mapping] = None) -> Dict:
+        """What every loss term of the global `batch` is normalised by, from its masks alone, before any of its
+        micro-batches runs (gradient accumulation: `__call__(..., shares=)`).
+
+        Matching assigns each image's min(objects, N) targets in every query group, so the cross-entropy's weight
+        sum (matched queries 1, the others eos_coef) follows from the masks as num_boxes does.
+        `tokens`: {aid name: (token_mask bool [B, S], token_centres [B, S, 2])} of the aids' token heads
+        (`models.aids.token_grid`), for their dense losses' normalisers.
+        """
+        mask = jnp.asarray(batch["mask"], bool)  # [B, M]
+        groups, queries = self.num_query_groups, self.num_queries
+        matched = groups * jnp.minimum(mask.sum(-1), queries).sum()
+        all_queries = mask.shape[0] * groups * queries
+        out = {"images": mask.shape[0], "num_boxes": groups * mask.sum(), "mask_boxes": mask.sum(),
+               "num_matched": matched,
+               "ce_weight": self.eos_coef * (all_queries - matched) + matched}
+        for name, (token_mask, centres) in (tokens or {}).items():
+            _, positive = assign_tokens(centres, token_mask, self.targets(batch))
+            positives = positive.sum()
+            out[name] = {"ce_weight": self.eos_coef * (token_mask.sum() - positives) + positives,
+                         "positives": positives, "objects": mask.sum()}
+        return out
+
+    def set_losses(self, outputs, targets, indices, shares=None) -> Dict:
         """Class, box and GIoU losses of every decoder layer (`set_losses.set_losses`); "loss" their weighted sum."""
         w = self.weights
+        extra = {} if shares is None else dict(
+            num_boxes=shares["num_boxes"],
+            shares=dict(ce_weight=shares["ce_weight"], num_matched=shares["num_matched"],
+                        share=targets["mask"].shape[0] / (shares["images"] * self.num_query_groups)))
         return set_losses(outputs, targets, indices, num_classes=self.num_classes, eos_coef=self.eos_coef,
                           ce_loss_coef=w["ce"], bbox_loss_coef=w["bbox"], giou_loss_coef=w["giou"],
-                          bbox_loss_type=self.bbox_loss_type)
+                          bbox_loss_type=self.bbox_loss_type, **extra)
 
-    def mask_losses(self, outputs, batch, targets, indices) -> Dict:
+    def mask_losses(self, outputs, batch, targets, indices, shares=None) -> Dict:
         """Panoptic: the official focal and dice losses on the main layer's matched masks ("loss_mask",
         "loss_dice"), normalised by the real targets as the box losses."""
+        num_boxes = targets["mask"].sum() if shares is None else shares["mask_boxes"]
         return mask_losses(outputs["pred_masks"], batch["target_masks"], targets["mask"], indices[-1],
-                           targets["mask"].sum(), points=batch.get("mask_points"),
+                           num_boxes, points=batch.get("mask_points"),
                            image_size=batch["pixel_mask"].shape[1:])
 
     @staticmethod
@@ -117,10 +152,10 @@ class Criterion:
                                 ce_loss_coef=w["ce"], bbox_loss_coef=w["bbox"], giou_loss_coef=w["giou"],
                                 bbox_loss_type=self.bbox_loss_type)
 
-    def dense_losses(self, dense_outputs, batch, name: str) -> Dict:
+    def dense_losses(self, dense_outputs, batch, name: str, shares=None) -> Dict:
         """A training aid's one-to-many token losses ("loss_<name>", weighted with the decoder's weights, and its
         parts)."""
         w = self.weights
         return encoder_dense_losses(dense_outputs, batch, num_classes=self.num_classes, eos_coef=self.eos_coef,
                                     ce_loss_coef=w["ce"], bbox_loss_coef=w["bbox"], giou_loss_coef=w["giou"],
-                                    name=name)
+                                    name=name, shares=None if shares is None else shares[name])

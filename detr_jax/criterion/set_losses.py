@@ -12,13 +12,16 @@ from detr_jax.ops import box_ops
 BBOX_LOSS_TYPES = ("l1", "smooth_l1")  # config.loss.bbox_loss_type
 
 
-def _label_losses(pred_logits, indices, targets, *, num_classes, eos_coef):
+def _label_losses(pred_logits, indices, targets, *, num_classes, eos_coef, shares=None):
     """Weighted cross-entropy over all queries, plus class error of the matched ones.
 
     Args:
       pred_logits: [B, N, num_classes + 1].
       indices: int32 [B, M] matched query per target slot, -1 where unmatched.
       targets: dict "labels" [B, M], "mask" [B, M].
+      shares: None, or this micro-batch's part of a global batch (`Criterion.normalisers`): "ce_weight" and
+        "num_matched" of the whole batch and "share" (this micro-batch's fraction of its images); both values are
+        then this micro-batch's shares, which add up over the micro-batches to the global batch's.
     Returns:
       (loss_ce, class_error) scalars.
     """
@@ -34,15 +37,18 @@ def _label_losses(pred_logits, indices, targets, *, num_classes, eos_coef):
 
     # Official: F.cross_entropy with class weights (1, ..., 1, eos_coef) is the weighted
     # mean sum(w * nll) / sum(w), so no-object queries count eos_coef times as much.
-    loss_ce = weighted_cross_entropy(pred_logits, target_classes, num_classes=num_classes, eos_coef=eos_coef)
+    loss_ce = weighted_cross_entropy(pred_logits, target_classes, num_classes=num_classes, eos_coef=eos_coef,
+                                     normaliser=None if shares is None else shares["ce_weight"])
 
     # Top-1 accuracy of matched queries; official `accuracy` gives 0 with no targets,
     # hence class_error 100.
     matched_logits = jnp.take_along_axis(
         pred_logits, jnp.maximum(indices, 0)[..., None], axis=1)  # [B, M, C+1]
     correct = (matched_logits.argmax(-1) == targets["labels"]) & matched
-    num_matched = matched.sum()
+    num_matched = matched.sum() if shares is None else shares["num_matched"]
     accuracy = jnp.where(num_matched > 0, 100.0 * correct.sum() / jnp.maximum(num_matched, 1), 0.0)
+    if shares is not None:
+        return loss_ce, 100.0 * shares["share"] - accuracy
     return loss_ce, 100.0 - accuracy
 
 
@@ -71,17 +77,19 @@ def _box_losses(pred_boxes, indices, targets, *, num_boxes, bbox_loss_type):
     return paired_box_losses(src_boxes, tgt_boxes, matched, num_boxes, bbox_loss_type)
 
 
-def weighted_cross_entropy(pred_logits, target_classes, *, num_classes, eos_coef, valid=None):
+def weighted_cross_entropy(pred_logits, target_classes, *, num_classes, eos_coef, valid=None, normaliser=None):
     """The official class-weighted CE: sum(w * nll) / sum(w), no-object (index num_classes) weighted eos_coef.
 
     pred_logits [..., C + 1], target_classes int [...]; `valid` bool [...] drops entries (weight 0).
+    `normaliser`: sum(w) of the whole global batch when this is one of its micro-batches (else this sum(w)).
     """
     log_prob = jax.nn.log_softmax(pred_logits, axis=-1)
     nll = -jnp.take_along_axis(log_prob, target_classes[..., None], axis=-1)[..., 0]
     weight = jnp.where(target_classes == num_classes, eos_coef, 1.0)
     if valid is not None:
         weight = weight * valid
-    return (weight * nll).sum() / jnp.maximum(weight.sum(), 1e-6)
+    total = weight.sum() if normaliser is None else normaliser
+    return (weight * nll).sum() / jnp.maximum(total, 1e-6)
 
 
 def paired_box_losses(src_boxes, tgt_boxes, valid, normaliser, bbox_loss_type):
@@ -99,7 +107,7 @@ def paired_box_losses(src_boxes, tgt_boxes, valid, normaliser, bbox_loss_type):
 
 
 def set_losses(outputs, targets, indices, *, num_classes, eos_coef, ce_loss_coef, bbox_loss_coef, giou_loss_coef,
-               bbox_loss_type="l1", num_boxes=None):
+               bbox_loss_type="l1", num_boxes=None, shares=None):
     """DETR's set losses for the last decoder layer and every auxiliary one, given the matching.
 
     Args:
@@ -116,6 +124,9 @@ def set_losses(outputs, targets, indices, *, num_classes, eos_coef, ce_loss_coef
       bbox_loss_type: "l1" (official) or "smooth_l1".
       num_boxes: box-loss normaliser. Default: real targets in this batch (min 1). Under data parallelism the
         global count, as the official all_reduce(num_boxes) / world_size with DDP's gradient averaging gives.
+      shares: None, or (gradient accumulation) the global batch's normalisers ("ce_weight", "num_matched",
+        "share": see `_label_losses`) when this is one micro-batch of it: every returned value is then this
+        micro-batch's share, and the micro-batches' shares add up to the global batch's values.
     Returns:
       dict of scalars: "loss" (weighted total over all layers), "loss_ce", "loss_bbox", "loss_giou",
       "cardinality_error", "class_error" for the last layer, and "loss_ce_i", "loss_bbox_i", "loss_giou_i",
@@ -135,13 +146,14 @@ def set_losses(outputs, targets, indices, *, num_classes, eos_coef, ce_loss_coef
     for layer in range(len(layers)):
         suffix = "" if layer == len(layers) - 1 else f"_{layer}"
         loss_ce, class_error = _label_losses(pred_logits[layer], indices[layer], targets,
-                                             num_classes=num_classes, eos_coef=eos_coef)
+                                             num_classes=num_classes, eos_coef=eos_coef, shares=shares)
         loss_bbox, loss_giou = _box_losses(pred_boxes[layer], indices[layer], targets,
                                            num_boxes=num_boxes, bbox_loss_type=bbox_loss_type)
         losses["loss_ce" + suffix] = loss_ce
         losses["loss_bbox" + suffix] = loss_bbox
         losses["loss_giou" + suffix] = loss_giou
-        losses["cardinality_error" + suffix] = _cardinality_error(pred_logits[layer], targets["mask"])
+        cardinality = _cardinality_error(pred_logits[layer], targets["mask"])  # a mean over images
+        losses["cardinality_error" + suffix] = cardinality if shares is None else cardinality * shares["share"]
         if not suffix:
             losses["class_error"] = class_error
         total = total + (ce_loss_coef * loss_ce + bbox_loss_coef * loss_bbox

@@ -25,7 +25,8 @@ from detr_jax.data.sources.synthetic_panoptic import SyntheticPanoptic
 from detr_jax.data.transforms import make_eval_transforms, make_train_transforms
 
 __all__ = ["AnnotationError", "CocoFolder", "CocoPanopticFolder", "build_data", "ImageReadError", "Loader",
-           "SyntheticDetection", "SyntheticPanoptic", "build_source", "check_source_kwargs", "collate", "fit_buckets",
+           "SyntheticDetection", "SyntheticPanoptic", "build_source", "check_source_kwargs", "collate", "data_buckets",
+           "fit_buckets",
            "make_eval_transforms", "make_train_transforms", "recipe_buckets", "simulate_output_sizes",
            "write_coco_folder"]
 
@@ -56,6 +57,16 @@ def check_labels_fit(source, num_classes: int, what: str) -> None:
     if ids is not None and len(ids) > num_classes:
         raise ValueError(f"{what} has labels up to {len(ids) - 1} (category id {ids[-1]}) but the model has "
                          f"{num_classes} classes: set config.model.num_classes to at least {len(ids)}")
+
+
+def data_buckets(config: ml_collections.ConfigDict, transforms, global_batch: int):
+    """The static padded shapes [(H, W), ...] of a split's batches: config.data.buckets, or with "recipe" those
+    fitted to the simulated output sizes of `transforms` (see data/batching.py); None: no buckets."""
+    d = config.data
+    if d.buckets != "recipe":
+        return d.buckets
+    return recipe_buckets(transforms, batch_size=global_batch, max_side=d.max_size, group_by_size=int(d.group_by_size),
+                          max_buckets=d.max_buckets)
 
 
 def build_data(config: ml_collections.ConfigDict, split: str, *, train: bool, process_index: int = 0,
@@ -93,10 +104,8 @@ def build_data(config: ml_collections.ConfigDict, split: str, *, train: bool, pr
     # Evaluation groups sizes too: its order does not matter, its padding does (COCO val at batch 64: ~4% padded
     # instead of ~45%, BENCHMARKS.md).
     group_by_size = int(d.group_by_size)
-    buckets = d.buckets
-    if buckets == "recipe":  # fitted to the simulated output sizes of this pipeline (see data/batching.py)
-        buckets = recipe_buckets(transforms, batch_size=global_batch, max_side=d.max_size, group_by_size=group_by_size,
-                                 max_buckets=d.max_buckets)
+    buckets = data_buckets(config, transforms, global_batch)
+    if d.buckets == "recipe":
         logger.info("%s buckets for the %s recipe: %s", len(buckets), split, buckets)
     return Loader(source, transforms, global_batch // process_count, seed=config.seed, max_objects=d.max_objects,
                   buckets=[tuple(b) for b in buckets] if buckets else None, shuffle=train,

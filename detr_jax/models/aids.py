@@ -41,16 +41,25 @@ class EncoderTokenHeads(nn.Module):
         d = memory.shape[-1]
         logits = Linear(self.num_classes + 1, dtype=self.dtype, name="class_embed")(memory).astype(jnp.float32)
         raw = MLP(d, 4, 3, self.dtype, name="bbox_embed")(memory).astype(jnp.float32)  # [B, S, 4]
-        real_h = mask.any(axis=2).sum(axis=1).astype(jnp.float32)  # [B] real rows of the feature map
-        real_w = mask.any(axis=1).sum(axis=1).astype(jnp.float32)
-        h, w = mask.shape[1:]
-        ys, xs = jnp.meshgrid(jnp.arange(h, dtype=jnp.float32) + 0.5, jnp.arange(w, dtype=jnp.float32) + 0.5,
-                              indexing="ij")
-        cell = jnp.stack([1.0 / jnp.maximum(real_w, 1.0), 1.0 / jnp.maximum(real_h, 1.0)], -1)[:, None]  # [B, 1, 2]
-        centres = jnp.stack([xs.reshape(-1), ys.reshape(-1)], -1)[None] * cell  # [B, S, 2]
+        token_mask, centres = token_grid(mask)
+        cell = 2.0 * centres[:, :1]  # [B, 1, 2]: the first token's centre is half a cell from the corner
         boxes = jnp.concatenate([centres + raw[..., :2] * cell, jax.nn.sigmoid(raw[..., 2:])], -1)
-        return {"pred_logits": logits, "pred_boxes": boxes, "token_mask": mask.reshape(mask.shape[0], -1),
-                "token_centres": centres}
+        return {"pred_logits": logits, "pred_boxes": boxes, "token_mask": token_mask, "token_centres": centres}
+
+
+def token_grid(mask):
+    """The tokens of a feature map's padding mask bool [B, h, w] (True on real positions): token_mask bool [B, S]
+    and token_centres [B, S, 2] (x, y of each cell's centre, normalised by the real feature-map size), S = h * w
+    row-major. A function of the mask alone, so gradient accumulation computes the dense losses' normalisers
+    from the batch before any forward pass."""
+    real_h = mask.any(axis=2).sum(axis=1).astype(jnp.float32)  # [B] real rows of the feature map
+    real_w = mask.any(axis=1).sum(axis=1).astype(jnp.float32)
+    h, w = mask.shape[1:]
+    ys, xs = jnp.meshgrid(jnp.arange(h, dtype=jnp.float32) + 0.5, jnp.arange(w, dtype=jnp.float32) + 0.5,
+                          indexing="ij")
+    cell = jnp.stack([1.0 / jnp.maximum(real_w, 1.0), 1.0 / jnp.maximum(real_h, 1.0)], -1)[:, None]  # [B, 1, 2]
+    centres = jnp.stack([xs.reshape(-1), ys.reshape(-1)], -1)[None] * cell  # [B, S, 2]
+    return mask.reshape(mask.shape[0], -1), centres
 
 
 def add_noise(key, labels, boxes, positive, *, num_classes: int, box_noise: float, label_noise: float):

@@ -203,6 +203,8 @@ class ResNet(nn.Module):
             (`MaskedBatchNorm`), both for training from scratch; their parameters keep the batch-norm names, e.g.
             "bn1/scale".
         return_stages: also return every stage's output (for `DETR.backbone_aux_stages`).
+        remat: recompute each residual block's activations in the backward pass instead of keeping them
+            (`jax.checkpoint`); the same outputs and gradients, less memory for one more forward of the backbone.
     """
     depth: int = 50
     dilation: bool = False
@@ -210,6 +212,7 @@ class ResNet(nn.Module):
     freeze_stem_and_layer1: bool = False
     norm: str = "frozen_bn"
     return_stages: bool = False
+    remat: bool = False
 
     @nn.compact
     def __call__(self, x, pixel_mask=None, train: bool = False):
@@ -218,6 +221,8 @@ class ResNet(nn.Module):
         norm = lambda name: _norm(self.norm, name, train)  # noqa: E731
         kind, stages = RESNET_SPECS[self.depth]  # config.check_config: a known depth, DC5 only with bottlenecks
         block_cls = BasicBlock if kind == "basic" else Bottleneck
+        if self.remat:  # `train` (argument 3, counting the module) decides the norm's mode: static
+            block_cls = nn.remat(block_cls, static_argnums=(3,))
         expansion = 1 if kind == "basic" else 4
 
         x = Conv2d(64, 7, 2, padding=3, use_bias=False, kernel_init=kaiming_normal_fan_out, dtype=self.dtype,

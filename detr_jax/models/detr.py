@@ -13,6 +13,9 @@ from detr_jax.models.position_encoding import LearnedPositionEncoding, sine_posi
 from detr_jax.models.transformer import Transformer
 
 POSITION_EMBEDDINGS = ("sine", "learned")
+# DETR.remat: which activations the backward pass recomputes instead of keeping (jax.checkpoint per residual block
+# of the backbone and per transformer layer); "none" is the plain program.
+REMAT_CHOICES = ("none", "backbone", "transformer", "full")
 
 
 class MLP(nn.Module):
@@ -48,6 +51,9 @@ class DETR(nn.Module):
             behaviour.
         backbone_norm, train_stem: the backbone's normalisation and whether its stem trains (`ResNet.norm`,
             `ResNet.freeze_stem_and_layer1`); the official values are "frozen_bn" and False.
+        remat: rematerialisation, one of REMAT_CHOICES: "backbone" recomputes each ResNet block's activations
+            in the backward pass, "transformer" each encoder and decoder layer's, "full" both; the outputs and
+            gradients are those of "none" (memory for compute: `experiments/plan.py` measures what it buys).
         dtype: compute dtype (bfloat16 for mixed precision); parameters and outputs stay float32.
 
     Training-only aids (query groups, token heads) are not here: `models/aids.py` composes them around it.
@@ -68,6 +74,7 @@ class DETR(nn.Module):
     padding_invariant: bool = False
     backbone_norm: str = "frozen_bn"
     train_stem: bool = False
+    remat: str = "none"
     dtype: Any = jnp.float32
 
     @property
@@ -111,7 +118,7 @@ class DETR(nn.Module):
             pixel_mask = jnp.ones(images.shape[:3], bool)
         features, stages = ResNet(self.backbone_depth, self.dilation, self.dtype,
                                   freeze_stem_and_layer1=not self.train_stem, norm=self.backbone_norm,
-                                  return_stages=True, name="backbone")(
+                                  return_stages=True, remat=self.remat in ("backbone", "full"), name="backbone")(
             images.astype(self.dtype), pixel_mask if self.padding_invariant else None, train)
         b, h, w, c = features.shape
         mask = downsample_mask(pixel_mask, (h, w))  # bool [B, h, w]
@@ -125,7 +132,8 @@ class DETR(nn.Module):
         if extra_queries is not None:
             query_embed = jnp.concatenate([query_embed[None], extra_queries])  # [G + 1, N, D]
         transformer = Transformer(self.num_heads, self.num_encoder_layers, self.num_decoder_layers,
-                                  self.dim_feedforward, self.dropout, self.pre_norm, self.dtype, name="transformer")
+                                  self.dim_feedforward, self.dropout, self.pre_norm, self.dtype,
+                                  remat=self.remat in ("transformer", "full"), name="transformer")
         pos = pos.astype(self.dtype)
         hs, attn, memory = transformer(src, mask, query_embed, pos, train, denoising)
 

@@ -209,6 +209,7 @@ class Transformer(nn.Module):
     pre_norm: bool = False
     dtype: jnp.dtype = jnp.float32
     attention_impl: str = "auto"  # see MultiheadAttention: "auto", "reference", "xla" or "cudnn"
+    remat: bool = False  # recompute each layer's activations in the backward pass (jax.checkpoint): less memory
 
     @nn.compact
     def __call__(self, src, mask, query_embed, pos, train: bool = False, denoising=None):
@@ -232,9 +233,13 @@ class Transformer(nn.Module):
         """
         b, h, w, d = src.shape
         src, pos, key_mask = src.reshape(b, h * w, d), pos.reshape(b, h * w, d), mask.reshape(b, h * w)
+        # `train` (argument 4 of an encoder layer, 6 of a decoder layer, counting the module) and the decoder's
+        # `groups` (7) are Python values: static under remat.
+        encoder_cls = nn.remat(EncoderLayer, static_argnums=(4,)) if self.remat else EncoderLayer
+        decoder_cls = nn.remat(DecoderLayer, static_argnums=(6, 7)) if self.remat else DecoderLayer
         memory = src
         for i in range(self.num_encoder_layers):
-            memory = EncoderLayer(self.num_heads, self.dim_feedforward, self.dropout, self.pre_norm, self.dtype,
+            memory = encoder_cls(self.num_heads, self.dim_feedforward, self.dropout, self.pre_norm, self.dtype,
                                   self.attention_impl, name=f"encoder_layers_{i}")(memory, pos, key_mask, train)
         if self.pre_norm:  # the official encoder has a final norm only in the pre-norm variant
             memory = _layer_norm("encoder_norm")(memory)
@@ -253,7 +258,7 @@ class Transformer(nn.Module):
         decoder_norm = _layer_norm("decoder_norm")
         hs, attn = [], []
         for i in range(self.num_decoder_layers):
-            layer = DecoderLayer(self.num_heads, self.dim_feedforward, self.dropout, self.pre_norm, self.dtype,
+            layer = decoder_cls(self.num_heads, self.dim_feedforward, self.dropout, self.pre_norm, self.dtype,
                                  self.attention_impl, name=f"decoder_layers_{i}")
             tgt, weights = layer(tgt, memory, pos, query_pos, key_mask, train, groups, dn_mask)
             hs.append(decoder_norm(tgt))

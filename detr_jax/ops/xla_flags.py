@@ -1,4 +1,5 @@
-"""Process settings that the entry points make before JAX starts: XLA flags and glibc malloc options.
+"""Process settings that the entry points make before JAX starts: XLA flags, glibc malloc options and, where libtpu
+is installed on a host without a TPU, the CPU platform.
 
 XLA flags: a flag already named in $XLA_FLAGS wins. Each backend reads only its own flags (`xla_cpu_*` on CPU,
 `xla_gpu_*` on GPU), so one list serves all.
@@ -6,6 +7,8 @@ This module does not import jax: entry points call `set_process_defaults()` befo
 """
 
 import ctypes
+import glob
+import importlib.util
 import logging
 import os
 import platform
@@ -75,7 +78,39 @@ def set_default_malloc_options(environ: Mapping[str, str] = os.environ) -> Optio
     return f"mmap_max=0 trim_threshold={MALLOC_TRIM_THRESHOLD}" if ok else None
 
 
+GOOGLE_PCI_VENDOR = "0x1ae0"  # TPU chips are PCI devices of Google's vendor id (as jax's hardware_utils reads them)
+GPU_PLUGINS = ("jax_cuda12_plugin", "jax_cuda13_plugin", "jax_rocm60_plugin", "jax_rocm7_plugin")
+
+
+def tpu_chips_attached(pci_root: str = "/sys/bus/pci/devices") -> bool:
+    """Whether any PCI device of this host is Google's (a TPU chip)."""
+    for path in glob.glob(os.path.join(pci_root, "*", "vendor")):
+        try:
+            with open(path) as f:
+                if f.read().strip() == GOOGLE_PCI_VENDOR:
+                    return True
+        except OSError:
+            continue
+    return False
+
+
+def set_default_platforms(environ: MutableMapping[str, str] = os.environ, pci_root: str = "/sys/bus/pci/devices",
+                          find_spec=importlib.util.find_spec) -> Optional[str]:
+    """JAX_PLATFORMS=cpu where libtpu is installed (the `tpu` extra, for experiments/plan.py) but no TPU chip and no
+    GPU plugin is: jax would otherwise start libtpu, which prints warnings about TPU_ACCELERATOR_TYPE and
+    TPU_WORKER_HOSTNAMES at every start, so that installing the extra would change what a CPU run shows. The
+    user's JAX_PLATFORMS wins. Returns what was set."""
+    if environ.get("JAX_PLATFORMS") or find_spec("libtpu") is None:
+        return None
+    if any(find_spec(plugin) is not None for plugin in GPU_PLUGINS) or tpu_chips_attached(pci_root):
+        return None
+    environ["JAX_PLATFORMS"] = "cpu"
+    return "cpu"
+
+
 def set_process_defaults(environ: MutableMapping[str, str] = os.environ) -> None:
-    """What every entry point does before jax is imported: `set_default_xla_flags` and `set_default_malloc_options`."""
+    """What every entry point does before jax is imported: `set_default_xla_flags`, `set_default_malloc_options` and
+    `set_default_platforms`."""
     set_default_xla_flags(environ)
     set_default_malloc_options(environ)
+    set_default_platforms(environ)

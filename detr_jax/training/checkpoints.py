@@ -25,8 +25,10 @@ def checkpoint_manager(workdir: str, config: ml_collections.ConfigDict) -> ocp.C
 
 def model_signature(config: ml_collections.ConfigDict) -> Dict[str, Any]:
     """What a checkpoint must agree on to be resumed: the model architecture, its training aids and whether it has
-    the panoptic mask head (all of them parameters)."""
-    return dict(json.loads(config.model.to_json()), training_aids=json.loads(config.training_aids.to_json()),
+    the panoptic mask head (all of them parameters). Not model.remat: it changes what the backward pass keeps, not
+    a parameter, so a run may resume with another (e.g. on a smaller slice)."""
+    model = {k: v for k, v in json.loads(config.model.to_json()).items() if k != "remat"}
+    return dict(model, training_aids=json.loads(config.training_aids.to_json()),
                 masks=bool(config.panoptic.enabled))
 
 

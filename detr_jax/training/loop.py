@@ -316,6 +316,12 @@ def check_batch_sizes(config: ml_collections.ConfigDict, num_devices: int) -> No
     """Every step's global batch is split evenly over the devices: refuse a batch size that is not a multiple of
     their number, in one line, before any work. Evaluation pads its last batch with padding examples to the full
     eval_batch_size, so eval_batch_size needs the same (when the run evaluates)."""
+    accum = config.grad_accum_steps
+    unit = num_devices * accum
+    if accum > 1 and config.batch_size % unit:
+        raise ValueError(f"config.batch_size={config.batch_size} must be a multiple of the {num_devices} devices x "
+                         f"grad_accum_steps={accum} (each micro-batch takes an equal share of every device's): use "
+                         f"e.g. --config.batch_size={max(1, config.batch_size // unit) * unit}")
     fields = ["batch_size"] + (["eval_batch_size"] if config.eval_every or config.eval_at_end else [])
     for field in fields:
         if config[field] % num_devices:

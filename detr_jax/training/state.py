@@ -74,8 +74,6 @@ def build_optimizer(config: ml_collections.ConfigDict, params, total_steps: int,
     tx = optax.chain(optax.masked(optax.set_to_zero(), jax.tree_util.tree_map(lambda group: group == "frozen", labels)),
                      optax.clip_by_global_norm(opt.grad_clip) if opt.grad_clip > 0 else optax.identity(),
                      optax.multi_transform(groups, labels))
-    if opt.grad_accum_steps > 1:
-        tx = optax.MultiSteps(tx, every_k_schedule=opt.grad_accum_steps)
     return tx, schedules
 
 
