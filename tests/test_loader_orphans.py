@@ -147,6 +147,6 @@ def test_killed_run_leaves_no_worker_process_and_no_shared_memory(tmp_path):
 def test_worker_whose_parent_is_already_gone_exits_at_once():
     """A worker whose parent died before its watch started (the pid it was given is not its parent's) ends at
     once rather than at its first poll."""
-    code = ("import os, time\nfrom detr_jax.data import loader\n"
-            "loader._exit_with_parent(os.getppid() + 1, poll_s=600)\ntime.sleep(600)\n")
+    code = ("import os, time\nfrom detr_jax.data import worker_processes\n"
+            "worker_processes._exit_with_parent(os.getppid() + 1, poll_s=600)\ntime.sleep(600)\n")
     assert subprocess.run([sys.executable, "-c", code], cwd=REPO, env=subprocess_env(), timeout=120).returncode == 1

@@ -270,3 +270,73 @@ def test_encoder_dense_losses_equal_the_per_token_reference():
     np.testing.assert_allclose([float(got[k]) for k in ("loss_ce_enc", "loss_bbox_enc", "loss_giou_enc")], ref,
                                rtol=1e-5)
     assert 0 < float(got["enc_positives"])
+
+
+# ---- rules that every fixture happens to satisfy (each test fails on a one-line bug the others pass) ----------
+def test_every_weight_comes_from_its_own_config_field(official):
+    """Criterion.from_config with every weight distinct (the shipped configs set ce_loss_coef = cost_class, bbox =
+    cost_bbox, giou = cost_giou): the total is the loss coefficients' sum of the official terms, the matcher has the
+    matching costs, and the mask weights are panoptic's."""
+    from detr_jax.config import base_config
+    from detr_jax.models import build_training_model
+
+    config = base_config()
+    config.loss.update(cost_class=1.5, cost_bbox=4.5, cost_giou=2.5, ce_loss_coef=3.0, bbox_loss_coef=6.0,
+                       giou_loss_coef=7.0)
+    config.panoptic.update(mask_loss_coef=8.0, dice_loss_coef=9.0)
+    criterion = Criterion.from_config(config, build_training_model(config))
+    assert criterion.matcher.costs == dict(cost_class=1.5, cost_bbox=4.5, cost_giou=2.5)
+    assert criterion.weights == dict(ce=3.0, bbox=6.0, giou=7.0, mask=8.0, dice=9.0)
+    outputs, targets, _ = official
+    _, terms = jax.jit(lambda o, t: criterion(o, t))(outputs, targets)
+    total = sum(coef * terms[f"loss_{term}{suffix}"] for term, coef in (("ce", 3.0), ("bbox", 6.0), ("giou", 7.0))
+                for suffix in ("", "_0", "_1"))
+    np.testing.assert_allclose(terms["loss"], total, rtol=1e-6)
+
+
+def test_the_mask_losses_use_the_main_layers_matching():
+    """A Criterion with a mask head, end to end, on a case where the auxiliary layer matches the two targets the
+    other way round: the mask losses are those of the main (last) layer's matching, as official."""
+    from detr_jax.criterion.mask_losses import mask_losses
+
+    rng = np.random.default_rng(0)
+    boxes = np.array([[[0.3, 0.3, 0.2, 0.2], [0.7, 0.7, 0.3, 0.3]]], np.float32)  # [1, 2, 4]
+    logits = np.full((1, 2, 3), -5.0, np.float32)
+    logits[0, 0, 0] = logits[0, 1, 1] = 5.0  # query i says the class of target i
+    main = {"pred_logits": logits, "pred_boxes": boxes}  # query i = target i
+    aux = {"pred_logits": logits[:, ::-1], "pred_boxes": boxes[:, ::-1]}  # query i = target 1 - i
+    batch = {"labels": np.array([[0, 1]], np.int32), "boxes": boxes, "mask": np.ones((1, 2), bool),
+             "target_masks": rng.random((1, 2, 16, 16)) < 0.5, "pixel_mask": np.ones((1, 16, 16), bool)}
+    pred_masks = rng.normal(size=(1, 2, 4, 4)).astype(np.float32)
+    outputs = dict(main, pred_masks=pred_masks, aux_outputs=[aux])
+    criterion = Criterion(2, HungarianMatcher(), eos_coef=0.1)
+    _, terms = jax.jit(lambda o, b: criterion(o, b))(outputs, batch)
+
+    def expected(indices):
+        return mask_losses(pred_masks, batch["target_masks"], batch["mask"], np.array([indices], np.int32), 2)
+
+    main_losses, aux_losses = expected([0, 1]), expected([1, 0])
+    assert abs(float(main_losses["loss_mask"]) - float(aux_losses["loss_mask"])) > 1e-3  # the case tells them apart
+    for k in ("loss_mask", "loss_dice"):
+        np.testing.assert_allclose(terms[k], main_losses[k], rtol=1e-6, err_msg=k)
+
+
+def test_a_token_inside_two_boxes_belongs_to_the_smaller():
+    """The dense losses' assignment: a token whose cell holds the centres of a large and a small object (of other
+    classes) is positive for the small one, whichever comes first in the targets."""
+    from detr_jax.criterion.dense_losses import assign_tokens, encoder_dense_losses
+    from detr_jax.models.aids import token_grid
+
+    token_mask, centres = token_grid(jnp.ones((1, 1, 1), bool))  # one token, centre (0.5, 0.5)
+    large, small = [0.5, 0.5, 0.8, 0.8], [0.5, 0.5, 0.2, 0.2]
+    for order in ((large, small), (small, large)):
+        boxes = jnp.asarray([order], jnp.float32)
+        targets = {"labels": jnp.asarray([[1, 2]] if order[0] == large else [[2, 1]]), "boxes": boxes,
+                   "mask": jnp.ones((1, 2), bool)}
+        owner, positive = assign_tokens(centres, token_mask, targets)
+        assert bool(positive[0, 0]) and int(owner[0, 0]) == order.index(small)
+        logits = jnp.asarray([[[-9.0, -9.0, 9.0, -9.0]]])  # says class 2, the small object's
+        dense = encoder_dense_losses({"pred_logits": logits, "pred_boxes": jnp.asarray([[small]], jnp.float32),
+                                      "token_mask": token_mask, "token_centres": centres}, targets, num_classes=3)
+        assert float(dense["loss_bbox_enc"]) == 0.0 and float(dense["loss_giou_enc"]) < 1e-6
+        assert float(dense["loss_ce_enc"]) < 1e-6

@@ -15,30 +15,22 @@ Workers: threads (`worker_type="thread"`, one example per job, GIL-bound beyond 
 (`worker_type="process"`, one whole batch per job, through grain's `mp_prefetch`: spawned workers, batches
 handed over in shared memory, round-robin so the order is the workers' order). Either way a batch is a pure
 function of (seed, epoch, position), so every worker type and count gives the same batches. A worker process ends
-by itself within `_PARENT_POLL_S` of the process that started it dying, SIGKILL included (`_exit_with_parent`).
-
-Longer than 400 lines: both worker types live in one Loader because they share the ordering, bucketing, state and
-counting code that the determinism above rests on.
+by itself within a poll of the process that started it dying, SIGKILL included. The worker-process plumbing
+(grain's `mp_prefetch`, shared memory, the parent watch) is `worker_processes.py`; the ordering, bucketing, state
+and counting that the determinism above rests on are here, the same for every worker type.
 """
 
-import atexit
 import collections
 import concurrent.futures
-import copy
-import functools
-import gc
 import logging
 import math
-import os
 import queue
 import threading
-import time
-import weakref
 from typing import Callable, Dict, Optional, Sequence, Tuple
 
 import numpy as np
 
-from detr_jax.data import batching
+from detr_jax.data import batching, worker_processes
 from detr_jax.data.transforms import Normalize
 
 logger = logging.getLogger(__name__)
@@ -47,7 +39,6 @@ logger = logging.getLogger(__name__)
 # SeedSequence pads short entropy with zeros, so [seed, epoch] and [seed, epoch, 0] would be the same stream.
 _ORDER, _GROUPING, _EXAMPLE = 1, 2, 3
 WORKER_TYPES = ("thread", "process")
-_PARENT_POLL_S = 0.5  # how often a worker process checks that the process that started it is still there
 
 
 class _Failure:
@@ -315,32 +306,8 @@ class Loader:
                     f.cancel()
 
     def _start_processes(self):
-        """grain: a map over global batch numbers (epoch * batches_per_epoch + position) from the current one,
-        each mapped to its batch by a worker process; `mp_prefetch` gives worker w the numbers w, w + k, ...
-        and yields them back in order."""
-        import cloudpickle  # pylint: disable=g-import-not-at-top  (grain's serializer, one of its dependencies)
-        import grain  # pylint: disable=g-import-not-at-top
-
-        _mark_absl_flags_parsed()  # grain reads its absl flags; outside app.run nobody parsed them
-        start = self._epoch * self.batches_per_epoch + self._position
-        stop = self.num_epochs * self.batches_per_epoch if self.num_epochs is not None else start + 2 ** 40
-        job = _BatchJob(self)
-        try:
-            cloudpickle.dumps(job)  # what grain sends to each worker; fail here with a readable line
-        except Exception as e:  # pylint: disable=broad-except
-            raise ValueError(f"worker_type='process' sends the source and transforms to worker processes, but "
-                             f"{type(self.source).__name__} does not pickle ({type(e).__name__}: {e}); make it "
-                             "picklable or use worker_type='thread'") from None
-        dataset = grain.MapDataset.range(start, stop).map(job)
-        # One batch at a time inside a worker: the parallelism is across workers.
-        dataset = dataset.to_iter_dataset(grain.ReadOptions(num_threads=1, prefetch_buffer_size=1))
-        dataset = dataset.mp_prefetch(grain.MultiprocessingOptions(num_workers=self.num_workers,
-                                                                   per_worker_buffer_size=self.prefetch),
-                                      worker_init_fn=functools.partial(_init_worker, os.getpid()))
-        self._grain_iter = iter(dataset)
-        _OPEN_PROCESS_LOADERS.add(self)  # closed at exit if nobody did: see `_close_open_loaders`
-        atexit.unregister(_close_open_loaders)  # atexit runs the last registered first: before grain's own
-        atexit.register(_close_open_loaders)
+        """Worker processes (grain), from the current batch on: `worker_processes.start`."""
+        self._grain_iter = worker_processes.start(self, self._epoch * self.batches_per_epoch + self._position)
 
     def _stop_producer(self):
         if self._thread is not None:
@@ -352,8 +319,8 @@ class Loader:
             if close is not None:
                 close()
             self._grain_iter = None
-            _release_shared_memory()
-        _OPEN_PROCESS_LOADERS.discard(self)
+            worker_processes.release_shared_memory()
+        worker_processes.forget(self)
 
     def __getstate__(self):
         """What a worker process needs to make batches: no threads, queues or iterators."""
@@ -389,94 +356,3 @@ class Loader:
                 self._grain_iter.close()
         except Exception:  # interpreter shutdown
             pass
-
-
-_OPEN_PROCESS_LOADERS = weakref.WeakSet()  # loaders whose grain worker processes are running
-
-
-def _release_shared_memory() -> None:
-    """Unlink the shared-memory blocks of a closed grain pipeline now, not at interpreter exit.
-
-    Batches the workers had handed over but nobody took (prefetched) are unlinked when grain's arrays over them
-    are deleted, by a one-thread pool (`SharedMemoryArray.enable_async_del`). Collect them and wait for that
-    pool: a run that then exits leaves nothing in /dev/shm and no "N leaked shared_memory objects" warning."""
-    gc.collect()
-    try:
-        from grain._src.python.ipc.shared_memory_array import SharedMemoryArray  # pylint: disable=g-import-not-at-top
-    except ImportError:
-        return
-    pool = getattr(SharedMemoryArray, "_del_thread_pool", None)
-    if pool is not None:
-        try:
-            pool.apply(int)  # one worker thread, requests in order: when this one ran, every earlier one had
-        except Exception:  # pylint: disable=broad-except  (a pool already shut down at exit: nothing to wait for)
-            pass
-
-
-def _close_open_loaders() -> None:
-    """Close the process loaders still open at exit, before the interpreter tears down grain's modules (their
-    `__del__` then fails half-way and leaves the prefetched batches' shared memory behind)."""
-    for loader in list(_OPEN_PROCESS_LOADERS):
-        try:
-            loader.close()
-        except Exception:  # pylint: disable=broad-except
-            logging.getLogger(__name__).warning("could not close a data loader at exit", exc_info=True)
-
-
-class _BatchJob:
-    """In a worker process: global batch number -> ((epoch, position), batch, counters counted making it)."""
-
-    def __init__(self, loader: Loader):
-        self.loader = copy.copy(loader)  # pickled without threads (Loader.__getstate__)
-
-    def __call__(self, number: int):
-        loader = self.loader
-        epoch, position = divmod(int(number), loader.batches_per_epoch)
-        before = loader._own_counters()  # pylint: disable=protected-access
-        batch = loader.make_batch(epoch, position)
-        after = loader._own_counters()  # pylint: disable=protected-access
-        counters = {k: int(v) - int(before.get(k, 0)) for k, v in after.items() if v != before.get(k, 0)}
-        return (epoch, position), batch, counters
-
-
-def _init_worker(parent_pid: int, worker_index: int, worker_count: int) -> None:
-    """Spawned grain workers: end with `parent_pid`; absl flags parsed (libraries read them outside app.run);
-    quiet TensorFlow."""
-    del worker_index, worker_count
-    _exit_with_parent(parent_pid)
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-    _mark_absl_flags_parsed()
-
-
-def _exit_with_parent(parent_pid: int, poll_s: float = _PARENT_POLL_S) -> None:
-    """Ends this worker process within `poll_s` of its parent's end, however the parent ends.
-
-    grain stops its workers only from the parent (`close()`, or a finalizer at a normal exit). A parent killed
-    with SIGKILL (or by the out-of-memory killer) runs neither: its workers, re-parented to init, fill their
-    buffers and then wait on them forever (~260 MB each), and keep the multiprocessing resource tracker alive
-    with them, so the shared-memory blocks and semaphores it would release stay in /dev/shm too. Once the
-    workers are gone the tracker sees its pipe close, releases what the run left in /dev/shm and exits. (A kill
-    of the whole process group takes the tracker along: the blocks in flight then stay in /dev/shm.)
-
-    A daemon thread compares `os.getppid()` with `parent_pid` every `poll_s` seconds: a parent that has died
-    has re-parented this process, whatever killed it. Its first check runs at once, so a parent that died
-    before the worker got here is noticed too. `prctl(PR_SET_PDEATHSIG)` would not do: the signal follows the
-    thread that started the process, not the process, and grain starts its workers from one of its prefetch
-    threads. No per-batch cost: the thread sleeps in between.
-
-    Args:
-      parent_pid: the pid of the process that started this worker (taken there, before the start).
-      poll_s: seconds between two checks.
-    """
-    def watch():
-        while os.getppid() == parent_pid:
-            time.sleep(poll_s)
-        os._exit(1)  # pylint: disable=protected-access  (no clean-up left to do: nobody reads this worker's queue)
-
-    threading.Thread(target=watch, name="detr_loader_exit_with_parent", daemon=True).start()
-
-
-def _mark_absl_flags_parsed() -> None:
-    from absl import flags  # pylint: disable=g-import-not-at-top
-    if not flags.FLAGS.is_parsed():
-        flags.FLAGS.mark_as_parsed()
