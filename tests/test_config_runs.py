@@ -140,8 +140,8 @@ def config_runs(request, tmp_path_factory, coco_like_dir, coco_panoptic_like_dir
                                       *SMALL_IMAGES, *tfds, env=env),
         "coco_r50_dc5": lambda: TrainRun(f"{CONFIGS}/coco_r50_dc5.py", workdir("dc5"), *SHORT_RUN, *TINY_MODEL,
                                          *SMALL_IMAGES, *tfds, env=env),
-        "finetune_coco_folder": lambda: TrainRun(
-            f"{CONFIGS}/finetune_coco_folder.py", workdir("finetune"), *SHORT_RUN, *SMALL_IMAGES,
+        "finetune_coco_folder": lambda: TrainRun(  # the README's CPU-sized variant, at its own image sizes
+            f"{CONFIGS}/finetune_coco_folder.py:cpu", workdir("finetune"), *SHORT_RUN, "--config.data.max_buckets=1",
             *_finetune_folder(str(workdir("finetune_data")), fixtures_dir)),
         "default": lambda: TrainRun(f"{CONFIGS}/default.py", workdir("default"), *SHORT_RUN,
                                     "--config.data.val_kwargs.num_examples=8"),

@@ -171,3 +171,26 @@ def test_a_program_the_tpu_compiler_refuses_does_not_fit_and_reports_what_it_nee
 
     with pytest.raises(jax.errors.JaxRuntimeError, match="something else"):
         plan._compile(Broken())
+
+
+# ---- the same check for a CPU run, against this machine's memory ---------------------------------------------
+def test_host_memory_check_refuses_above_the_memory_and_allows_it_exactly():
+    from detr_jax.training.plan import check_host_memory
+
+    check_host_memory(2 ** 30, 2 ** 30, (1344, 1344), 8)  # a peak equal to the memory fits
+    with pytest.raises(ValueError, match=r"^the train step at the largest bucket \(1344x1344, batch 8\) needs 1\.0 "
+                                         r"GiB of memory but this machine has 1\.0 GiB available: .*"
+                                         r"--config.model.remat=full"):
+        check_host_memory(2 ** 30 + 1, 2 ** 30, (1344, 1344), 8)
+
+
+def test_a_cpu_run_that_would_not_fit_in_memory_stops_before_training_in_one_line(tmp_path):
+    """The fine-tune that a 24 GB machine killed mid-compile: now refused at start, naming the bucket and what
+    would fit ($DETR_JAX_HOST_MEMORY_GIB stands in for a small machine)."""
+    from tests.helpers import TrainRun
+
+    run = TrainRun(TINY_CONFIG, tmp_path / "run", "--config.num_steps=2", env={"DETR_JAX_HOST_MEMORY_GIB": "0.01"})
+    assert run.wait() == [1]
+    errors = [line for line in run.stderr().splitlines() if line.startswith("E") and "] " in line]
+    assert len(errors) == 1 and "the train step at the largest bucket (64x64, batch 8) needs" in errors[0], errors
+    assert "0.0 GiB available" in errors[0] and not os.path.exists(tmp_path / "run" / "metrics.jsonl")

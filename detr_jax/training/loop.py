@@ -27,6 +27,13 @@ from detr_jax.evaluation import build_evaluator
 from detr_jax.models import build_training_model
 from detr_jax.ops import sharding
 from detr_jax.training.checkpoints import checkpoint_manager, restore_checkpoint, save_checkpoint
+from detr_jax.training.plan import (
+    abstract_batch,
+    check_host_memory,
+    compiled_peak_bytes,
+    host_memory_bytes,
+    largest_bucket,
+)
 from detr_jax.training.state import create_train_state, learning_rate_schedule
 from detr_jax.training.step import make_train_step
 from detr_jax.training.workdir import (
@@ -132,10 +139,28 @@ class _Run:
             self._close_early()
             raise
         self.train_step = make_train_step(self.model, self.tx, config, self.mesh)
+        try:
+            self.compiled_steps = self._check_host_memory()
+        except ValueError:
+            self._close_early()
+            raise
         self.metric_logger = MetricLogger(workdir, self.total_steps, self.is_main, resume_step=self.start_step)
         self.evaluator = None
         if config.eval_every or config.eval_at_end:  # the detector without the aids, which are training-only
             self.evaluator = build_evaluator(config, self.model.model, self.mesh)
+
+    def _check_host_memory(self) -> Dict:
+        """On CPUs: compile the train step for the largest bucket now and refuse, in one line, a run that would not
+        fit in this machine's memory (`plan.check_host_memory`). Returns {shape: the compiled step}, which the
+        steps of that shape then run, so the check compiles nothing twice."""
+        if jax.devices()[0].platform != "cpu":
+            return {}
+        bucket = largest_bucket(self.config, train=True)
+        batch = abstract_batch(self.config, self.config.batch_size, bucket)
+        compiled = self.train_step.lower(self.state, batch).compile()
+        check_host_memory(compiled_peak_bytes(compiled) * jax.local_device_count(), host_memory_bytes(), bucket,
+                          self.config.batch_size)
+        return {tuple(bucket): compiled}
 
     def _resume(self) -> bool:
         """Restore the latest checkpoint (state and loader position); False when the run is complete already."""
@@ -235,7 +260,8 @@ class _Run:
                 logger.info("compiling the train step for image shape %s (%d shapes so far)", shape, len(seen_shapes))
             self._window["real_pixels"] += int(np.prod(local["size"], axis=1, dtype=np.int64).sum())
             self._window["all_pixels"] += int(np.prod(local["images"].shape[:3], dtype=np.int64))
-            self.state, metrics = self.train_step(self.state, sharding.global_batch(local, self.mesh))
+            step_fn = self.compiled_steps.get(tuple(shape), self.train_step)
+            self.state, metrics = step_fn(self.state, sharding.global_batch(local, self.mesh))
             self.step += 1
             self._window["images"] += self.config.batch_size
             self._periodic(metrics, t_start)

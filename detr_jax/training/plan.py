@@ -127,7 +127,7 @@ def abstract_batch(config: ml_collections.ConfigDict, batch_size: int, bucket: T
     return {k: jax.ShapeDtypeStruct((batch_size,) + v.shape[1:], v.dtype) for k, v in one.items()}
 
 
-def _memory(compiled) -> int:
+def compiled_peak_bytes(compiled) -> int:
     """Peak bytes one device holds while running `compiled`: arguments + outputs - aliased (donated) + temporaries."""
     m = compiled.memory_analysis()
     return int(m.argument_size_in_bytes + m.output_size_in_bytes - m.alias_size_in_bytes + m.temp_size_in_bytes)
@@ -152,7 +152,7 @@ def _compile(lowered) -> Dict:
         need = float(found.group(1)) * _UNITS[found.group(2)]
         return {"peak_bytes": int(need), "flops": None, "compile_s": time.time() - start,
                 "out_of_memory": str(e).strip().splitlines()[0]}
-    return {"peak_bytes": _memory(compiled), "flops": _flops(compiled), "compile_s": time.time() - start,
+    return {"peak_bytes": compiled_peak_bytes(compiled), "flops": _flops(compiled), "compile_s": time.time() - start,
             "out_of_memory": None}
 
 
@@ -206,6 +206,31 @@ def compile_eval_step(config: ml_collections.ConfigDict, mesh: Mesh, global_batc
     batch = abstract_batch(config, global_batch, bucket)
     step = jax.jit(forward, in_shardings=(repl, sharded, sharded), out_shardings=sharded)
     return _compile(step.lower(variables, batch["images"], batch["pixel_mask"]))
+
+
+HOST_MEMORY_ENV = "DETR_JAX_HOST_MEMORY_GIB"  # plan a CPU run for a machine with this much memory instead
+
+
+def host_memory_bytes() -> int:
+    """The memory a CPU run may use: $DETR_JAX_HOST_MEMORY_GIB, else the kernel's MemAvailable (free memory plus
+    what the page cache can give back)."""
+    if os.environ.get(HOST_MEMORY_ENV):
+        return int(float(os.environ[HOST_MEMORY_ENV]) * GIB)
+    with open("/proc/meminfo") as f:
+        fields = dict(line.split(":", 1) for line in f)
+    return int(fields["MemAvailable"].split()[0]) * 1024
+
+
+def check_host_memory(peak_bytes: int, available_bytes: int, bucket: Tuple[int, int], batch_size: int) -> None:
+    """Refuse, before training, a CPU run whose train step at its largest bucket needs more memory than the machine
+    has (it would be killed mid-run, at the first batch of that bucket); a peak equal to the memory is allowed."""
+    if peak_bytes > available_bytes:
+        raise ValueError(
+            f"the train step at the largest bucket ({bucket[0]}x{bucket[1]}, batch {batch_size}) needs "
+            f"{peak_bytes / GIB:.1f} GiB of memory but this machine has {available_bytes / GIB:.1f} GiB available: "
+            "the run would be killed when that bucket comes. Fit it with smaller images (--config.data.max_size, "
+            "--config.data.train_scales and --config.data.eval_size), a smaller --config.batch_size, "
+            "--config.grad_accum_steps=K or --config.model.remat=full (experiments/plan.py measures a config)")
 
 
 def _per_chip(flops: Optional[float], devices_per_chip: int) -> Optional[float]:

@@ -8,13 +8,16 @@
 
 Everything but the class head is loaded from the checkpoint; the class head (num_classes + 1 outputs) is
 re-initialised. Category ids of the folder may be sparse: they are mapped to 0..num_classes-1.
+
+`finetune_coco_folder.py:cpu` is the same fine-tune at 96-128 px, for a laptop or a CPU machine: the COCO sizes
+(buckets up to 1344x1344 at batch 8) need more memory than a 24 GB machine has, which a CPU run checks at start.
 """
 
 from experiments.configs import coco_r50
 
 
 def get_config(arg: str = ""):
-    config = coco_r50.get_config(arg)
+    config = coco_r50.get_config()
     config.num_epochs = 50
     config.batch_size = 8
     config.eval_batch_size = 8
@@ -31,4 +34,9 @@ def get_config(arg: str = ""):
     config.optimizer.lr_drop_epochs = 40
     config.init.detr_checkpoint = ""  # e.g. detr-r50-e632da11.pth
     config.init.reinit_class_head = True
+    if arg == "cpu":
+        config.data.update(train_scales=(96, 112, 128), max_size=128, crop_resize_scales=(96,), crop_size=(64, 96),
+                           eval_size=128, num_workers=2)
+    elif arg:
+        raise ValueError(f"unknown config argument {arg!r} for finetune_coco_folder.py: use ':cpu' or nothing")
     return config
