@@ -58,11 +58,21 @@ def _argument_naming(argv: List[str], key: str) -> str:
     return (named or overrides or ["--config"])[0]
 
 
+def _config_file_argument(argv: List[str]):
+    """The --config file as given: `--config=FILE` or `--config FILE` (either with its `:arg`), else None."""
+    for i, arg in enumerate(argv):
+        if arg.startswith("--config="):
+            return arg.split("=", 1)[1]
+        if arg == "--config" and i + 1 < len(argv):
+            return argv[i + 1]
+    return None
+
+
 def describe(error: BaseException, argv: List[str]) -> str:
     """One line for a flag-parsing error."""
     root = _root(error)
     message = " ".join(str(root).split())
-    config_file = next((a.split("=", 1)[1] for a in argv if a.startswith("--config=")), None)
+    config_file = _config_file_argument(argv)
     if isinstance(root, OSError) and "config" in str(error).lower():
         detail = str(root).strip().splitlines()[-1].strip()
         return f"cannot load the config file {config_file}: {detail}"

@@ -1,4 +1,4 @@
-"""Export a detector for deployment: `python experiments/export.py --checkpoint CKPT --size HxW --out DIR`.
+"""Export a detector for deployment: `python experiments/export.py --checkpoint CKPT [--size HxW] --out DIR`.
 
 CKPT is an official DETR .pth (e.g. detr-r50-e632da11.pth) or a detr_jax training work directory. Writes
 DIR/model.onnx (--format onnx, the default; needs `pip install -e .[export]`) or DIR/model.stablehlo
@@ -8,7 +8,11 @@ ImageNet mean/std, the eval resize, the padding rule and the class names.
 The model takes `images` float32 [B, H, W, 3] (normalised, zero-padded bottom/right to HxW) and `pixel_mask`
 bool [B, H, W] (True on real pixels) and returns `pred_logits` [B, N, C + 1] and `pred_boxes` [B, N, 4] (cxcywh,
 normalised by each unpadded image). --batch_size 0 (the default for ONNX) gives a symbolic batch dimension "B";
-H and W are fixed (export one file per padding size). --verify runs the ONNX file in onnxruntime beside the
+H and W are fixed (export one file per padding size); without --size, the square that holds every image of the
+eval resize (a work directory's config.data.max_size, 1333 for an official .pth, rounded up to 32). By default the
+exported model is the Predictor's (padding-invariant: each image's detections as `experiments/predict.py` gives
+them, whatever the padding); --nopadding_invariant exports the official DETR's behaviour on a padded batch, where
+the padding of a non-square image changes its outputs a little. --verify runs the ONNX file in onnxruntime beside the
 JAX model on a random padded batch and prints the largest differences. Panoptic checkpoints are refused.
 """
 
@@ -31,10 +35,11 @@ _OUT = flags.DEFINE_string("out", "export", "Output folder.")
 _BATCH_SIZE = flags.DEFINE_integer("batch_size", 0, "Images per call; 0: any (a symbolic batch dimension, ONNX "
                                    "only).", lower_bound=0)
 _SIZE = flags.DEFINE_string("size", None, "HxW of the padded input, e.g. 800x1216: every resized image must fit "
-                            "(the official resize gives shorter side 800, longer at most 1333).", required=True)
+                            "(the official resize gives shorter side 800, longer at most 1333). Default: the square "
+                            "of the eval resize's max_size, rounded up to 32.")
 _PADDING_INVARIANT = flags.DEFINE_bool(
-    "padding_invariant", False, "Export the padding-invariant model (the Predictor's: each image's result as if it "
-    "were alone) instead of the official one (equal to the official DETR on a padded batch).")
+    "padding_invariant", True, "Export the padding-invariant model (the Predictor's: each image's detections as "
+    "predict.py gives them); --nopadding_invariant: the official one (equal to the official DETR on a padded batch).")
 _DILATION = flags.DEFINE_bool("dilation", False, "The official checkpoint is a DC5 model.")
 _NUM_HEADS = flags.DEFINE_integer("num_heads", 8, "Attention heads of an official checkpoint (not in its weights).")
 _VERIFY = flags.DEFINE_bool("verify", True, "Compare onnxruntime with the JAX model on a random padded batch.")
@@ -74,8 +79,8 @@ def verify(path, model, variables, batch_size, image_hw, padding_invariant):
 def main(argv):
     del argv
     quiet_logs()
-    try:
-        image_hw = parse_size(_SIZE.value)  # before jax is imported: a bad flag is refused at once
+    try:  # before jax is imported: a bad flag is refused at once
+        image_hw = parse_size(_SIZE.value) if _SIZE.value is not None else None
     except ValueError as e:
         sys.exit(f"error: {e}")
     from detr_jax.export import export_model, load_for_export
@@ -84,11 +89,19 @@ def main(argv):
     try:
         model, variables, info = load_for_export(_CHECKPOINT.value, dilation=_DILATION.value,
                                                  num_heads=_NUM_HEADS.value)
+        if image_hw is None:
+            side = -(-int(info["max_size"]) // 32) * 32
+            image_hw = (side, side)
+            print(f"--size not given: {side}x{side}, which holds every image of the eval resize (shorter side "
+                  f"{info['size']}, longer at most {info['max_size']})")
         meta = export_model(model, variables, info, _OUT.value, _FORMAT.value, batch_size, image_hw,
                             _PADDING_INVARIANT.value)
     except (FileNotFoundError, ValueError, ImportError) as e:  # a panoptic checkpoint: a ValueError saying why
         sys.exit(f"error: {e}")
     path = os.path.join(_OUT.value, meta["file"])
+    print("exported the padding-invariant model: each image's detections are predict.py's" if _PADDING_INVARIANT.value
+          else "exported the official model: on a padded batch its outputs are the official DETR's, and the padding "
+          "of a non-square image changes them a little (predict.py's are padding-invariant)")
     print(f"wrote {path} and manifest.json: "
           f"{json.dumps({io['name']: io['shape'] for io in meta['inputs'] + meta['outputs']})}")
     if _VERIFY.value and _FORMAT.value == "onnx":

@@ -198,6 +198,18 @@ def test_export_command(tmp_path):
     diff_logits, diff_boxes = (float(part.split()[-1]) for part in line.split(":")[-1].split(","))
     assert diff_logits <= 1e-4 and diff_boxes <= 1e-5, line
 
+    assert meta["padding_invariant"] is True  # the default: the Predictor's model, export = predict
+    assert "exported the padding-invariant model: each image's detections are predict.py's" in proc.stdout
+
+    proc = subprocess.run(command + [f"--out={tmp_path / 'default_size'}", "--noverify", "--nopadding_invariant"],
+                          capture_output=True, text=True, env=env, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "--size not given: 64x64, which holds every image of the eval resize (shorter side 64, longer at most " \
+           "64)" in proc.stdout and "exported the official model" in proc.stdout
+    with open(tmp_path / "default_size" / "manifest.json") as f:
+        meta = json.load(f)
+    assert meta["inputs"][0]["shape"] == ["B", 64, 64, 3] and meta["padding_invariant"] is False
+
     proc = subprocess.run(command + ["--size=31x64"], capture_output=True, text=True, env=env, timeout=120)
     assert proc.returncode == 1
     assert proc.stderr.strip().splitlines() == ["error: --size 31x64: H and W must be at least 32 (the backbone's "

@@ -126,6 +126,7 @@ def test_work_directory_describes_itself(tmp_path):
     (["--config.foo=1"], "error: --config.foo=1: the config has no field 'foo'"),
     (["--config.model.fo.bar=2"], "error: --config.model.fo.bar=2: the config has no field 'fo'"),
     (["--config=nope.py"], "error: cannot load the config file nope.py: [Errno 2] No such file"),
+    (["--config", "nope.py"], "error: cannot load the config file nope.py: [Errno 2] No such file"),
     (["--config.num_steps=abc"], "error: --config.num_steps=abc: invalid literal for int()"),
     (["--config.model.num_classes=-1"], "config.model.num_classes must be > 0, got -1"),
     (["--heartbeat_timeout_s=0"], "error: flag --heartbeat_timeout_s=0: 0 is not a positive integer"),
