@@ -206,3 +206,21 @@ def test_multi_process_launchers_are_detected(monkeypatch):
     assert calls == []
     sharding.maybe_initialize_distributed(multihost=True)
     assert len(calls) == 1
+
+
+def test_fine_tuning_from_a_work_directory_takes_its_architecture(tmp_path):
+    """init.detr_checkpoint=<work directory> with a config that asks for another model (the README's fine-tune
+    command on a default-run work directory): the model takes the checkpoint's architecture, and the log says what
+    the checkpoint holds and what the config asked for, in words, instead of a list of mismatched arrays."""
+    first = TrainRun(TINY_CONFIG, tmp_path / "first", "--config.num_steps=1", name="first").wait_ok()
+    second = TrainRun(TINY_CONFIG, tmp_path / "second", "--config.num_steps=1", "--config.model.hidden_dim=64",
+                      "--config.model.num_queries=10", "--config.model.backbone_depth=34",
+                      f"--config.init.detr_checkpoint={first.workdir}", "--config.init.reinit_class_head=True",
+                      name="second").wait_ok()
+    assert (f"init.detr_checkpoint {first.workdir} holds a ResNet-18 DETR with hidden 32, 6 queries, 1 + 2 layers "
+            "and 5 classes; the config asked for a ResNet-34 DETR with hidden 64, 10 queries, 1 + 2 layers and 5 "
+            "classes: the model takes the checkpoint's architecture (backbone_depth 34 -> 18, hidden_dim 64 -> 32, "
+            "num_queries 10 -> 6)") in " ".join(second.stderr().split()), second.stderr()[-3000:]
+    with open(tmp_path / "second" / "config.json") as f:
+        model = json.load(f)["model"]
+    assert (model["backbone_depth"], model["hidden_dim"], model["num_queries"]) == (18, 32, 6)

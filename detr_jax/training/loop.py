@@ -44,7 +44,12 @@ from detr_jax.training.workdir import (
     progress_line,
     workdir_lock,
 )
-from detr_jax.weights.workdir import detector_variables, load_workdir_checkpoint
+from detr_jax.weights.workdir import (
+    adopt_checkpoint_architecture,
+    describe_detector,
+    detector_variables,
+    load_workdir_checkpoint,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -112,6 +117,16 @@ class _Run:
         self.mesh = sharding.make_mesh()
         self.is_main = jax.process_index() == 0
         check_batch_sizes(config, jax.device_count())
+        pretrained = None  # init.detr_checkpoint may name a detr_jax work directory (the panoptic recipe's box model)
+        if config.init.detr_checkpoint and os.path.isdir(config.init.detr_checkpoint):
+            pretrained_config, _, pretrained = load_workdir_checkpoint(config.init.detr_checkpoint)
+            asked = describe_detector(config.model)
+            changes = adopt_checkpoint_architecture(config, pretrained_config)
+            if changes:
+                check_config(config)
+                logger.warning("init.detr_checkpoint %s holds %s; the config asked for %s: the model takes the "
+                               "checkpoint's architecture (%s)", config.init.detr_checkpoint,
+                               describe_detector(config.model), asked, ", ".join(changes))
         self.loader = build_data(config, "train", train=True, process_index=jax.process_index(),
                                  process_count=jax.process_count())
         self.model = build_training_model(config)
@@ -123,9 +138,6 @@ class _Run:
         except ValueError:
             self.loader.close()
             raise
-        pretrained = None  # init.detr_checkpoint may name a detr_jax work directory (the panoptic recipe's box model)
-        if config.init.detr_checkpoint and os.path.isdir(config.init.detr_checkpoint):
-            _, _, pretrained = load_workdir_checkpoint(config.init.detr_checkpoint)
         state, self.tx, self.schedules = create_train_state(config, self.model, self.total_steps,
                                                             self.steps_per_epoch, pretrained_detector=pretrained)
         self.state = jax.device_put(state, sharding.replicated(self.mesh))

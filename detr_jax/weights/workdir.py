@@ -3,7 +3,7 @@ for evaluation, inference, export and the panoptic recipe's second stage."""
 
 import json
 import os
-from typing import Dict, Optional
+from typing import Dict, List, Optional
 
 import ml_collections
 import orbax.checkpoint as ocp
@@ -36,3 +36,32 @@ def load_workdir_checkpoint(workdir: str, step: Optional[int] = None):
         raise ValueError(f"{workdir} was written by an older detr_jax (before the detector's parameters moved under "
                          "'model'); train it again, or evaluate it with that version")
     return config, build_inference_model(config), detector_variables(state["params"], state["frozen"])
+
+
+# The config.model fields that make a detector's parameters (or what they mean): what fine-tuning from a work
+# directory takes from it (`adopt_checkpoint_architecture`).
+ARCHITECTURE_FIELDS = ("backbone_depth", "dilation", "hidden_dim", "num_heads", "num_encoder_layers",
+                       "num_decoder_layers", "dim_feedforward", "num_queries", "pre_norm", "position_embedding",
+                       "backbone_norm")
+
+
+def describe_detector(model: ml_collections.ConfigDict) -> str:
+    """A config.model in words: "a ResNet-18 DETR with hidden 128, 20 queries, 2 + 2 layers and 5 classes"."""
+    return (f"a ResNet-{model.backbone_depth}{'-DC5' if model.dilation else ''} DETR with hidden {model.hidden_dim}, "
+            f"{model.num_queries} queries, {model.num_encoder_layers} + {model.num_decoder_layers} layers and "
+            f"{model.num_classes} classes")
+
+
+def adopt_checkpoint_architecture(config: ml_collections.ConfigDict,
+                                  checkpoint_config: ml_collections.ConfigDict) -> List[str]:
+    """Fine-tuning from a work directory: set config.model's architecture (and num_classes, unless the class head is
+    re-initialised) to the checkpoint's, in place, since its weights fit no other. Returns the changes, as
+    "hidden_dim 256 -> 128"."""
+    fields = ARCHITECTURE_FIELDS + (() if config.init.reinit_class_head else ("num_classes",))
+    changes = []
+    for field in fields:
+        theirs = checkpoint_config.model.get(field, config.model[field])
+        if theirs != config.model[field]:
+            changes.append(f"{field} {config.model[field]!r} -> {theirs!r}")
+            config.model[field] = theirs
+    return changes
