@@ -5,7 +5,9 @@ tens of lines of chained tracebacks. `parse_flags` (given to `app.run(main, flag
 them into one line naming the argument; DETR_JAX_TRACEBACK=1 shows the traceback instead. No jax import here.
 """
 
+import difflib
 import os
+import re
 import sys
 from typing import List
 
@@ -78,13 +80,34 @@ def describe(error: BaseException, argv: List[str]) -> str:
         return f"cannot load the config file {config_file}: {detail}"
     if isinstance(root, (AttributeError, KeyError)):
         key = message.strip("'\"")
-        return f"{_argument_naming(argv, key)}: the config has no field {key!r} (see the config file for its fields)"
+        argument = _argument_naming(argv, key)
+        return (f"{argument}: the config has no field {key!r}{_did_you_mean(argument, key)} (see the config file for "
+                "its fields)")
     # A value that does not parse: name the argument whose value the message quotes.
     quoted = [a for a in argv if a.startswith("--config.") and "=" in a and a.split("=", 1)[1] in message]
     where = quoted[0] if quoted else _argument_naming(argv, "")
     if isinstance(error, flags.Error) and not quoted:  # another flag: absl's own line names it
         return " ".join(str(error).split())
+    number = re.match(r"(?:invalid literal for|could not convert string to) (int|float)", message)
+    if number and quoted:  # Python's own words for a value that is no number
+        kind = {"int": "an integer", "float": "a number"}[number.group(1)]
+        return f"{where}: the field takes {kind}, got {quoted[0].split('=', 1)[1]!r}"
     return f"{where}: {message}"
+
+
+def _did_you_mean(argument: str, key: str) -> str:
+    """", did you mean 'hidden_dim'?" for a misspelt field of the one config schema (every config has the base
+    config's fields), else ""."""
+    path = argument.split("=", 1)[0][len("--config."):].split(".")
+    try:
+        from detr_jax.config import base_config  # pylint: disable=g-import-not-at-top  (only on this error path)
+        node = base_config()
+        for part in path[:path.index(key)] if key in path else []:
+            node = node[part]
+        close = difflib.get_close_matches(key, list(node.keys()), n=1)
+    except Exception:  # pylint: disable=broad-except  (no suggestion rather than a second error)
+        return ""
+    return f", did you mean {close[0]!r}?" if close else ""
 
 
 def _exit_with(error: BaseException, argv: List[str]):

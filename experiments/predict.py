@@ -81,9 +81,9 @@ def main(argv):
             logging.error("%s", e)
             results[path] = {"error": str(e)}
             continue
-        results[path] = [dict(box_xyxy=[round(float(v), 2) for v in box], label=name, score=round(float(score), 4))
-                         for box, name, score in zip(detections["boxes"], detections["label_names"],
-                                                     detections["scores"])]
+        listed = [dict(box_xyxy=[round(float(v), 2) for v in box], label=name, score=round(float(score), 4))
+                  for box, name, score in zip(detections["boxes"], detections["label_names"], detections["scores"])]
+        results[path] = sorted(listed, key=lambda d: -d["score"])  # the best first (a stable sort: ties keep order)
         stem = base = os.path.splitext(os.path.basename(path))[0]
         for n in range(2, len(images) + 2):  # a/cat.jpg and b/cat.jpg: cat_detections.png, cat_2_detections.png
             if stem not in stems:

@@ -247,7 +247,9 @@ def test_predict_cli_panoptic(panoptic_checkpoint, tmp_path):
                            "--panoptic_threshold=0", "--out=out", str(folder)], tmp_path)
     assert result.returncode == 0, result.stderr[-2000:]
     out = tmp_path / "out"
-    assert len(next(iter(json.loads((out / "detections.json").read_text()).values()))) == 12
+    listed = next(iter(json.loads((out / "detections.json").read_text()).values()))
+    assert len(listed) == 12
+    assert [d["score"] for d in listed] == sorted((d["score"] for d in listed), reverse=True)  # the best first
     assert Image.open(out / "im0_detections.png").size == (64, 48)
     picture = Image.open(out / "im0_panoptic.png")
     assert picture.size == (64, 48) and picture.mode == "RGB"

@@ -127,7 +127,9 @@ def test_work_directory_describes_itself(tmp_path):
     (["--config.model.fo.bar=2"], "error: --config.model.fo.bar=2: the config has no field 'fo'"),
     (["--config=nope.py"], "error: cannot load the config file nope.py: [Errno 2] No such file"),
     (["--config", "nope.py"], "error: cannot load the config file nope.py: [Errno 2] No such file"),
-    (["--config.num_steps=abc"], "error: --config.num_steps=abc: invalid literal for int()"),
+    (["--config.num_steps=abc"], "error: --config.num_steps=abc: the field takes an integer, got 'abc'"),
+    (["--config.model.hiden_dim=8"], "error: --config.model.hiden_dim=8: the config has no field 'hiden_dim', did "
+                                     "you mean 'hidden_dim'?"),
     (["--config.model.num_classes=-1"], "config.model.num_classes must be > 0, got -1"),
     (["--heartbeat_timeout_s=0"], "error: flag --heartbeat_timeout_s=0: 0 is not a positive integer"),
     (["--config.data.worker_type=fork"], "config.data.worker_type must be one of ('thread', 'process'), got 'fork'"),
@@ -150,7 +152,7 @@ def test_command_line_mistakes_get_one_line(tmp_path, args, expected):
     assert result.returncode in (1, 2), result.stderr[-2000:]
     lines = [line for line in result.stderr.splitlines() if line.strip()]
     assert len(lines) == 1 and expected in lines[0], result.stderr[-2000:]
-    assert not os.path.exists(tmp_path / "run" / "checkpoints")
+    assert not os.path.exists(tmp_path / "run")  # a failed start leaves no work directory behind
 
 
 def test_a_second_run_in_a_busy_work_directory_is_refused(tmp_path):

@@ -96,3 +96,24 @@ def test_heartbeat_timeout_flag_takes_one_second_and_refuses_zero():
     assert values()["heartbeat_timeout_s"] == 1
     with pytest.raises(flags.IllegalFlagValueError, match="--heartbeat_timeout_s=0"):
         flag_values(["train.py", "--heartbeat_timeout_s=0"])
+
+
+def test_a_lock_left_by_a_killed_run_is_taken_over_and_said(tmp_path, caplog):
+    """A .lock whose run was killed holds that run's line but no lock: the next run takes it and says so; a run that
+    ended normally leaves the file empty, so the run after it says nothing."""
+    import logging
+
+    from detr_jax.training import workdir as wd
+
+    (tmp_path / ".lock").write_text("pid 12345 on host gone, started 2026-12-01 10:00:00")
+    with caplog.at_level(logging.INFO):
+        with wd.workdir_lock(str(tmp_path)):
+            assert f"pid {os.getpid()}" in (tmp_path / ".lock").read_text()
+    assert f"{tmp_path / '.lock'} was left by the run of pid 12345 on host gone, started 2026-12-01 10:00:00, which " \
+           "is no longer running: taking it over" in caplog.text
+    assert (tmp_path / ".lock").read_text() == ""
+    caplog.clear()
+    with caplog.at_level(logging.INFO):
+        with wd.workdir_lock(str(tmp_path)):
+            pass
+    assert "was left by" not in caplog.text

@@ -12,6 +12,7 @@ import errno
 import json
 import logging
 import os
+import shutil
 import signal
 import sys
 import time
@@ -71,10 +72,16 @@ class DiskFullError(RuntimeError):
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Dict[str, float]:
     """Train `config` in `workdir`, resuming from its latest checkpoint; returns the final metrics."""
     check_config(config)
+    created = "://" not in workdir and not os.path.exists(workdir)
     try:
         os.makedirs(workdir, exist_ok=True)
         with workdir_lock(workdir):
-            run = _Run(config, workdir)
+            try:
+                run = _Run(config, workdir)
+            except BaseException:
+                if created and jax.process_index() == 0:
+                    _remove_if_only_scaffolding(workdir)
+                raise
             if run.finished:
                 return {}
             return run.train()
@@ -83,6 +90,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Dict[
         if full is None:
             raise
         raise DiskFullError(_disk_full_message(full, workdir)) from e
+
+
+def _remove_if_only_scaffolding(workdir: str) -> None:
+    """A run that this start created and that failed before writing anything of its own (only the lock file and
+    the compilation cache): remove the folder rather than leave a work directory with no run in it."""
+    if set(os.listdir(workdir)) <= {".lock", "jax_cache"}:
+        shutil.rmtree(workdir, ignore_errors=True)
 
 
 def _disk_full(error: BaseException):

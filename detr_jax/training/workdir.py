@@ -170,10 +170,21 @@ def _take_lock(stack: contextlib.ExitStack, workdir: str) -> str:
                 "use a work directory on a local or lock-capable file system, or set DETR_JAX_NO_WORKDIR_LOCK=1 "
                 "to run without the lock (nothing then stops a second run in the same --workdir)")
     f.seek(0)
+    stale = f.read().strip()
+    if stale:  # a lock file nobody holds: its run ended without releasing it (killed); it never blocks
+        logging.info("%s was left by the run of %s, which is no longer running: taking it over", path, stale)
+    f.seek(0)
     f.truncate()
     f.write(f"pid {os.getpid()} on host {socket.gethostname()}, started {time.strftime('%Y-%m-%d %H:%M:%S')}")
     f.flush()
-    stack.callback(fcntl.flock, f, fcntl.LOCK_UN)
+
+    def release():  # a run that ends leaves an empty lock file; a killed one leaves its line (said on the next start)
+        f.seek(0)
+        f.truncate()
+        f.flush()
+        fcntl.flock(f, fcntl.LOCK_UN)
+
+    stack.callback(release)
     return ""
 
 
