@@ -206,3 +206,16 @@ def test_unplaceable_keys(tmp_path, tiny_sd, key, message):
     with pytest.raises(ValueError, match=message) as e:
         _load(tmp_path, {"model": dict(tiny_sd, **{key: torch.zeros(3)})})
     _one_line(e)
+
+
+def test_a_caption_and_labels_stay_whole_on_a_small_picture():
+    """A 128 px picture: the caption wraps onto lines that fit its width instead of running off the right edge,
+    and a label of a box at the right edge moves left to stay inside (the black boxes behind the text end before
+    the last column)."""
+    image = np.full((128, 128, 3), 255, np.uint8)
+    picture = np.asarray(draw_detections(image, [[100, 60, 127, 90]], [0], [0.9], ["a long class name"],
+                                         threshold=0.5, caption="none >= 0.70: the top 3 shown"))
+    black = (picture == 0).all(-1)
+    assert black[:, -1].sum() == 0  # nothing cut at the right edge
+    assert black[:12, :].sum() > 0 and black[12:24, :60].sum() > 0  # the caption's second line
+    assert black[60:75, 40:].sum() > 0  # the label, moved left of the box's x0 = 100

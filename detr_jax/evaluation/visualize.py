@@ -36,12 +36,27 @@ def draw_detections(image: np.ndarray, boxes, labels, scores, class_names: Seque
         x0, y0, x1, y1 = (float(v) for v in np.clip(box, [-w, -h, -w, -h], [2 * w, 2 * h, 2 * w, 2 * h]))
         draw.rectangle([min(x0, x1), min(y0, y1), max(x0, x1), max(y0, y1)], outline=colour, width=2)
         name = class_names[int(label)] if 0 <= int(label) < len(class_names) else str(int(label))
-        _label(draw, (min(max(x0, 0.0), w - 1) + 2, min(max(y0, 0.0), h - 1) + 1), f"{name} {score:.2f}", colour)
+        text = f"{name} {score:.2f}"
+        text_w = draw.textbbox((0, 0), text)[2]
+        # Inside the picture: a box at the right edge gets its label moved left rather than cut off.
+        _label(draw, (max(0.0, min(max(x0, 0.0) + 2, w - text_w - 3)), min(max(y0, 0.0), h - 1) + 1), text, colour)
     if caption:
-        _label(draw, (2, 2), caption, (255, 255, 255))
+        _label(draw, (2, 2), _wrapped(draw, caption, w - 4), (255, 255, 255))
     if non_finite:
         logger.warning("skipped %d detection(s) with a non-finite box or score (not drawn)", non_finite)
     return pil
+
+
+def _wrapped(draw, text: str, width: int) -> str:
+    """`text` broken into lines (at spaces) no wider than `width` pixels where the words allow: a caption of a small
+    picture is shown whole rather than cut off at its right edge."""
+    lines = []
+    for word in text.split(" "):
+        if lines and draw.textbbox((0, 0), f"{lines[-1]} {word}")[2] <= width:
+            lines[-1] = f"{lines[-1]} {word}"
+        else:
+            lines.append(word)
+    return "\n".join(lines)
 
 
 def _label(draw, origin, text: str, colour) -> None:

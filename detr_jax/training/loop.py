@@ -127,6 +127,7 @@ class _Run:
 
     def __init__(self, config: ml_collections.ConfigDict, workdir: str):
         self.config, self.workdir = config, workdir
+        logger.info("setting up the run in %s: data, model, checkpoints, then compiling the train step", workdir)
         self.cache_dir = enable_compilation_cache(config, workdir)
         self.mesh = sharding.make_mesh()
         self.is_main = jax.process_index() == 0
@@ -271,6 +272,7 @@ class _Run:
     def _steps(self, interrupted, t_start: float) -> None:
         """The steps themselves, each followed by its periodic work."""
         seen_shapes = set()
+        self._eta_origin = None
         self._window = {"t": time.time(), "images": 0, "real_pixels": 0, "all_pixels": 0}
         iterator = iter(self.loader)
         while self.step < self.total_steps:
@@ -289,6 +291,8 @@ class _Run:
             step_fn = self.compiled_steps.get(tuple(shape), self.train_step)
             self.state, metrics = step_fn(self.state, sharding.global_batch(local, self.mesh))
             self.step += 1
+            if self._eta_origin is None:  # the first step has compiled: time left is measured from here
+                self._eta_origin = (time.time(), self.step)
             self._window["images"] += self.config.batch_size
             self._periodic(metrics, t_start)
 
@@ -305,8 +309,9 @@ class _Run:
                 lr=float(self.schedules["transformer"](step - 1)),
                 lr_backbone=float(self.schedules["backbone"](step - 1)),
                 padded_fraction=1.0 - w["real_pixels"] / max(w["all_pixels"], 1))
+            origin_time, origin_step = self._eta_origin if step > self._eta_origin[1] else (t_start, self.start_step)
             self.metric_logger.write(step, self.last_metrics, progress_line(
-                step, self.total_steps, self.last_metrics, now - t_start, self.start_step))
+                step, self.total_steps, self.last_metrics, now - origin_time, origin_step))
             self._window = {"t": now, "images": 0, "real_pixels": 0, "all_pixels": 0}
         if step % config.checkpoint_every == 0 and step != self.total_steps:
             check_finite(self.state, self.manager)
