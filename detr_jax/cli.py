@@ -97,11 +97,14 @@ def describe(error: BaseException, argv: List[str]) -> str:
 
 def _did_you_mean(argument: str, key: str) -> str:
     """", did you mean 'hidden_dim'?" for a misspelt field of the one config schema (every config has the base
-    config's fields), else ""."""
+    config's fields), else "". This module imports no detr_jax layer: the schema is the one the config file
+    already loaded."""
     path = argument.split("=", 1)[0][len("--config."):].split(".")
+    schema = sys.modules.get("detr_jax.config")  # loaded by the config file (every config starts from base_config)
+    if schema is None:
+        return ""
     try:
-        from detr_jax.config import base_config  # pylint: disable=g-import-not-at-top  (only on this error path)
-        node = base_config()
+        node = schema.base_config()
         for part in path[:path.index(key)] if key in path else []:
             node = node[part]
         close = difflib.get_close_matches(key, list(node.keys()), n=1)

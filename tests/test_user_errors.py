@@ -223,7 +223,7 @@ def test_fine_tuning_from_a_work_directory_takes_its_architecture(tmp_path):
             "and 5 classes; the config asked for a ResNet-34 DETR with hidden 64, 10 queries, 1 + 2 layers and 5 "
             "classes: the model takes the checkpoint's architecture (backbone_depth 34 -> 18, hidden_dim 64 -> 32, "
             "num_queries 10 -> 6)") in " ".join(second.stderr().split()), second.stderr()[-3000:]
-    assert f"setting up the run in {tmp_path / 'second'}" in second.stderr()  # said at once, before the data
+    assert second.stdout().startswith(f"setting up the run in {tmp_path / 'second'}")  # at once, before the data
     with open(tmp_path / "second" / "config.json") as f:
         model = json.load(f)["model"]
     assert (model["backbone_depth"], model["hidden_dim"], model["num_queries"]) == (18, 32, 6)

@@ -8,11 +8,9 @@ evaluation. Leaving has three named paths: an interrupt or preemption (save, the
 where the run resumes), a lost process in a multi-process run (say which, exit at once).
 """
 
-import errno
 import json
 import logging
 import os
-import shutil
 import signal
 import sys
 import time
@@ -28,21 +26,18 @@ from detr_jax.evaluation import build_evaluator
 from detr_jax.models import build_training_model
 from detr_jax.ops import sharding
 from detr_jax.training.checkpoints import checkpoint_manager, restore_checkpoint, save_checkpoint
-from detr_jax.training.plan import (
-    abstract_batch,
-    check_host_memory,
-    compiled_peak_bytes,
-    host_memory_bytes,
-    largest_bucket,
-)
+from detr_jax.training.plan import compile_checking_host_memory
 from detr_jax.training.state import create_train_state, learning_rate_schedule
 from detr_jax.training.step import make_train_step
 from detr_jax.training.workdir import (
     MetricLogger,
     atomic_write,
+    disk_full,
+    disk_full_message,
     enable_compilation_cache,
     final_summary,
     progress_line,
+    remove_if_only_scaffolding,
     workdir_lock,
 )
 from detr_jax.weights.workdir import (
@@ -80,46 +75,16 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Dict[
                 run = _Run(config, workdir)
             except BaseException:
                 if created and jax.process_index() == 0:
-                    _remove_if_only_scaffolding(workdir)
+                    remove_if_only_scaffolding(workdir)
                 raise
             if run.finished:
                 return {}
             return run.train()
     except Exception as e:  # pylint: disable=broad-except  (re-raised unless a full disk is at its root)
-        full = _disk_full(e)
+        full = disk_full(e)
         if full is None:
             raise
-        raise DiskFullError(_disk_full_message(full, workdir)) from e
-
-
-def _remove_if_only_scaffolding(workdir: str) -> None:
-    """A run that this start created and that failed before writing anything of its own (only the lock file and
-    the compilation cache): remove the folder rather than leave a work directory with no run in it."""
-    if set(os.listdir(workdir)) <= {".lock", "jax_cache"}:
-        shutil.rmtree(workdir, ignore_errors=True)
-
-
-def _disk_full(error: BaseException):
-    """The OSError ENOSPC that caused `error` (itself, or in its chain: orbax wraps its own), else None."""
-    seen = set()
-    while error is not None and id(error) not in seen:
-        seen.add(id(error))
-        if isinstance(error, OSError) and error.errno == errno.ENOSPC:
-            return error
-        error = error.__cause__ or error.__context__
-    return None
-
-
-def _disk_full_message(error: OSError, workdir: str) -> str:
-    checkpoints = os.path.join(workdir, "checkpoints")
-    if "://" in workdir:  # an object store: orbax's own listing would be another request that may fail as well
-        return (f"no space left writing {error.filename or 'into ' + workdir}: the run stopped; the last checkpoint "
-                f"in {checkpoints} stands and the run resumes from it when started again with free space")
-    steps = sorted(int(d) for d in os.listdir(checkpoints) if d.isdigit()) if os.path.isdir(checkpoints) else []
-    stands = (f"the last checkpoint (step {steps[-1]} in {os.path.abspath(checkpoints)}) stands and the run resumes "
-              "from it" if steps else "no checkpoint was saved yet, so the run starts over")
-    return (f"no space left on device writing {error.filename or 'into ' + workdir}: the run stopped; {stands} when "
-            "started again with free space")
+        raise DiskFullError(disk_full_message(full, workdir)) from e
 
 
 class _Run:
@@ -127,7 +92,9 @@ class _Run:
 
     def __init__(self, config: ml_collections.ConfigDict, workdir: str):
         self.config, self.workdir = config, workdir
-        logger.info("setting up the run in %s: data, model, checkpoints, then compiling the train step", workdir)
+        if jax.process_index() == 0:  # on stdout, as the progress: stderr stays for what went wrong
+            print(f"setting up the run in {workdir}: data, model, checkpoints, then compiling the train step",
+                  flush=True)
         self.cache_dir = enable_compilation_cache(config, workdir)
         self.mesh = sharding.make_mesh()
         self.is_main = jax.process_index() == 0
@@ -167,7 +134,7 @@ class _Run:
             raise
         self.train_step = make_train_step(self.model, self.tx, config, self.mesh)
         try:
-            self.compiled_steps = self._check_host_memory()
+            self.compiled_steps = compile_checking_host_memory(self.train_step, self.state, config)
         except ValueError:
             self._close_early()
             raise
@@ -175,19 +142,6 @@ class _Run:
         self.evaluator = None
         if config.eval_every or config.eval_at_end:  # the detector without the aids, which are training-only
             self.evaluator = build_evaluator(config, self.model.model, self.mesh)
-
-    def _check_host_memory(self) -> Dict:
-        """On CPUs: compile the train step for the largest bucket now and refuse, in one line, a run that would not
-        fit in this machine's memory (`plan.check_host_memory`). Returns {shape: the compiled step}, which the
-        steps of that shape then run, so the check compiles nothing twice."""
-        if jax.devices()[0].platform != "cpu":
-            return {}
-        bucket = largest_bucket(self.config, train=True)
-        batch = abstract_batch(self.config, self.config.batch_size, bucket)
-        compiled = self.train_step.lower(self.state, batch).compile()
-        check_host_memory(compiled_peak_bytes(compiled) * jax.local_device_count(), host_memory_bytes(), bucket,
-                          self.config.batch_size)
-        return {tuple(bucket): compiled}
 
     def _resume(self) -> bool:
         """Restore the latest checkpoint (state and loader position); False when the run is complete already."""

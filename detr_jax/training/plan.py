@@ -7,7 +7,11 @@ libtpu (the `tpu` extra) compiles for any TPU topology it knows (v3, v4, v5e, v5
 (`make_train_step`) and the evaluator's forward are lowered for a `Mesh` of them at the config's largest bucket,
 and XLA's `memory_analysis()` / `cost_analysis()` of the compiled programs say what one chip holds and computes.
 Static buckets make that a promise: the largest bucket is the largest program the run ever runs, so a plan that
-fits never goes out of memory mid-run. The figures are the compiler's, not measured on a TPU.
+fits never goes out of memory mid-run. The figures are the compiler's, not measured on a TPU. The same compile
+answers a CPU run's question against this machine's memory (`compile_checking_host_memory`).
+
+Longer than 400 lines: the topology, the compiles, the largest-batch search and the verdict are one question
+(does it fit), read top to bottom.
 """
 
 import contextlib
@@ -231,6 +235,19 @@ def check_host_memory(peak_bytes: int, available_bytes: int, bucket: Tuple[int, 
             "the run would be killed when that bucket comes. Fit it with smaller images (--config.data.max_size, "
             "--config.data.train_scales and --config.data.eval_size), a smaller --config.batch_size, "
             "--config.grad_accum_steps=K or --config.model.remat=full (experiments/plan.py measures a config)")
+
+
+def compile_checking_host_memory(train_step, state, config: ml_collections.ConfigDict) -> Dict:
+    """On CPUs: compile the run's train step for its largest bucket now and refuse, in one line, a run that would
+    not fit in this machine's memory (`check_host_memory`). Returns {(H, W): the compiled step}, which the loop runs
+    for batches of that shape, so the check compiles nothing twice; {} on accelerators."""
+    if jax.devices()[0].platform != "cpu":
+        return {}
+    bucket = largest_bucket(config, train=True)
+    compiled = train_step.lower(state, abstract_batch(config, config.batch_size, bucket)).compile()
+    check_host_memory(compiled_peak_bytes(compiled) * jax.local_device_count(), host_memory_bytes(), bucket,
+                      config.batch_size)
+    return {tuple(bucket): compiled}
 
 
 def _per_chip(flops: Optional[float], devices_per_chip: int) -> Optional[float]:

@@ -7,6 +7,7 @@ import fcntl
 import json
 import logging
 import os
+import shutil
 import socket
 import time
 from typing import Dict, Optional
@@ -214,3 +215,33 @@ def final_summary(summary: Dict[str, float], steps: int, seconds: float, workdir
         lines.append("eval: " + "  ".join(f"{k[5:]} {summary[k]:.4f}" for k in evaluated))
     lines.append(f"outputs: {workdir}/ (metrics.jsonl, tensorboard/, checkpoints/, eval/)")
     return "\n".join(lines)
+
+
+def remove_if_only_scaffolding(workdir: str) -> None:
+    """A run that this start created and that failed before writing anything of its own (only the lock file and
+    the compilation cache): remove the folder rather than leave a work directory with no run in it."""
+    if set(os.listdir(workdir)) <= {".lock", "jax_cache"}:
+        shutil.rmtree(workdir, ignore_errors=True)
+
+
+def disk_full(error: BaseException):
+    """The OSError ENOSPC that caused `error` (itself, or in its chain: orbax wraps its own), else None."""
+    seen = set()
+    while error is not None and id(error) not in seen:
+        seen.add(id(error))
+        if isinstance(error, OSError) and error.errno == errno.ENOSPC:
+            return error
+        error = error.__cause__ or error.__context__
+    return None
+
+
+def disk_full_message(error: OSError, workdir: str) -> str:
+    checkpoints = os.path.join(workdir, "checkpoints")
+    if "://" in workdir:  # an object store: orbax's own listing would be another request that may fail as well
+        return (f"no space left writing {error.filename or 'into ' + workdir}: the run stopped; the last checkpoint "
+                f"in {checkpoints} stands and the run resumes from it when started again with free space")
+    steps = sorted(int(d) for d in os.listdir(checkpoints) if d.isdigit()) if os.path.isdir(checkpoints) else []
+    stands = (f"the last checkpoint (step {steps[-1]} in {os.path.abspath(checkpoints)}) stands and the run resumes "
+              "from it" if steps else "no checkpoint was saved yet, so the run starts over")
+    return (f"no space left on device writing {error.filename or 'into ' + workdir}: the run stopped; {stands} when "
+            "started again with free space")
