@@ -93,7 +93,12 @@ class TrainRun:
         codes = self.wait()
         if any(codes):
             i = next(i for i, code in enumerate(codes) if code not in (0, -9))  # not one killed by `wait`
-            pytest.fail(f"process {i} of the run in {self.workdir} exited with {codes[i]}:\n{self.stderr(i)[-4000:]}")
+            # Every process's stderr: a jax.distributed failure (a coordination service error, an abort) shows on
+            # one process what another one did first.
+            others = "".join(f"\n--- process {j} (exit {codes[j]}):\n{self.stderr(j)[-3000:]}"
+                             for j in range(len(codes)) if j != i)
+            pytest.fail(f"process {i} of the run in {self.workdir} exited with {codes[i]}:\n{self.stderr(i)[-4000:]}"
+                        f"{others}")
         return self
 
     def kill(self):
