@@ -17,7 +17,7 @@ from experiments.configs import coco_r50
 
 
 def get_config(arg: str = ""):
-    config = coco_r50.get_config()
+    config = coco_r50.get_config("" if arg == "cpu" else arg)  # ":smoke" as coco_r50's
     config.num_epochs = 50
     config.batch_size = 8
     config.eval_batch_size = 8
@@ -37,6 +37,4 @@ def get_config(arg: str = ""):
     if arg == "cpu":
         config.data.update(train_scales=(96, 112, 128), max_size=128, crop_resize_scales=(96,), crop_size=(64, 96),
                            eval_size=128, num_workers=2)
-    elif arg:
-        raise ValueError(f"unknown config argument {arg!r} for finetune_coco_folder.py: use ':cpu' or nothing")
     return config
