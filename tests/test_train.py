@@ -581,5 +581,13 @@ def test_work_directories_keep_the_layout_of_before_the_package_reorganisation(r
     dn = {"dn_groups", "dn_box_noise", "dn_label_noise", "dn_negatives"}
     assert dn <= set(config["training_aids"])
     config["training_aids"] = sorted(set(config["training_aids"]) - dn)
+    # config.grad_accum_steps replaced optimizer.grad_accum_steps (optax.MultiSteps across steps; now the exact
+    # accumulation inside a step): only training reads it, from its config file, never from a config.json. Model
+    # remat ("none" by DETR's default for a config.json without it) changes no parameter and is no part of the
+    # checkpoint's model signature.
+    assert config.pop("grad_accum_steps", "missing") is None
+    assert "remat" in config["model"] and "grad_accum_steps" in old["config"]["optimizer"]
+    config["model"] = sorted(set(config["model"]) - {"remat"})
+    config["optimizer"] = sorted(set(config["optimizer"]) | {"grad_accum_steps"})
     new["config"] = config
     assert {k: v for k, v in new.items() if k != "state"} == {k: v for k, v in old.items() if k != "state"}
