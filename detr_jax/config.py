@@ -9,7 +9,7 @@ import ml_collections
 from ml_collections.config_dict import placeholder
 
 from detr_jax.criterion.matcher import CHOICES as MATCHERS
-from detr_jax.criterion.set_losses import BBOX_LOSS_TYPES
+from detr_jax.criterion.set_losses import BBOX_LOSS_TYPES, CLASS_TARGETS
 from detr_jax.data import PANOPTIC_SOURCES, SOURCES
 from detr_jax.data.loader import WORKER_TYPES
 from detr_jax.data.sources import check_data_kwargs
@@ -105,6 +105,9 @@ def base_config() -> ml_collections.ConfigDict:
         cost_class=1.0, cost_bbox=5.0, cost_giou=2.0,  # the matching cost
         ce_loss_coef=1.0, bbox_loss_coef=5.0, giou_loss_coef=2.0,  # the loss
         bbox_loss_type="l1",  # "l1" (official) or "smooth_l1"
+        # The matched queries' class target: "hard" (official: the class, 1) or "iou" (the class IoU^alpha and
+        # no-object the rest, the IoU of the query's box with its object's; set_losses.class_quality).
+        class_target="hard", class_target_alpha=0.25,
         matcher="auto"))  # Hungarian solver: "host" (scipy), "device" (optax) or "auto" (host: measured faster)
 
     config.optimizer = ml_collections.ConfigDict(dict(
@@ -119,6 +122,11 @@ def base_config() -> ml_collections.ConfigDict:
     # recipe's batch: experiments/plan.py shows what it saves. Dropout masks are drawn per micro-batch (the same
     # distribution, other draws); refused with denoising queries and with backbone_norm "batch".
     config.grad_accum_steps = 1
+    # An exponential moving average of the parameters (RT-DETR, D-FINE, RF-DETR), kept in the train state and its
+    # checkpoints: after update n, ema = d * ema + (1 - d) * params with d = decay * (1 - exp(-n / warmup_steps))
+    # (d = decay without warmup). Evaluation reports both weights, the EMA's as the main metrics; predict, evaluate
+    # and export use the EMA's when a run has them (--raw_weights: the trained ones). decay 0: off (official).
+    config.ema = ml_collections.ConfigDict(dict(decay=0.0, warmup_steps=0))
 
     # Weights to start from: a torchvision ImageNet ResNet .pth and/or a DETR: an official .pth or a detr_jax work
     # directory (its latest checkpoint's detector; the panoptic recipe's box model); reinit_class_head keeps a
@@ -224,3 +232,9 @@ def check_config(config: ml_collections.ConfigDict) -> None:
          pan.mask_loss_points, "an int >= 0 (0: every pixel)")
     need(config.loss.bbox_loss_type in BBOX_LOSS_TYPES, "loss.bbox_loss_type", config.loss.bbox_loss_type,
          either(BBOX_LOSS_TYPES))
+    need(config.loss.class_target in CLASS_TARGETS, "loss.class_target", config.loss.class_target,
+         either(CLASS_TARGETS))
+    need(config.loss.class_target_alpha > 0, "loss.class_target_alpha", config.loss.class_target_alpha, "> 0")
+    need(0 <= config.ema.decay < 1, "ema.decay", config.ema.decay, "in [0, 1) (0: no EMA)")
+    need(isinstance(config.ema.warmup_steps, int) and config.ema.warmup_steps >= 0, "ema.warmup_steps",
+         config.ema.warmup_steps, "an integer >= 0 (0: no warm-up)")

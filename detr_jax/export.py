@@ -51,15 +51,16 @@ class PanopticExportError(ValueError):
     """The checkpoint is a panoptic `DETRsegm`, which export refuses."""
 
 
-def load_for_export(path: str, dilation: bool = False, num_heads: int = 8):
+def load_for_export(path: str, dilation: bool = False, num_heads: int = 8, raw_weights: bool = False):
     """The detector of a detr_jax work directory or an official .pth: (model, variables, info).
 
     info: "class_names" (one per label, no-object excluded), "size" and "max_size" (the eval resize).
     `dilation` and `num_heads` are for an official .pth (not in its weights). A panoptic checkpoint (a `DETRsegm`)
-    raises `PanopticExportError`.
+    raises `PanopticExportError`. A work directory's run with a parameter EMA (config.ema) exports the EMA, unless
+    `raw_weights`.
     """
     if os.path.isdir(path):
-        config, model, variables = load_workdir_checkpoint(path)
+        config, model, variables = load_workdir_checkpoint(path, raw_weights=raw_weights)
         size, max_size = config.data.eval_size, config.data.max_size
         names_file = os.path.join(path, "class_names.json")
         if os.path.isfile(names_file):

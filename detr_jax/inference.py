@@ -118,15 +118,16 @@ class Predictor:
         self._forward = jax.jit(forward)
 
     @classmethod
-    def from_checkpoint(cls, path: str, **kwargs) -> "Predictor":
+    def from_checkpoint(cls, path: str, raw_weights: bool = False, **kwargs) -> "Predictor":
         """From an official DETR .pth (COCO 91-id class names; a panoptic one: the 250-id COCO panoptic names and
         thing/stuff map) or a detr_jax training work directory.
 
         For a .pth, `dilation` and `num_heads` (official defaults False, 8) may be given; other kwargs go to
-        the constructor.
+        the constructor. A work directory's run with a parameter EMA (config.ema) predicts with the EMA, unless
+        `raw_weights`.
         """
         if os.path.isdir(path):
-            config, model, variables = load_workdir_checkpoint(path)
+            config, model, variables = load_workdir_checkpoint(path, raw_weights=raw_weights)
             d = config.data
             names_file = os.path.join(path, "class_names.json")
             if os.path.isfile(names_file):  # written at the start of training: the data need not be here

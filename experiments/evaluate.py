@@ -40,6 +40,8 @@ _CONFIG = define_config_file(
 _CHECKPOINT = flags.DEFINE_string("checkpoint", None, "Training work directory or official .pth.", required=True)
 _OUT = flags.DEFINE_string("out", None,
                            "Where to write results.json and metrics.json (default: beside the checkpoint).")
+_RAW_WEIGHTS = flags.DEFINE_bool("raw_weights", False, "A work directory of a run with a parameter EMA (config.ema): "
+                                  "the trained parameters instead of their EMA.")
 _DILATION = flags.DEFINE_bool("dilation", False, "The official checkpoint is a DC5 model.")
 _PANOPTIC_ANN_FILE = flags.DEFINE_string("panoptic_ann_file", None,
                                          "COCO panoptic JSON: score a panoptic checkpoint on this folder.")
@@ -69,7 +71,7 @@ def main(argv):
     path = _CHECKPOINT.value
     try:
         if os.path.isdir(path):
-            run_config, model, variables = load_workdir_checkpoint(path)
+            run_config, model, variables = load_workdir_checkpoint(path, raw_weights=_RAW_WEIGHTS.value)
             if not flags.FLAGS["config"].present:  # the work directory's own data, not default.py's
                 config = run_config
             logging.getLogger("detr_jax").info("evaluating %s on %s data (%s)", path, config.data.source,

@@ -40,6 +40,8 @@ _SIZE = flags.DEFINE_string("size", None, "HxW of the padded input, e.g. 800x121
 _PADDING_INVARIANT = flags.DEFINE_bool(
     "padding_invariant", True, "Export the padding-invariant model (the Predictor's: each image's detections as "
     "predict.py gives them); --nopadding_invariant: the official one (equal to the official DETR on a padded batch).")
+_RAW_WEIGHTS = flags.DEFINE_bool("raw_weights", False, "A work directory of a run with a parameter EMA (config.ema): "
+                                  "the trained parameters instead of their EMA.")
 _DILATION = flags.DEFINE_bool("dilation", False, "The official checkpoint is a DC5 model.")
 _NUM_HEADS = flags.DEFINE_integer("num_heads", 8, "Attention heads of an official checkpoint (not in its weights).")
 _VERIFY = flags.DEFINE_bool("verify", True, "Compare onnxruntime with the JAX model on a random padded batch.")
@@ -88,7 +90,7 @@ def main(argv):
     batch_size = _BATCH_SIZE.value or None
     try:
         model, variables, info = load_for_export(_CHECKPOINT.value, dilation=_DILATION.value,
-                                                 num_heads=_NUM_HEADS.value)
+                                                 num_heads=_NUM_HEADS.value, raw_weights=_RAW_WEIGHTS.value)
         if image_hw is None:
             side = -(-int(info["max_size"]) // 32) * 32
             image_hw = (side, side)

@@ -32,6 +32,8 @@ _THRESHOLD = flags.DEFINE_float("threshold", 0.7, "Keep detections scoring at le
 _DILATION = flags.DEFINE_bool("dilation", False, "The official checkpoint is a DC5 model.")
 _NUM_HEADS = flags.DEFINE_integer("num_heads", 8, "Attention heads of an official checkpoint (not in its weights).")
 _SIZE = flags.DEFINE_integer("size", None, "Shorter side the image is resized to (default 800, or the config's).")
+_RAW_WEIGHTS = flags.DEFINE_bool("raw_weights", False, "A work directory of a run with a parameter EMA (config.ema): "
+                                  "the trained parameters instead of their EMA.")
 _ATTENTION = flags.DEFINE_bool("attention", False, "Also write the best query's cross-attention picture.")
 _PANOPTIC_THRESHOLD = flags.DEFINE_float("panoptic_threshold", 0.85, "Panoptic checkpoints: the class probability "
                                          "a query needs to become a segment (official 0.85).")
@@ -65,6 +67,8 @@ def main(argv):
         kwargs = dict(threshold=_THRESHOLD.value, panoptic_threshold=_PANOPTIC_THRESHOLD.value)
         if not os.path.isdir(_CHECKPOINT.value):
             kwargs.update(dilation=_DILATION.value, num_heads=_NUM_HEADS.value)
+        else:
+            kwargs.update(raw_weights=_RAW_WEIGHTS.value)
         if _SIZE.value:
             kwargs["size"] = _SIZE.value
         predictor = Predictor.from_checkpoint(_CHECKPOINT.value, **kwargs)

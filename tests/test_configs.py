@@ -88,6 +88,7 @@ def test_every_config_has_exactly_the_base_schema(path):
     ("training_aids.backbone_aux_stages", (5,), "config.training_aids.backbone_aux_stages must be ResNet stages"),
     ("optimizer.schedule", "linear", "config.optimizer.schedule must be 'step', 'cosine' or 'constant'"),
     ("model.remat", "all", "config.model.remat must be 'none', 'backbone', 'transformer' or 'full', got 'all'"),
+    ("loss.class_target", "soft", "config.loss.class_target must be 'hard' or 'iou', got 'soft'"),
 ])
 def test_check_config_refuses_what_the_model_and_the_criterion_trust(field, value, message):
     """The model, the criterion and the optimizer no longer check these: check_config is the one place."""
@@ -99,6 +100,29 @@ def test_check_config_refuses_what_the_model_and_the_criterion_trust(field, valu
         config[section][name] = value
     with pytest.raises(ValueError, match=re.escape(message)):
         check_config(config)
+
+
+@pytest.mark.parametrize("field, value, message", [
+    ("ema.decay", 1.0, "config.ema.decay must be in [0, 1) (0: no EMA), got 1.0"),  # the boundary: refused
+    ("ema.decay", -0.1, "config.ema.decay must be in [0, 1)"),
+    ("ema.decay", 0.0, None),  # the boundary: off
+    ("ema.decay", 0.9999, None),
+    ("ema.warmup_steps", -1, "config.ema.warmup_steps must be an integer >= 0 (0: no warm-up), got -1"),
+    ("ema.warmup_steps", 0, None),  # the boundary
+    ("loss.class_target_alpha", 0.0, "config.loss.class_target_alpha must be > 0, got 0.0"),  # the boundary
+    ("loss.class_target_alpha", 1e-6, None),
+])
+def test_ema_and_class_target_values_at_their_boundaries(field, value, message):
+    from detr_jax.config import base_config, check_config
+
+    config = base_config()
+    section, name = field.split(".")
+    config[section][name] = value
+    if message is None:
+        check_config(config)
+    else:
+        with pytest.raises(ValueError, match=re.escape(message)):
+            check_config(config)
 
 
 @pytest.mark.parametrize("depth, refused", [(18, True), (34, True), (50, False), (101, False)])

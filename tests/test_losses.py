@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 from detr_jax.criterion import Criterion, HungarianMatcher
+from detr_jax.criterion import set_losses as set_losses_module
 from detr_jax.criterion.matcher import hungarian_match
 from detr_jax.criterion.set_losses import set_losses
 from detr_jax.ops import box_ops
@@ -340,3 +341,86 @@ def test_a_token_inside_two_boxes_belongs_to_the_smaller():
                                       "token_mask": token_mask, "token_centres": centres}, targets, num_classes=3)
         assert float(dense["loss_bbox_enc"]) == 0.0 and float(dense["loss_giou_enc"]) < 1e-6
         assert float(dense["loss_ce_enc"]) < 1e-6
+
+
+# ---- IoU-aware class targets (config.loss.class_target "iou") -----------------------------------------------
+def _iou_criterion(class_target, alpha=0.25):
+    return Criterion(91, HungarianMatcher(cost_class=1.0, cost_bbox=5.0, cost_giou=2.0), eos_coef=0.1,
+                     class_target=class_target, class_target_alpha=alpha)
+
+
+def test_iou_class_target_is_the_hard_target_when_every_box_is_exact(official):
+    """Each matched query's box moved onto its object's (IoU 1): "iou" gives the hard target's cross-entropy, on
+    every layer, while with the fixture's own boxes it does not."""
+    outputs, targets, _ = official
+    indices = np.asarray(_match(outputs, targets))  # [L, B, M]
+    layers = list(outputs["aux_outputs"]) + [outputs]
+    exact = []
+    for layer, idx in zip(layers, indices):
+        boxes = np.array(layer["pred_boxes"])
+        for b, m in zip(*np.nonzero(idx >= 0)):
+            boxes[b, idx[b, m]] = targets["boxes"][b, m]
+        exact.append(dict(layer, pred_boxes=boxes))
+    exact = dict(exact[-1], aux_outputs=exact[:-1])
+    ce = lambda terms: {k: float(v) for k, v in terms.items() if k.startswith("loss_ce")}  # noqa: E731
+    hard = ce(jax.jit(lambda o, t: _iou_criterion("hard")(o, t)[1])(exact, targets))
+    iou = ce(jax.jit(lambda o, t: _iou_criterion("iou")(o, t)[1])(exact, targets))
+    assert set(hard) == {"loss_ce", "loss_ce_0", "loss_ce_1"}
+    for name in hard:
+        np.testing.assert_allclose(iou[name], hard[name], rtol=1e-6, err_msg=name)
+    loose = ce(jax.jit(lambda o, t: _iou_criterion("iou")(o, t)[1])(outputs, targets))
+    assert all(abs(loose[k] - ce(jax.jit(lambda o, t: _iou_criterion("hard")(o, t)[1])(outputs, targets))[k]) > 1e-3
+               for k in hard)
+
+
+def test_iou_class_target_equals_a_hand_computed_soft_cross_entropy():
+    """One image, 3 queries, 1 object matched to query 1 at IoU 0.5 (a box of half its area inside it): the target
+    is 0.5 ** alpha on the class and the rest on no-object; queries 0 and 2 keep no-object (weight eos)."""
+    logits = np.array([[[0.3, -1.0, 0.5], [1.2, 0.1, -0.4], [-0.2, 0.7, 0.0]]], np.float32)  # [1, 3, C + 1], C = 2
+    pred = np.array([[[0.5, 0.5, 0.2, 0.2], [0.45, 0.5, 0.2, 0.4], [0.2, 0.2, 0.1, 0.1]]], np.float32)
+    targets = {"labels": np.array([[0, 0]], np.int32), "boxes": np.array([[[0.5, 0.5, 0.4, 0.4], [0, 0, 0, 0]]],
+                                                                          np.float32),
+               "mask": np.array([[True, False]])}
+    indices = np.array([[[1, -1]]], np.int32)  # [L=1, B, M]
+    alpha, eos = 0.5, 0.1
+    quality = np.asarray(set_losses_module.class_quality(pred, indices[0], targets, alpha=alpha))
+    np.testing.assert_allclose(quality[0, 0], 0.5 ** alpha, rtol=1e-6)
+    terms = set_losses({"pred_logits": logits, "pred_boxes": pred}, targets, indices, num_classes=2, eos_coef=eos,
+                       **COEFS, quality=quality[None])
+    logp = logits[0] - np.log(np.exp(logits[0]).sum(-1, keepdims=True))
+    q = 0.5 ** alpha
+    expected = (eos * -logp[0, 2] + (-q * logp[1, 0] - (1 - q) * logp[1, 2]) + eos * -logp[2, 2]) / (eos + 1 + eos)
+    np.testing.assert_allclose(float(terms["loss_ce"]), expected, rtol=1e-6)
+
+
+def test_no_gradient_reaches_the_boxes_through_the_iou_class_target(official):
+    outputs, targets, _ = official
+    indices = _match(outputs, targets)
+
+    def ce(boxes, class_target):
+        out = dict(outputs, pred_boxes=boxes)
+        return _iou_criterion(class_target).set_losses(out, targets, indices)["loss_ce"]
+
+    grad = jax.grad(ce)(jnp.asarray(outputs["pred_boxes"]), "iou")
+    np.testing.assert_array_equal(np.asarray(grad), 0.0)
+    # ... while the target does depend on the boxes (the gradient is stopped, not absent):
+    moved = np.asarray(outputs["pred_boxes"]) * 0.9
+    assert abs(float(ce(moved, "iou")) - float(ce(jnp.asarray(outputs["pred_boxes"]), "iou"))) > 1e-4
+
+
+def test_padded_targets_are_inert_under_the_iou_class_target(official):
+    """A padded slot's (mask False) label and box change no term (the fixture's real objects are all matched)."""
+    outputs, targets, _ = official
+    criterion = _iou_criterion("iou")
+    indices = np.asarray(_match(outputs, targets))
+    run = jax.jit(lambda t, i: criterion.set_losses(outputs, t, i))
+    before = run(targets, indices)
+    padded = np.argwhere(~np.asarray(targets["mask"]))
+    assert len(padded), "the fixture has padded target slots"
+    changed = {k: np.array(v) for k, v in targets.items()}
+    for b, m in padded:
+        changed["labels"][b, m] = 3
+        changed["boxes"][b, m] = [0.3, 0.6, 0.2, 0.1]
+    after = run(changed, indices)
+    for name in before:
+        np.testing.assert_array_equal(np.asarray(after[name]), np.asarray(before[name]), err_msg=name)

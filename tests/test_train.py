@@ -74,6 +74,10 @@ def _checkpoint_steps(workdir):
     return sorted(int(d) for d in os.listdir(path) if d.isdigit()) if os.path.isdir(path) else []
 
 
+EMA_STEPS = 3
+EMA_RUN = ("--config.ema.decay=0.5", "--config.eval_at_end=True")
+
+
 @pytest.fixture(scope="module")
 def compile_cache(tmp_path_factory):
     return str(tmp_path_factory.mktemp("jax_cache"))
@@ -81,18 +85,27 @@ def compile_cache(tmp_path_factory):
 
 @pytest.fixture(scope="module", autouse=True)
 def runs(request, tmp_path_factory, compile_cache):
-    """The reference, 8-device and two-process runs, started in the background before the first test of this
-    file: they are independent of each other and of the in-process tests, and much of a run (start-up,
-    compilation) is single-threaded, so two cores finish everything sooner side by side."""
-    if not any("reference" in item.fixturenames for item in request.session.items if item.module is request.module):
-        yield {}  # only in-process tests were selected
-        return
-    started = {"reference": _Run(tmp_path_factory.mktemp("reference"), REFERENCE_STEPS, cache_dir=compile_cache),
-               "eight_devices": _Run(tmp_path_factory.mktemp("eight_devices"), 4, devices=8),
-               "two_processes": _Run(tmp_path_factory.mktemp("two_processes"), 4, devices=2, num_processes=2)}
+    """The reference, 8-device and two-process runs (and the EMA run), started in the background before the first
+    test of this file, each only when a selected test needs it: they are independent of each other and of the
+    in-process tests, and much of a run (start-up, compilation) is single-threaded, so two cores finish everything
+    sooner side by side."""
+    needed = {name for item in request.session.items if item.module is request.module for name in item.fixturenames}
+    started = {}
+    if "reference" in needed:
+        started = {"reference": _Run(tmp_path_factory.mktemp("reference"), REFERENCE_STEPS, cache_dir=compile_cache),
+                   "eight_devices": _Run(tmp_path_factory.mktemp("eight_devices"), 4, devices=8),
+                   "two_processes": _Run(tmp_path_factory.mktemp("two_processes"), 4, devices=2, num_processes=2)}
+    if "ema_run" in needed:
+        started["ema"] = _Run(tmp_path_factory.mktemp("ema"), EMA_STEPS, *EMA_RUN, name="ema")
     yield started
     for run in started.values():
         run.kill()
+
+
+@pytest.fixture(scope="module")
+def ema_run(runs):
+    """A run with config.ema and a final evaluation, finished."""
+    return runs["ema"].wait_ok()
 
 
 @pytest.fixture(scope="module")
@@ -245,6 +258,140 @@ def test_overfits_a_fixed_batch_to_ap50_above_0_9(unit):
     metrics = coco_metrics(ground_truth, to_coco_results(batch["image_id"], scores, labels, boxes, classes))
     print(f"AP50 on the trained images: {metrics['AP50']:.3f} (AP {metrics['AP']:.3f})")
     assert metrics["AP50"] >= 0.9
+
+
+# ---- the parameters' EMA (config.ema) -------------------------------------------------------------------------
+def _ema_config(unit, decay=0.9, warmup_steps=2):
+    config = copy.deepcopy(unit.config)
+    config.ema.update(decay=decay, warmup_steps=warmup_steps)
+    return config
+
+
+def _ema_step(config, unit):
+    """The EMA config's step and its state at the unit's initial parameters (the EMA starting there)."""
+    step, state = _step_for(config, unit)
+    return step, dict(state, ema=jax.device_put(unit.initial["params"], sharding.replicated(unit.mesh)))
+
+
+def test_the_ema_follows_its_recurrence_and_changes_no_training_step(unit):
+    """3 steps with config.ema (decay 0.9, warm-up 2): the parameters and metrics are bit for bit the run's without
+    EMA, and the EMA is e_n = d_n e_(n-1) + (1 - d_n) p_n with d_n = 0.9 (1 - exp(-n / 2)), from e_0 = p_0."""
+    from detr_jax.training.state import ema_decay
+
+    config = _ema_config(unit)
+    step, state = _ema_step(config, unit)
+    plain = unit.fresh_state()
+    expected = {k: v.astype(np.float64) for k, v in _flat(unit.initial["params"]).items()}
+    for n in range(1, 4):
+        state, metrics = step(state, unit.batch)
+        plain, plain_metrics = unit.step(plain, unit.batch)
+        params = _flat(jax.device_get(state["params"]))
+        for k, v in _flat(jax.device_get(plain["params"])).items():
+            np.testing.assert_array_equal(params[k], v, err_msg=str(k))
+        assert {k: float(v) for k, v in jax.device_get(metrics).items()} == \
+            {k: float(v) for k, v in jax.device_get(plain_metrics).items()}
+        d = 0.9 * (1.0 - np.exp(-n / 2))
+        expected = {k: d * expected[k] + (1 - d) * params[k] for k in params}
+        ema = _flat(jax.device_get(state["ema"]))
+        for k in params:
+            np.testing.assert_allclose(ema[k], expected[k], rtol=1e-6, atol=1e-7, err_msg=f"step {n} {k}")
+    assert float(ema_decay(config, np.int32(2))) == pytest.approx(0.9 * (1 - np.exp(-1.0)), rel=1e-6)  # n = warm-up
+    assert float(ema_decay(_ema_config(unit, warmup_steps=0), np.int32(1))) == pytest.approx(0.9, rel=1e-7)
+
+
+def test_a_checkpoint_resumes_the_ema_exactly_and_the_ema_may_be_turned_on_or_off(unit, tmp_path):
+    """Save after 2 EMA steps, then step 3 straight on and from the restored checkpoint: bit-identical parameters
+    and EMA. The same checkpoint restored without config.ema drops the EMA; a checkpoint without one, restored with
+    config.ema, starts the EMA at its parameters."""
+    from detr_jax.training.checkpoints import restore_checkpoint, save_checkpoint
+
+    class _Loader:  # the checkpoint's loader position: none, in-process
+        @staticmethod
+        def get_state():
+            return {}
+
+    config = _ema_config(unit)
+    step, state = _ema_step(config, unit)
+    for _ in range(2):
+        state, _ = step(state, unit.batch)
+    manager = checkpoint_manager(str(tmp_path / "ema"), config)
+    save_checkpoint(manager, 2, state, _Loader(), config, force=True)
+    manager.wait_until_finished()
+    straight, _ = step(state, unit.batch)
+    _, template = _ema_step(config, unit)
+    restored, meta, at = restore_checkpoint(manager, template, config, unit.mesh)
+    assert (at, meta["ema"]) == (2, True)
+    resumed, _ = step(restored, unit.batch)
+    for part in ("params", "ema"):
+        for k, v in _flat(jax.device_get(straight[part])).items():
+            np.testing.assert_array_equal(_flat(jax.device_get(resumed[part]))[k], v, err_msg=f"{part} {k}")
+
+    off, _, _ = restore_checkpoint(manager, unit.fresh_state(), unit.config, unit.mesh)
+    assert "ema" not in off
+    manager.close()
+
+    manager = checkpoint_manager(str(tmp_path / "plain"), unit.config)
+    plain, _ = unit.step(unit.fresh_state(), unit.batch)
+    save_checkpoint(manager, 1, plain, _Loader(), unit.config, force=True)
+    manager.wait_until_finished()
+    _, template = _ema_step(config, unit)
+    on, meta, _ = restore_checkpoint(manager, template, config, unit.mesh)
+    manager.close()
+    assert meta["ema"] is False
+    for k, v in _flat(jax.device_get(on["params"])).items():
+        np.testing.assert_array_equal(_flat(jax.device_get(on["ema"]))[k], v, err_msg=str(k))
+
+
+def test_a_run_with_ema_evaluates_both_weights_and_its_work_directory_gives_the_ema(ema_run):
+    """A run with config.ema logs the EMA's evaluation as the main metrics and the trained parameters' as eval_raw_*
+    (results in eval/ and eval/raw/); reading its work directory (evaluate, predict, export, fine-tuning) gives the
+    EMA, and the trained parameters with raw_weights, as `evaluate.py --raw_weights` scores them."""
+    import subprocess
+    import sys
+
+    import orbax.checkpoint as ocp
+
+    from detr_jax.export import load_for_export
+    from detr_jax.inference import Predictor
+    from detr_jax.weights.workdir import load_workdir_checkpoint
+    from tests.helpers import subprocess_env
+
+    workdir = ema_run.workdir
+    final = _metrics(workdir)[EMA_STEPS]
+    assert {"eval_AP", "eval_AP50", "eval_raw_AP", "eval_raw_AP50"} <= set(final), sorted(final)
+    ema_results = os.path.join(workdir, "eval", f"results_step{EMA_STEPS}.json")
+    raw_results = os.path.join(workdir, "eval", "raw", f"results_step{EMA_STEPS}.json")
+    with open(ema_results) as f, open(raw_results) as g:
+        ema_scores, raw_scores = [r["score"] for r in json.load(f)], [r["score"] for r in json.load(g)]
+    assert len(ema_scores) == len(raw_scores) and not np.allclose(ema_scores, raw_scores)
+
+    manager = ocp.CheckpointManager(os.path.join(workdir, "checkpoints"))
+    saved = manager.restore(EMA_STEPS, args=ocp.args.Composite(state=ocp.args.StandardRestore()))["state"]
+    manager.close()
+    ema, raw = _flat(saved["ema"]["model"]), _flat(saved["params"]["model"])
+    assert any(not np.array_equal(ema[k], raw[k]) for k in raw)
+
+    def same(variables, expected):
+        got = _flat(variables["params"])
+        assert set(got) == set(expected)
+        for k, v in expected.items():
+            np.testing.assert_array_equal(np.asarray(got[k]), v, err_msg=str(k))
+
+    same(load_workdir_checkpoint(workdir)[2], ema)
+    same(load_workdir_checkpoint(workdir, raw_weights=True)[2], raw)
+    same(load_for_export(workdir)[1], ema)
+    same(load_for_export(workdir, raw_weights=True)[1], raw)
+    same(Predictor.from_checkpoint(workdir).variables, ema)
+    same(Predictor.from_checkpoint(workdir, raw_weights=True).variables, raw)
+
+    out = os.path.join(workdir, "evaluated_raw")
+    scored = subprocess.run([sys.executable, os.path.join(REPO, "experiments", "evaluate.py"),
+                             f"--checkpoint={workdir}", f"--out={out}", "--raw_weights"], capture_output=True,
+                            text=True, timeout=300, env=subprocess_env(), cwd=REPO)
+    assert scored.returncode == 0, scored.stderr[-3000:]
+    assert "the trained parameters (--raw_weights)" in scored.stderr, scored.stderr[-2000:]
+    with open(os.path.join(out, "results.json")) as f:
+        np.testing.assert_allclose([r["score"] for r in json.load(f)], raw_scores, rtol=1e-5, atol=1e-6)
 
 
 # ---- end to end --------------------------------------------------------------------------------------------

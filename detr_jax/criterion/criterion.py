@@ -20,7 +20,7 @@ from detr_jax.criterion.dense_losses import assign_tokens, encoder_dense_losses
 from detr_jax.criterion.mask_losses import mask_losses
 from detr_jax.criterion.matcher import HungarianMatcher
 from detr_jax.criterion.query_groups import split_query_groups
-from detr_jax.criterion.set_losses import set_losses
+from detr_jax.criterion.set_losses import class_quality, set_losses
 
 
 class Criterion:
@@ -35,12 +35,16 @@ class Criterion:
       bbox_loss_type: "l1" (official) or "smooth_l1".
       num_query_groups: Group DETR's G: the outputs hold G groups of queries, each matched on its own.
       num_queries: N, the queries of a group (for `normalisers`).
+      class_target: the matched queries' class target, "hard" (official) or "iou" (`class_targets`).
+      class_target_alpha: the IoU's exponent of "iou".
     """
 
     def __init__(self, num_classes: int, matcher: HungarianMatcher, *, eos_coef: float = 0.1,
                  weights: Optional[Mapping[str, float]] = None, bbox_loss_type: str = "l1",
-                 num_query_groups: int = 1, num_queries: Optional[int] = None):
+                 num_query_groups: int = 1, num_queries: Optional[int] = None, class_target: str = "hard",
+                 class_target_alpha: float = 0.25):
         self.num_classes, self.matcher, self.eos_coef = num_classes, matcher, eos_coef
+        self.class_target, self.class_target_alpha = class_target, class_target_alpha
         self.num_queries = num_queries
         self.weights = {**dict(ce=1.0, bbox=5.0, giou=2.0, mask=1.0, dice=1.0), **(weights or {})}
         self.bbox_loss_type, self.num_query_groups = bbox_loss_type, num_query_groups
@@ -56,7 +60,8 @@ class Criterion:
                        mask=config.panoptic.mask_loss_coef, dice=config.panoptic.dice_loss_coef)
         return cls(model.detector.num_classes, matcher, eos_coef=loss.eos_coef, weights=weights,
                    bbox_loss_type=loss.bbox_loss_type, num_query_groups=getattr(model, "num_query_groups", 1),
-                   num_queries=model.detector.num_queries)
+                   num_queries=model.detector.num_queries, class_target=loss.class_target,
+                   class_target_alpha=loss.class_target_alpha)
 
     def __call__(self, outputs: Dict, batch: Dict, aids: Optional[Dict] = None,
                  shares: Optional[Dict] = None) -> Tuple[jnp.ndarray, Dict]:
@@ -122,13 +127,24 @@ class Criterion:
     def set_losses(self, outputs, targets, indices, shares=None) -> Dict:
         """Class, box and GIoU losses of every decoder layer (`set_losses.set_losses`); "loss" their weighted sum."""
         w = self.weights
-        extra = {} if shares is None else dict(
+        extra = dict(quality=self.class_targets(outputs, targets, indices))
+        extra.update({} if shares is None else dict(
             num_boxes=shares["num_boxes"],
             shares=dict(ce_weight=shares["ce_weight"], num_matched=shares["num_matched"],
-                        share=targets["mask"].shape[0] / (shares["images"] * self.num_query_groups)))
+                        share=targets["mask"].shape[0] / (shares["images"] * self.num_query_groups))))
         return set_losses(outputs, targets, indices, num_classes=self.num_classes, eos_coef=self.eos_coef,
                           ce_loss_coef=w["ce"], bbox_loss_coef=w["bbox"], giou_loss_coef=w["giou"],
                           bbox_loss_type=self.bbox_loss_type, **extra)
+
+    def class_targets(self, outputs, targets, indices) -> Optional[jnp.ndarray]:
+        """The matched queries' class targets of every decoder layer: None for "hard" (the class, official), or
+        for "iou" [L, B, M] each matched pair's probability of its class (`set_losses.class_quality`; no-object gets
+        the rest). Only the decoder's set losses use them; the aids' token heads and denoising keep hard targets."""
+        if self.class_target == "hard":
+            return None
+        layers = list(outputs.get("aux_outputs") or []) + [outputs]
+        return jnp.stack([class_quality(layer["pred_boxes"], indices[i], targets, alpha=self.class_target_alpha)
+                          for i, layer in enumerate(layers)])
 
     def mask_losses(self, outputs, batch, targets, indices, shares=None) -> Dict:
         """Panoptic: the official focal and dice losses on the main layer's matched masks ("loss_mask",

@@ -10,9 +10,33 @@ import jax.numpy as jnp
 from detr_jax.ops import box_ops
 
 BBOX_LOSS_TYPES = ("l1", "smooth_l1")  # config.loss.bbox_loss_type
+CLASS_TARGETS = ("hard", "iou")  # config.loss.class_target (`class_quality`)
 
 
-def _label_losses(pred_logits, indices, targets, *, num_classes, eos_coef, shares=None):
+def class_quality(pred_boxes, indices, targets, *, alpha):
+    """IoU-aware class targets (config.loss.class_target "iou"): each matched pair's target probability of its
+    class, IoU(query's box, its object's box) ** alpha, a constant of the loss (no gradient reaches the boxes
+    through it). The cross-entropy then trains the class score toward the box's quality and no-object toward the
+    rest, so scores rank detections by placement; the unmatched queries' target (no-object) is unchanged.
+
+    Why this shape for a softmax over classes + no-object: the score DETR ranks by is p(class) (no-object dropped),
+    so that is the probability to tie to the IoU; the remainder goes to no-object, never to another class, so the
+    argmax among the classes stays the hard target's. At IoU 1 it is the hard target. alpha < 1 lifts low IoUs
+    (0.1 ** 0.25 = 0.56), so early in training, with poor boxes, matched queries still learn their class.
+
+    Args:
+      pred_boxes: [B, N, 4] cxcywh normalised.
+      indices: int32 [B, M] matched query per target slot, -1 where unmatched.
+      targets: "boxes" [B, M, 4] cxcywh normalised.
+    Returns:
+      [B, M] in [0, 1] (what unmatched and padded slots hold is never used).
+    """
+    src = jnp.take_along_axis(pred_boxes, jnp.maximum(indices, 0)[..., None], axis=1)  # [B, M, 4]
+    iou = box_ops.elementwise_box_iou(box_ops.box_cxcywh_to_xyxy(src), box_ops.box_cxcywh_to_xyxy(targets["boxes"]))
+    return jax.lax.stop_gradient(jnp.clip(iou, 0.0, 1.0) ** alpha)
+
+
+def _label_losses(pred_logits, indices, targets, *, num_classes, eos_coef, shares=None, quality=None):
     """Weighted cross-entropy over all queries, plus class error of the matched ones.
 
     Args:
@@ -22,6 +46,8 @@ def _label_losses(pred_logits, indices, targets, *, num_classes, eos_coef, share
       shares: None, or this micro-batch's part of a global batch (`Criterion.normalisers`): "ce_weight" and
         "num_matched" of the whole batch and "share" (this micro-batch's fraction of its images); both values are
         then this micro-batch's shares, which add up over the micro-batches to the global batch's.
+      quality: None (the hard target), or [B, M] each matched pair's target probability of its class
+        (`class_quality`), no-object's being the rest; a matched query's weight stays 1.
     Returns:
       (loss_ce, class_error) scalars.
     """
@@ -37,8 +63,12 @@ def _label_losses(pred_logits, indices, targets, *, num_classes, eos_coef, share
 
     # Official: F.cross_entropy with class weights (1, ..., 1, eos_coef) is the weighted
     # mean sum(w * nll) / sum(w), so no-object queries count eos_coef times as much.
+    target_quality = None
+    if quality is not None:  # [B, N]: 1 on unmatched queries (their target is no-object either way)
+        target_quality = jnp.ones((batch_size, num_queries), quality.dtype).at[image, query].set(quality, mode="drop")
     loss_ce = weighted_cross_entropy(pred_logits, target_classes, num_classes=num_classes, eos_coef=eos_coef,
-                                     normaliser=None if shares is None else shares["ce_weight"])
+                                     normaliser=None if shares is None else shares["ce_weight"],
+                                     quality=target_quality)
 
     # Top-1 accuracy of matched queries; official `accuracy` gives 0 with no targets,
     # hence class_error 100.
@@ -77,14 +107,19 @@ def _box_losses(pred_boxes, indices, targets, *, num_boxes, bbox_loss_type):
     return paired_box_losses(src_boxes, tgt_boxes, matched, num_boxes, bbox_loss_type)
 
 
-def weighted_cross_entropy(pred_logits, target_classes, *, num_classes, eos_coef, valid=None, normaliser=None):
+def weighted_cross_entropy(pred_logits, target_classes, *, num_classes, eos_coef, valid=None, normaliser=None,
+                           quality=None):
     """The official class-weighted CE: sum(w * nll) / sum(w), no-object (index num_classes) weighted eos_coef.
 
     pred_logits [..., C + 1], target_classes int [...]; `valid` bool [...] drops entries (weight 0).
     `normaliser`: sum(w) of the whole global batch when this is one of its micro-batches (else this sum(w)).
+    `quality` [...]: a soft target, q on the target class and 1 - q on no-object (the weight stays the target
+    class's); None: q = 1, the hard target.
     """
     log_prob = jax.nn.log_softmax(pred_logits, axis=-1)
     nll = -jnp.take_along_axis(log_prob, target_classes[..., None], axis=-1)[..., 0]
+    if quality is not None:
+        nll = quality * nll - (1.0 - quality) * log_prob[..., num_classes]
     weight = jnp.where(target_classes == num_classes, eos_coef, 1.0)
     if valid is not None:
         weight = weight * valid
@@ -107,7 +142,7 @@ def paired_box_losses(src_boxes, tgt_boxes, valid, normaliser, bbox_loss_type):
 
 
 def set_losses(outputs, targets, indices, *, num_classes, eos_coef, ce_loss_coef, bbox_loss_coef, giou_loss_coef,
-               bbox_loss_type="l1", num_boxes=None, shares=None):
+               bbox_loss_type="l1", num_boxes=None, shares=None, quality=None):
     """DETR's set losses for the last decoder layer and every auxiliary one, given the matching.
 
     Args:
@@ -127,6 +162,8 @@ def set_losses(outputs, targets, indices, *, num_classes, eos_coef, ce_loss_coef
       shares: None, or (gradient accumulation) the global batch's normalisers ("ce_weight", "num_matched",
         "share": see `_label_losses`) when this is one micro-batch of it: every returned value is then this
         micro-batch's share, and the micro-batches' shares add up to the global batch's values.
+      quality: None (hard class targets), or [L, B, M] each layer's matched pairs' soft class targets
+        (`class_quality`).
     Returns:
       dict of scalars: "loss" (weighted total over all layers), "loss_ce", "loss_bbox", "loss_giou",
       "cardinality_error", "class_error" for the last layer, and "loss_ce_i", "loss_bbox_i", "loss_giou_i",
@@ -146,7 +183,8 @@ def set_losses(outputs, targets, indices, *, num_classes, eos_coef, ce_loss_coef
     for layer in range(len(layers)):
         suffix = "" if layer == len(layers) - 1 else f"_{layer}"
         loss_ce, class_error = _label_losses(pred_logits[layer], indices[layer], targets,
-                                             num_classes=num_classes, eos_coef=eos_coef, shares=shares)
+                                             num_classes=num_classes, eos_coef=eos_coef, shares=shares,
+                                             quality=None if quality is None else quality[layer])
         loss_bbox, loss_giou = _box_losses(pred_boxes[layer], indices[layer], targets,
                                            num_boxes=num_boxes, bbox_loss_type=bbox_loss_type)
         losses["loss_ce" + suffix] = loss_ce

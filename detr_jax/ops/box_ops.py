@@ -94,3 +94,8 @@ def elementwise_generalized_box_iou(boxes1, boxes2):
       [...] GIoU of boxes1[i] with boxes2[i].
     """
     return _generalized_iou(boxes1, boxes2)
+
+
+def elementwise_box_iou(boxes1, boxes2):
+    """IoU of matched pairs: [..., 4] xyxy x [..., 4] xyxy (same shape and units) -> [...] in [0, 1]."""
+    return _iou_and_union(boxes1, boxes2)[0]

@@ -37,14 +37,16 @@ def save_checkpoint(manager, step: int, state: TrainState, loader: Loader, confi
     return manager.save(step, args=ocp.args.Composite(
         state=ocp.args.StandardSave(state),
         meta=ocp.args.JsonSave({"loader": loader.get_state(), "model": model_signature(config), "step": step,
-                                "total_steps": total_steps})),
+                                "total_steps": total_steps, "ema": "ema" in state})),
         force=force)
 
 
 def restore_checkpoint(manager, state: TrainState, config, mesh) -> Tuple[TrainState, Optional[Dict], int]:
     """Resume from the latest checkpoint if there is one; refuses a checkpoint of another model config.
 
-    Returns (state, the checkpoint's meta {"loader", "model", "step", "total_steps"} or None, step)."""
+    The parameters' EMA (config.ema) may be turned on or off between starts: a checkpoint without one starts it at
+    its parameters, and one that has it while config.ema.decay is 0 drops it (each said in a warning).
+    Returns (state, the checkpoint's meta {"loader", "model", "step", "total_steps", "ema"} or None, step)."""
     step = manager.latest_step()
     if step is None:
         return state, None, 0
@@ -54,7 +56,18 @@ def restore_checkpoint(manager, state: TrainState, config, mesh) -> Tuple[TrainS
         raise ValueError(f"the checkpoint in {manager.directory} (step {step}) is of another model config "
                          f"(checkpoint vs config: {diff}); use another --workdir or the matching config")
     repl = sharding.replicated(mesh)
-    abstract = jax.tree_util.tree_map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=repl), state)
+    saved_ema, want_ema = bool(meta.get("ema", False)), "ema" in state  # .get: checkpoints older than the EMA
+    template = {k: v for k, v in state.items() if k != "ema"}
+    if saved_ema:
+        template["ema"] = state["params"]
+    abstract = jax.tree_util.tree_map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=repl), template)
     restored = manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract)))["state"]
+    if want_ema and not saved_ema:
+        logger.warning("the checkpoint at step %d has no parameter EMA: config.ema starts it from its parameters",
+                       step)
+        restored["ema"] = jax.tree_util.tree_map(lambda x: x.copy(), restored["params"])
+    elif saved_ema and not want_ema:
+        logger.warning("config.ema.decay is 0: the checkpoint's parameter EMA (step %d) is not kept", step)
+        del restored["ema"]
     logger.info("resumed from %s at step %d", manager.directory, step)
     return restored, meta, step

@@ -273,8 +273,9 @@ class _Run:
         if self.evaluator is not None and config.eval_every and step % config.eval_every == 0 \
                 and step != self.total_steps:
             eval_metrics = self._evaluate()
-            self.metric_logger.write(step, eval_metrics,
-                                     "eval " + " ".join(f"{k} {v:.4f}" for k, v in eval_metrics.items()))
+            self.metric_logger.write(step, eval_metrics, ("eval (EMA weights; eval_raw_: the trained ones) " if "ema" in
+                                                          self.state else "eval ")
+                                     + " ".join(f"{k} {v:.4f}" for k, v in eval_metrics.items()))
             self._window["t"] = time.time()
 
     def _finish(self) -> Dict[str, float]:
@@ -291,10 +292,18 @@ class _Run:
         return final
 
     def _evaluate(self, draw: bool = False) -> Dict[str, float]:
-        """The logged evaluation metrics of the state's detector ("eval_AP" ... or, panoptic, "eval_PQ" ...)."""
-        variables = detector_variables(self.state["params"], self.state["frozen"])
-        metrics = self.evaluator.evaluate(variables, os.path.join(self.workdir, "eval"), self.step, draw=draw)
-        return {f"eval_{k}": metrics[k] for k in self.evaluator.LOGGED if k in metrics}
+        """The logged evaluation metrics of the state's detector ("eval_AP" ... or, panoptic, "eval_PQ" ...). With a
+        parameter EMA (config.ema) those are the EMA's, the main ones, and "eval_raw_AP" ... the trained
+        parameters' (their results in eval/raw/)."""
+        out = os.path.join(self.workdir, "eval")
+        main = self.state.get("ema", self.state["params"])
+        metrics = self.evaluator.evaluate(detector_variables(main, self.state["frozen"]), out, self.step, draw=draw)
+        logged = {f"eval_{k}": metrics[k] for k in self.evaluator.LOGGED if k in metrics}
+        if "ema" in self.state:
+            raw = self.evaluator.evaluate(detector_variables(self.state["params"], self.state["frozen"]),
+                                          os.path.join(out, "raw"), self.step)
+            logged.update({f"eval_raw_{k}": raw[k] for k in self.evaluator.LOGGED if k in raw})
+        return logged
 
     # ---- leaving -------------------------------------------------------------------------------------------
     def _save_before_leaving(self) -> None:

@@ -277,7 +277,8 @@ def plan(config: ml_collections.ConfigDict, topology: str, batch_per_chip: Optio
       "eval_peak_bytes" (per chip; a program the compiler refused as too large: the temporaries it reported,
       a lower bound), "hbm_bytes", "fits", "train_flops", "eval_flops" (per chip per step; None when refused),
       "compile_s" (train + eval), "out_of_memory" (the compiler's refusal, else None), "largest_batch_per_chip"
-      (None without `search`), "figures" ("compiled for TPU, not run").
+      (None without `search`), "search_peaks" ({batch per chip: train peak bytes per chip} of every batch the
+      search compiled; a refused one at HBM + 1), "figures" ("compiled for TPU, not run").
     """
     devices = topology_devices(topology)
     kind = devices[0].device_kind
@@ -317,7 +318,7 @@ def plan(config: ml_collections.ConfigDict, topology: str, batch_per_chip: Optio
         "eval_flops": _per_chip(evaluation["flops"], per_chip),
         "compile_s": round(train["compile_s"] + evaluation["compile_s"], 1),
         "out_of_memory": train["out_of_memory"] or evaluation["out_of_memory"],
-        "largest_batch_per_chip": None, "figures": "compiled for TPU, not run"}
+        "largest_batch_per_chip": None, "search_peaks": None, "figures": "compiled for TPU, not run"}
     result["fits"] = not result["out_of_memory"] and fits(result["train_peak_bytes"], result["eval_peak_bytes"], hbm)
     if search:
         def peak_at(b):  # a train step the compiler refuses does not fit, whatever its lower bound says
@@ -326,8 +327,9 @@ def plan(config: ml_collections.ConfigDict, topology: str, batch_per_chip: Optio
             return max(peak, hbm + 1) if compiled["out_of_memory"] else peak
 
         known = max(result["train_peak_bytes"], hbm + 1) if train["out_of_memory"] else result["train_peak_bytes"]
-        result["largest_batch_per_chip"] = largest_batch_per_chip(peak_at, batch_per_chip, unit, hbm,
-                                                                  known={batch_per_chip: known})
+        peaks = {batch_per_chip: known}
+        result["largest_batch_per_chip"] = largest_batch_per_chip(peak_at, batch_per_chip, unit, hbm, known=peaks)
+        result["search_peaks"] = {b: peaks[b] for b in sorted(peaks)}
     return result
 
 
@@ -341,8 +343,9 @@ def largest_batch_per_chip(peak_at, start: int, unit: int, hbm_bytes: int,
     crosses `hbm_bytes`; probing there and one step above closes the bracket [largest that fits, smallest that does
     not] in ~4 compiles. A wrong prediction only costs probes: the next candidate is always strictly inside the
     bracket (the midpoint when the line says nothing new), so the search ends with the exact boundary, assuming
-    only that a batch fits whenever a larger one does."""
-    peaks = dict(known or {})
+    only that a batch fits whenever a larger one does. `known`: {batch: peak} already compiled, filled in place with
+    every probe."""
+    peaks = known if known is not None else {}  # filled in place: the caller sees every probe
 
     def peak(b):
         if b not in peaks:

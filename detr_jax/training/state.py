@@ -19,7 +19,7 @@ from detr_jax.models.detr import parameter_groups
 from detr_jax.models.segmentation import DETRsegm, segm_parameter_groups
 from detr_jax.weights.official import load_pretrained
 
-TrainState = Dict[str, Any]  # {"step", "params", "frozen", "opt_state", "nonfinite_step"}
+TrainState = Dict[str, Any]  # {"step", "params", "frozen", "opt_state", "nonfinite_step"[, "ema"]}
 
 
 def learning_rate_schedule(base_lr: float, config: ml_collections.ConfigDict, total_steps: int,
@@ -84,7 +84,8 @@ def create_train_state(config: ml_collections.ConfigDict, model: DETRWithAids, t
     Parameter shapes do not depend on the image size, so a small `sample_hw` initialises them.
     `pretrained_detector`: when config.init.detr_checkpoint names a detr_jax work directory, its detector's
     {"params", "frozen"} (read by the caller with `checkpoints.load_workdir_checkpoint`).
-    Returns (state, tx, schedules): state {"step", "params", "frozen", "opt_state", "nonfinite_step"}.
+    Returns (state, tx, schedules): state {"step", "params", "frozen", "opt_state", "nonfinite_step"}, and "ema"
+    (the parameters' moving average, starting at the parameters) when config.ema.decay > 0.
     """
     x = jnp.zeros((1,) + tuple(sample_hw) + (3,), jnp.float32)
     variables = jax.jit(model.init)(jax.random.PRNGKey(config.seed), x)
@@ -102,7 +103,18 @@ def create_train_state(config: ml_collections.ConfigDict, model: DETRWithAids, t
     tx, schedules = build_optimizer(config, params, total_steps, steps_per_epoch)
     state = {"step": jnp.zeros((), jnp.int32), "params": params, "frozen": frozen, "opt_state": tx.init(params),
              "nonfinite_step": jnp.full((), -1, jnp.int32)}
+    if config.ema.decay > 0:
+        state["ema"] = jax.tree_util.tree_map(jnp.array, params)  # a copy: the step donates both
     return state, tx, schedules
+
+
+def ema_decay(config: ml_collections.ConfigDict, updates):
+    """The EMA's decay after `updates` updates (int array): config.ema.decay, times 1 - exp(-updates / warmup_steps)
+    with a warm-up (RT-DETR's), so the average follows the parameters closely at first."""
+    decay = jnp.float32(config.ema.decay)
+    if config.ema.warmup_steps > 0:
+        decay = decay * (1.0 - jnp.exp(-updates.astype(jnp.float32) / config.ema.warmup_steps))
+    return decay
 
 
 def _replace(tree: Dict, path: Tuple[str, ...], value) -> Dict:

@@ -18,7 +18,7 @@ from detr_jax.data.transforms import normalize_images
 from detr_jax.models.aids import DETRWithAids, token_grid
 from detr_jax.models.backbone import FROZEN_COLLECTION, downsample_mask
 from detr_jax.ops import sharding
-from detr_jax.training.state import TrainState
+from detr_jax.training.state import TrainState, ema_decay
 
 
 def make_train_step(model: DETRWithAids, tx, config: ml_collections.ConfigDict, mesh) -> Callable:
@@ -30,7 +30,8 @@ def make_train_step(model: DETRWithAids, tx, config: ml_collections.ConfigDict, 
     official all_reduce(num_boxes) / world_size with DDP's gradient averaging gives the same).
 
     A non-finite loss or gradient leaves the parameters as they were and records its step in
-    state["nonfinite_step"]; the loop stops on it (`loop.check_finite`).
+    state["nonfinite_step"]; the loop stops on it (`loop.check_finite`). A state with "ema" (config.ema) also
+    updates the parameters' moving average (`state.ema_decay`).
     """
     criterion = Criterion.from_config(config, model, mesh)
     # backbone_norm "batch": training updates the running statistics in the "frozen" collection.
@@ -86,6 +87,9 @@ def make_train_step(model: DETRWithAids, tx, config: ml_collections.ConfigDict, 
                      "frozen": keep(frozen, state["frozen"]), "opt_state": keep(opt_state, state["opt_state"]),
                      "nonfinite_step": jnp.where(finite | (state["nonfinite_step"] >= 0), state["nonfinite_step"],
                                                  state["step"])}
+        if "ema" in state:  # the parameters' moving average, of the parameters this step keeps
+            decay = ema_decay(config, state["step"] + 1)
+            new_state["ema"] = keep(optax.incremental_update(params, state["ema"], 1.0 - decay), state["ema"])
         metrics = dict(terms, grad_norm=grad_norm, num_boxes=batch["mask"].sum())
         return new_state, metrics
 

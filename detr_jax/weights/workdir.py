@@ -2,6 +2,7 @@
 for evaluation, inference, export and the panoptic recipe's second stage."""
 
 import json
+import logging
 import os
 from typing import Dict, List, Optional
 
@@ -11,6 +12,8 @@ import orbax.checkpoint as ocp
 from detr_jax.models import build_inference_model
 from detr_jax.models.aids import MODEL
 
+logger = logging.getLogger(__name__)
+
 
 def detector_variables(params, frozen) -> Dict:
     """The detector's variables {"params", "frozen"} inside a training state of a `DETRWithAids` (what evaluation,
@@ -18,9 +21,10 @@ def detector_variables(params, frozen) -> Dict:
     return {"params": params[MODEL], "frozen": frozen.get(MODEL, {})}
 
 
-def load_workdir_checkpoint(workdir: str, step: Optional[int] = None):
+def load_workdir_checkpoint(workdir: str, step: Optional[int] = None, raw_weights: bool = False):
     """(config, the plain `DETR`, its variables {"params", "frozen"}) from a training work directory (its config.json
-    and orbax checkpoints)."""
+    and orbax checkpoints): the parameters' EMA when the run kept one (config.ema), unless `raw_weights` (then, and
+    in a run without EMA, the trained parameters)."""
     config_path = os.path.join(workdir, "config.json")
     if not os.path.isfile(config_path):
         raise FileNotFoundError(f"{workdir} is not a detr_jax work directory: no config.json in it")
@@ -35,7 +39,11 @@ def load_workdir_checkpoint(workdir: str, step: Optional[int] = None):
     if "training_aids" not in config or "model" not in state["params"]:
         raise ValueError(f"{workdir} was written by an older detr_jax (before the detector's parameters moved under "
                          "'model'); train it again, or evaluate it with that version")
-    return config, build_inference_model(config), detector_variables(state["params"], state["frozen"])
+    params = state["params"] if raw_weights or "ema" not in state else state["ema"]
+    if "ema" in state:
+        logger.info("%s (step %d): the %s", workdir, step, "trained parameters (--raw_weights), not their EMA"
+                    if raw_weights else "parameters' EMA (config.ema; --raw_weights: the trained parameters)")
+    return config, build_inference_model(config), detector_variables(params, state["frozen"])
 
 
 # The config.model fields that make a detector's parameters (or what they mean): what fine-tuning from a work

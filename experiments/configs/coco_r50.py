@@ -26,6 +26,11 @@ def get_config(arg: str = ""):
     #   --config.training_aids.dn_groups=2 [--config.training_aids.dn_negatives=True]
     # Each group decodes data.max_objects (100) more queries in training; evaluation is unchanged (docs/denoising.md).
     config.training_aids.dn_groups = 0
+    # Off, as in the official recipe (config.py says what each does). To turn them on:
+    #   --config.ema.decay=0.9999 --config.ema.warmup_steps=2000   (a parameter EMA, RT-DETR's values)
+    #   --config.loss.class_target=iou                            (IoU-aware class targets)
+    config.ema.decay = 0.0
+    config.loss.class_target = "hard"
     if arg == "smoke":
         smoke(config)
     elif arg:
