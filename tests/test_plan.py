@@ -124,9 +124,10 @@ def test_the_largest_batch_search_closes_the_bracket_exactly(peak):
             assert found == max(fitting, default=0), (hbm, unit)
             assert len(probed) == len(set(probed)) and all(b % unit == 0 for b in probed)
             assert len(probed) <= 12, probed
-    probed = []
-    largest_batch_per_chip(lambda b: probed.append(b) or 3e9 + 0.7e9 * b, 2, 1, 16e9, known={2: 3e9 + 1.4e9})
+    probed, known = [], {2: 3e9 + 1.4e9}
+    largest_batch_per_chip(lambda b: probed.append(b) or 3e9 + 0.7e9 * b, 2, 1, 16e9, known=known)
     assert len(probed) <= 3, probed  # a linear peak: the line, then both sides of the boundary
+    assert known == {b: 3e9 + 0.7e9 * b for b in [2] + probed}  # every probe is the plan's "search_peaks"
 
 
 @pytest.mark.parametrize("args, message", [

@@ -270,7 +270,8 @@ def _ema_config(unit, decay=0.9, warmup_steps=2):
 def _ema_step(config, unit):
     """The EMA config's step and its state at the unit's initial parameters (the EMA starting there)."""
     step, state = _step_for(config, unit)
-    return step, dict(state, ema=jax.device_put(unit.initial["params"], sharding.replicated(unit.mesh)))
+    ema = {"params": unit.initial["params"], "frozen": unit.initial["frozen"]}
+    return step, dict(state, ema=jax.device_put(ema, sharding.replicated(unit.mesh)))
 
 
 def test_the_ema_follows_its_recurrence_and_changes_no_training_step(unit):
@@ -292,7 +293,7 @@ def test_the_ema_follows_its_recurrence_and_changes_no_training_step(unit):
             {k: float(v) for k, v in jax.device_get(plain_metrics).items()}
         d = 0.9 * (1.0 - np.exp(-n / 2))
         expected = {k: d * expected[k] + (1 - d) * params[k] for k in params}
-        ema = _flat(jax.device_get(state["ema"]))
+        ema = _flat(jax.device_get(state["ema"]["params"]))
         for k in params:
             np.testing.assert_allclose(ema[k], expected[k], rtol=1e-6, atol=1e-7, err_msg=f"step {n} {k}")
     assert float(ema_decay(config, np.int32(2))) == pytest.approx(0.9 * (1 - np.exp(-1.0)), rel=1e-6)  # n = warm-up
@@ -338,8 +339,9 @@ def test_a_checkpoint_resumes_the_ema_exactly_and_the_ema_may_be_turned_on_or_of
     on, meta, _ = restore_checkpoint(manager, template, config, unit.mesh)
     manager.close()
     assert meta["ema"] is False
-    for k, v in _flat(jax.device_get(on["params"])).items():
-        np.testing.assert_array_equal(_flat(jax.device_get(on["ema"]))[k], v, err_msg=str(k))
+    for part in ("params", "frozen"):
+        for k, v in _flat(jax.device_get(on[part])).items():
+            np.testing.assert_array_equal(_flat(jax.device_get(on["ema"][part]))[k], v, err_msg=f"{part} {k}")
 
 
 def test_a_run_with_ema_evaluates_both_weights_and_its_work_directory_gives_the_ema(ema_run):
@@ -368,7 +370,7 @@ def test_a_run_with_ema_evaluates_both_weights_and_its_work_directory_gives_the_
     manager = ocp.CheckpointManager(os.path.join(workdir, "checkpoints"))
     saved = manager.restore(EMA_STEPS, args=ocp.args.Composite(state=ocp.args.StandardRestore()))["state"]
     manager.close()
-    ema, raw = _flat(saved["ema"]["model"]), _flat(saved["params"]["model"])
+    ema, raw = _flat(saved["ema"]["params"]["model"]), _flat(saved["params"]["model"])
     assert any(not np.array_equal(ema[k], raw[k]) for k in raw)
 
     def same(variables, expected):
@@ -655,9 +657,11 @@ def test_denoising_noise_follows_the_seed_and_step_and_leaves_the_matching_losse
 
 def test_batch_norm_backbone_step_updates_the_running_statistics(unit):
     """backbone_norm "batch": the step's new "frozen" statistics are those of a training-mode forward on the
-    batch (momentum 0.1, torch's rule), the parameters still update, and a non-finite step keeps both."""
+    batch (momentum 0.1, torch's rule), the parameters still update, the EMA (config.ema) averages the statistics
+    too, and a non-finite step keeps all of them."""
     config = copy.deepcopy(unit.config)
     config.model.update(backbone_norm="batch", train_stem=True)
+    config.ema.decay = 0.5  # and the EMA averages the statistics too
     model = build_training_model(config)
     initial, tx, _ = create_train_state(config, model, total_steps=1000, steps_per_epoch=1)
     initial = jax.device_get(initial)
@@ -675,11 +679,17 @@ def test_batch_norm_backbone_step_updates_the_running_statistics(unit):
         assert np.abs(got[k] - before[k]).max() > 0, "/".join(k)
         np.testing.assert_allclose(got[k], want[k], rtol=1e-4, atol=1e-5, err_msg="/".join(k))
     assert _flat(state["params"])[("model", "backbone", "bn1", "scale")].shape == (64,)
+    ema = _flat(state["ema"]["frozen"])
+    for k in want:
+        np.testing.assert_allclose(ema[k], 0.5 * before[k] + 0.5 * got[k], rtol=1e-6, atol=1e-7, err_msg="/".join(k))
 
     poisoned = dict(unit.local_batch, images=np.full_like(unit.images, np.nan))
+    state_ema = jax.device_get(state["ema"])  # the step donates its input
     bad, _ = step(state, sharding.global_batch(poisoned, unit.mesh))
     for k, v in _flat(bad["frozen"]).items():
         np.testing.assert_array_equal(v, got[k], err_msg="/".join(k))
+    for k, v in _flat(bad["ema"]).items():  # the EMA too
+        np.testing.assert_array_equal(v, _flat(state_ema)[k], err_msg="/".join(k))
 
 
 def test_a_lost_process_stops_the_others_naming_it_and_the_run_resumes(tmp_path):

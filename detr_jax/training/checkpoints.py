@@ -59,13 +59,14 @@ def restore_checkpoint(manager, state: TrainState, config, mesh) -> Tuple[TrainS
     saved_ema, want_ema = bool(meta.get("ema", False)), "ema" in state  # .get: checkpoints older than the EMA
     template = {k: v for k, v in state.items() if k != "ema"}
     if saved_ema:
-        template["ema"] = state["params"]
+        template["ema"] = {"params": state["params"], "frozen": state["frozen"]}
     abstract = jax.tree_util.tree_map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=repl), template)
     restored = manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract)))["state"]
     if want_ema and not saved_ema:
         logger.warning("the checkpoint at step %d has no parameter EMA: config.ema starts it from its parameters",
                        step)
-        restored["ema"] = jax.tree_util.tree_map(lambda x: x.copy(), restored["params"])
+        restored["ema"] = jax.tree_util.tree_map(lambda x: x.copy(), {"params": restored["params"],
+                                                                       "frozen": restored["frozen"]})
     elif saved_ema and not want_ema:
         logger.warning("config.ema.decay is 0: the checkpoint's parameter EMA (step %d) is not kept", step)
         del restored["ema"]

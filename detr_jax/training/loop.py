@@ -296,8 +296,8 @@ class _Run:
         parameter EMA (config.ema) those are the EMA's, the main ones, and "eval_raw_AP" ... the trained
         parameters' (their results in eval/raw/)."""
         out = os.path.join(self.workdir, "eval")
-        main = self.state.get("ema", self.state["params"])
-        metrics = self.evaluator.evaluate(detector_variables(main, self.state["frozen"]), out, self.step, draw=draw)
+        main = self.state.get("ema", self.state)
+        metrics = self.evaluator.evaluate(detector_variables(main["params"], main["frozen"]), out, self.step, draw=draw)
         logged = {f"eval_{k}": metrics[k] for k in self.evaluator.LOGGED if k in metrics}
         if "ema" in self.state:
             raw = self.evaluator.evaluate(detector_variables(self.state["params"], self.state["frozen"]),

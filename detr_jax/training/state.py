@@ -85,7 +85,8 @@ def create_train_state(config: ml_collections.ConfigDict, model: DETRWithAids, t
     `pretrained_detector`: when config.init.detr_checkpoint names a detr_jax work directory, its detector's
     {"params", "frozen"} (read by the caller with `checkpoints.load_workdir_checkpoint`).
     Returns (state, tx, schedules): state {"step", "params", "frozen", "opt_state", "nonfinite_step"}, and "ema"
-    (the parameters' moving average, starting at the parameters) when config.ema.decay > 0.
+    {"params", "frozen"} (the moving average, starting at the parameters; the batch-norm statistics averaged too
+    when training updates them) when config.ema.decay > 0.
     """
     x = jnp.zeros((1,) + tuple(sample_hw) + (3,), jnp.float32)
     variables = jax.jit(model.init)(jax.random.PRNGKey(config.seed), x)
@@ -104,7 +105,7 @@ def create_train_state(config: ml_collections.ConfigDict, model: DETRWithAids, t
     state = {"step": jnp.zeros((), jnp.int32), "params": params, "frozen": frozen, "opt_state": tx.init(params),
              "nonfinite_step": jnp.full((), -1, jnp.int32)}
     if config.ema.decay > 0:
-        state["ema"] = jax.tree_util.tree_map(jnp.array, params)  # a copy: the step donates both
+        state["ema"] = jax.tree_util.tree_map(jnp.array, {"params": params, "frozen": frozen})  # copies: donated
     return state, tx, schedules
 
 

@@ -87,9 +87,12 @@ def make_train_step(model: DETRWithAids, tx, config: ml_collections.ConfigDict, 
                      "frozen": keep(frozen, state["frozen"]), "opt_state": keep(opt_state, state["opt_state"]),
                      "nonfinite_step": jnp.where(finite | (state["nonfinite_step"] >= 0), state["nonfinite_step"],
                                                  state["step"])}
-        if "ema" in state:  # the parameters' moving average, of the parameters this step keeps
+        if "ema" in state:  # the moving average of what this step keeps (batch-norm statistics too, when trained)
             decay = ema_decay(config, state["step"] + 1)
-            new_state["ema"] = keep(optax.incremental_update(params, state["ema"], 1.0 - decay), state["ema"])
+            average = lambda new, old: optax.incremental_update(new, old, 1.0 - decay)  # noqa: E731
+            ema = {"params": average(params, state["ema"]["params"]),
+                   "frozen": average(frozen, state["ema"]["frozen"]) if mutable else frozen}
+            new_state["ema"] = keep(ema, state["ema"])
         metrics = dict(terms, grad_norm=grad_norm, num_boxes=batch["mask"].sum())
         return new_state, metrics
 

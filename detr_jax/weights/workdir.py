@@ -39,11 +39,11 @@ def load_workdir_checkpoint(workdir: str, step: Optional[int] = None, raw_weight
     if "training_aids" not in config or "model" not in state["params"]:
         raise ValueError(f"{workdir} was written by an older detr_jax (before the detector's parameters moved under "
                          "'model'); train it again, or evaluate it with that version")
-    params = state["params"] if raw_weights or "ema" not in state else state["ema"]
+    weights = state if raw_weights or "ema" not in state else state["ema"]
     if "ema" in state:
         logger.info("%s (step %d): the %s", workdir, step, "trained parameters (--raw_weights), not their EMA"
                     if raw_weights else "parameters' EMA (config.ema; --raw_weights: the trained parameters)")
-    return config, build_inference_model(config), detector_variables(params, state["frozen"])
+    return config, build_inference_model(config), detector_variables(weights["params"], weights.get("frozen", {}))
 
 
 # The config.model fields that make a detector's parameters (or what they mean): what fine-tuning from a work
