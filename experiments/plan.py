@@ -30,7 +30,7 @@ _TOPOLOGY = flags.DEFINE_string("topology", None, "The TPU slice, GENERATION:SHA
 _BATCH_PER_CHIP = flags.DEFINE_integer("batch_per_chip", None, "Images per chip per step (default: "
                                        "config.batch_size / chips).", lower_bound=1)
 _SEARCH = flags.DEFINE_bool("search_batch", False, "Also find the largest batch per chip whose train step fits, by "
-                            "compiling (doubling, then bisecting).")
+                            "compiling (where the compiled peaks' line crosses the memory, then both sides of it).")
 _HBM_GIB = flags.DEFINE_float("hbm_gib", None, "Memory per chip in GiB (default: the device kind's HBM).",
                               lower_bound=0.001)
 _OUT = flags.DEFINE_string("out", None, "Write the plan as JSON to this file.")
@@ -40,11 +40,10 @@ def main(argv):
     del argv
     quiet_logs()
     config = config_value(_CONFIG, sys.argv)
-    from detr_jax.config import check_config
     from detr_jax.training import plan as planning
 
     try:
-        check_config(config)
+        planning.check_plan_config(config)
         result = planning.plan(config, _TOPOLOGY.value, batch_per_chip=_BATCH_PER_CHIP.value, search=_SEARCH.value,
                                hbm_bytes=int(_HBM_GIB.value * planning.GIB) if _HBM_GIB.value else None)
     except ValueError as e:  # PlanError and check_config's: one line naming the argument

@@ -195,3 +195,21 @@ def test_a_cpu_run_that_would_not_fit_in_memory_stops_before_training_in_one_lin
     errors = [line for line in run.stderr().splitlines() if line.startswith("E") and "] " in line]
     assert len(errors) == 1 and "the train step at the largest bucket (64x64, batch 8) needs" in errors[0], errors
     assert "0.0 GiB available" in errors[0] and not os.path.exists(tmp_path / "run" / "metrics.jsonl")
+
+
+def test_the_mask_head_stage_is_planned_without_its_detector_checkpoint():
+    """coco_r50_panoptic.py's stage 2 trains only with a trained detector (check_config refuses it without one), but
+    a plan reads no weights: planning it needs none."""
+    import importlib.util
+
+    from detr_jax.config import check_config
+    from detr_jax.training.plan import check_plan_config
+
+    spec = importlib.util.spec_from_file_location(
+        "coco_r50_panoptic", os.path.join(REPO, "experiments", "configs", "coco_r50_panoptic.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    config = module.get_config()
+    with pytest.raises(ValueError, match="init.detr_checkpoint must be the trained detector"):
+        check_config(config)
+    check_plan_config(config)

@@ -28,9 +28,10 @@ import ml_collections
 import numpy as np
 from jax.sharding import Mesh
 
+from detr_jax.config import check_config
 from detr_jax.data import data_buckets
 from detr_jax.data.batching import choose_bucket, collate
-from detr_jax.data.transforms import make_eval_transforms, make_train_transforms
+from detr_jax.data.transforms import make_eval_transforms, make_train_transforms, normalize_images
 from detr_jax.models import build_inference_model, build_training_model
 from detr_jax.ops import sharding
 from detr_jax.training.state import create_train_state
@@ -166,6 +167,14 @@ def _flops(compiled) -> float:
     return float(cost.get("flops", float("nan")))
 
 
+def check_plan_config(config: ml_collections.ConfigDict) -> None:
+    """`config.check_config` for a plan, in place: a plan reads no weights, so the panoptic mask-head stage
+    (`panoptic.freeze_detr`) needs no `init.detr_checkpoint` (a placeholder is set, never read)."""
+    if config.panoptic.enabled and config.panoptic.freeze_detr and not config.init.detr_checkpoint:
+        config.init.detr_checkpoint = "(not read: a plan compiles, it loads no weights)"
+    check_config(config)
+
+
 def _planning_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     """The config without its initial weights (reading checkpoints changes no shape) and without a compilation
     cache (compiling for a TPU topology writes nothing on this host)."""
@@ -204,7 +213,6 @@ def compile_eval_step(config: ml_collections.ConfigDict, mesh: Mesh, global_batc
     repl, sharded = sharding.replicated(mesh), sharding.batch_sharded(mesh)
 
     def forward(variables, images, pixel_mask):
-        from detr_jax.data.transforms import normalize_images
         return model.apply(variables, normalize_images(images, pixel_mask), pixel_mask=pixel_mask)
 
     batch = abstract_batch(config, global_batch, bucket)
