@@ -154,6 +154,16 @@ def _check_grad_accum(config: ml_collections.ConfigDict) -> None:
               "whole batch's)")
 
 
+def _check_class_target_and_ema(config: ml_collections.ConfigDict) -> None:
+    loss, ema = config.loss, config.ema
+    _need(loss.class_target in CLASS_TARGETS, "loss.class_target", loss.class_target,
+          " or ".join(repr(t) for t in CLASS_TARGETS))
+    _need(loss.class_target_alpha > 0, "loss.class_target_alpha", loss.class_target_alpha, "> 0")
+    _need(0 <= ema.decay < 1, "ema.decay", ema.decay, "in [0, 1) (0: no EMA)")
+    _need(isinstance(ema.warmup_steps, int) and ema.warmup_steps >= 0, "ema.warmup_steps", ema.warmup_steps,
+          "an integer >= 0 (0: no warm-up)")
+
+
 def check_config(config: ml_collections.ConfigDict) -> None:
     """Refuse, before any work, values that would fail later or deep inside jax: one ValueError naming the field.
     The allowed values are the constants of the code that uses them."""
@@ -232,9 +242,4 @@ def check_config(config: ml_collections.ConfigDict) -> None:
          pan.mask_loss_points, "an int >= 0 (0: every pixel)")
     need(config.loss.bbox_loss_type in BBOX_LOSS_TYPES, "loss.bbox_loss_type", config.loss.bbox_loss_type,
          either(BBOX_LOSS_TYPES))
-    need(config.loss.class_target in CLASS_TARGETS, "loss.class_target", config.loss.class_target,
-         either(CLASS_TARGETS))
-    need(config.loss.class_target_alpha > 0, "loss.class_target_alpha", config.loss.class_target_alpha, "> 0")
-    need(0 <= config.ema.decay < 1, "ema.decay", config.ema.decay, "in [0, 1) (0: no EMA)")
-    need(isinstance(config.ema.warmup_steps, int) and config.ema.warmup_steps >= 0, "ema.warmup_steps",
-         config.ema.warmup_steps, "an integer >= 0 (0: no warm-up)")
+    _check_class_target_and_ema(config)

@@ -50,3 +50,16 @@ def coco_panoptic_like_dir(tmp_path_factory):
     path = tmp_path_factory.mktemp("tfds_panoptic")
     coco_panoptic_like.prepare(str(path), num_train=16, num_validation=8)
     return str(path)
+
+
+# The files that take longest (minutes: background training runs, many compiles), first. pytest-xdist's
+# `--dist loadfile --no-loadscope-reorder` (the README's test command) hands whole files to its workers in collection
+# order, the first to worker 0, the second to worker 1, ..., so these start at once on different workers rather than
+# one worker finishing a long file alone at the end.
+SLOW_FILES_FIRST = ("test_train.py", "test_config_runs.py", "test_user_errors.py", "test_models.py",
+                    "test_benchmarks.py", "test_evaluate.py", "test_train_parity.py")
+
+
+def pytest_collection_modifyitems(session, config, items):  # pylint: disable=unused-argument
+    rank = {name: i for i, name in enumerate(SLOW_FILES_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: each file keeps its own order

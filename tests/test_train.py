@@ -746,5 +746,13 @@ def test_work_directories_keep_the_layout_of_before_the_package_reorganisation(r
     assert "remat" in config["model"] and "grad_accum_steps" in old["config"]["optimizer"]
     config["model"] = sorted(set(config["model"]) - {"remat"})
     config["optimizer"] = sorted(set(config["optimizer"]) | {"grad_accum_steps"})
+    # The parameter EMA (config.ema; off for a config.json without it: only training reads it) and the class target
+    # (loss.class_target, "hard" without it: only training reads it); the checkpoint's meta says whether its state
+    # holds an EMA (restore_checkpoint: .get, False for a checkpoint without the key).
+    assert config.pop("ema", "missing") == ["decay", "warmup_steps"]
+    assert {"class_target", "class_target_alpha"} <= set(config["loss"])
+    config["loss"] = sorted(set(config["loss"]) - {"class_target", "class_target_alpha"})
+    assert "ema" in new["meta"] and "ema" not in old["meta"]
+    new["meta"] = sorted(set(new["meta"]) - {"ema"})
     new["config"] = config
     assert {k: v for k, v in new.items() if k != "state"} == {k: v for k, v in old.items() if k != "state"}
