@@ -16,6 +16,7 @@ from detr_jax.data.sources import check_data_kwargs
 from detr_jax.data.transforms import COCO_MAX_SIZE, COCO_TRAIN_SCALES
 from detr_jax.models.backbone import BACKBONE_NORMS, RESNET_SPECS
 from detr_jax.models.detr import POSITION_EMBEDDINGS, REMAT_CHOICES
+from detr_jax.ops.xla_flags import FLAG_PATTERN
 
 SCHEDULES = ("step", "cosine", "constant")  # optimizer.schedule (training.state.learning_rate_schedule)
 EVAL_BACKENDS = ("pycocotools", "faster_coco_eval")  # eval_backend: evaluation.coco.EVAL_BACKENDS (not importable here)
@@ -43,6 +44,10 @@ def base_config() -> ml_collections.ConfigDict:
     config.eval_backend = "pycocotools"
     config.half_precision = False  # bfloat16 compute; parameters and optimizer state stay float32
     config.compilation_cache_dir = ""  # jax's persistent compilation cache: "" = <workdir>/jax_cache, "none" = off
+    # XLA flags for this run ("--name=value ..."), added by experiments/train.py to detr_jax's defaults before jax
+    # starts (detr_jax/ops/xla_flags.py); a flag that $XLA_FLAGS names already keeps its value. Each backend reads
+    # only its own (xla_cpu_* on CPU, xla_gpu_* on GPU).
+    config.xla_flags = ""
 
     # The detector: the fields of `detr_jax.models.detr.DETR`.
     config.model = ml_collections.ConfigDict(dict(
@@ -164,6 +169,13 @@ def _check_class_target_and_ema(config: ml_collections.ConfigDict) -> None:
           "an integer >= 0 (0: no warm-up)")
 
 
+def _check_xla_flags(config: ml_collections.ConfigDict) -> None:
+    """config.xla_flags: whitespace-separated --name=value (XLA aborts the process on a malformed flag)."""
+    flags = config.xla_flags
+    _need(isinstance(flags, str) and all(FLAG_PATTERN.fullmatch(f) for f in flags.split()), "xla_flags", flags,
+          "'' or whitespace-separated '--name=value' XLA flags")
+
+
 def check_config(config: ml_collections.ConfigDict) -> None:
     """Refuse, before any work, values that would fail later or deep inside jax: one ValueError naming the field.
     The allowed values are the constants of the code that uses them."""
@@ -243,3 +255,4 @@ def check_config(config: ml_collections.ConfigDict) -> None:
     need(config.loss.bbox_loss_type in BBOX_LOSS_TYPES, "loss.bbox_loss_type", config.loss.bbox_loss_type,
          either(BBOX_LOSS_TYPES))
     _check_class_target_and_ema(config)
+    _check_xla_flags(config)

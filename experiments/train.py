@@ -14,7 +14,7 @@ from absl import app, flags
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # run from a checkout
 
 from detr_jax.cli import config_value, define_config_file, define_multihost_flags, parse_flags, quiet_logs  # noqa: E402 (no jax import)
-from detr_jax.ops.xla_flags import set_process_defaults  # noqa: E402 (no jax import)
+from detr_jax.ops.xla_flags import add_xla_flags, set_process_defaults  # noqa: E402 (no jax import)
 
 set_process_defaults()  # before jax is imported: XLA flags (the user's XLA_FLAGS win) and glibc malloc options
 
@@ -30,6 +30,12 @@ def main(argv):
     del argv
     quiet_logs()  # our progress at INFO; orbax's and jax's chatter only when it is a warning
     config = config_value(_CONFIG, sys.argv)  # a mistyped field or a missing file: one line, before any work
+    if config.xla_flags:  # before jax starts its backend, which reads XLA_FLAGS once
+        try:
+            add_xla_flags(config.xla_flags)  # the training loop's first line shows XLA_FLAGS
+        except ValueError as e:  # a malformed flag, which XLA would answer by aborting the process
+            logging.error("%s", e)
+            sys.exit(1)
     from detr_jax import training  # after flags: jax.distributed must start before any jax call
     from detr_jax.data import ImageReadError
     from detr_jax.data.sources.tfds_coco import MissingPackageError

@@ -186,6 +186,10 @@ def _check_finished(run, steps):
 def test_config_trains_and_evaluates(config_runs, name):
     run = config_runs.get(name).wait_ok()
     _check_finished(run, 2)
+    if name == "default":  # its xla_flags reach XLA (which would abort on a flag it does not know)
+        line = [x for x in run.stderr().splitlines() if "(with config.xla_flags)" in x]
+        assert len(line) == 1 and "--xla_cpu_experimental_ynn_fusion_type=-individual_convolution" in line[0], \
+            run.stderr()[-2000:]
 
 
 def test_coco_r50_smoke_on_one_and_two_processes(config_runs):

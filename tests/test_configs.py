@@ -111,13 +111,17 @@ def test_check_config_refuses_what_the_model_and_the_criterion_trust(field, valu
     ("ema.warmup_steps", 0, None),  # the boundary
     ("loss.class_target_alpha", 0.0, "config.loss.class_target_alpha must be > 0, got 0.0"),  # the boundary
     ("loss.class_target_alpha", 1e-6, None),
+    ("xla_flags", "--xla_cpu_a=1  --xla_cpu_b=x,-y", None),
+    ("xla_flags", "", None),  # none
+    ("xla_flags", "--xla_cpu_a=1 --xla_cpu_b", "config.xla_flags must be '' or whitespace-separated '--name=value'"),
+    ("xla_flags", "-xla_cpu_a=1", "config.xla_flags must be"),
 ])
-def test_ema_and_class_target_values_at_their_boundaries(field, value, message):
+def test_ema_class_target_and_xla_flags_values_at_their_boundaries(field, value, message):
     from detr_jax.config import base_config, check_config
 
     config = base_config()
-    section, name = field.split(".")
-    config[section][name] = value
+    node, name = (config, field) if "." not in field else (config[field.split(".")[0]], field.split(".")[1])
+    node[name] = value
     if message is None:
         check_config(config)
     else:

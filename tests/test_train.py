@@ -750,6 +750,8 @@ def test_work_directories_keep_the_layout_of_before_the_package_reorganisation(r
     # (loss.class_target, "hard" without it: only training reads it); the checkpoint's meta says whether its state
     # holds an EMA (restore_checkpoint: .get, False for a checkpoint without the key).
     assert config.pop("ema", "missing") == ["decay", "warmup_steps"]
+    # config.xla_flags: read by experiments/train.py from the config it starts with, never from a config.json.
+    assert config.pop("xla_flags", "missing") is None
     assert {"class_target", "class_target_alpha"} <= set(config["loss"])
     config["loss"] = sorted(set(config["loss"]) - {"class_target", "class_target_alpha"})
     assert "ema" in new["meta"] and "ema" not in old["meta"]

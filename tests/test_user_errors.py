@@ -136,6 +136,8 @@ def test_work_directory_describes_itself(tmp_path):
     (["--config.optimizer.schedule=linear"], "config.optimizer.schedule must be 'step', 'cosine' or 'constant'"),
     (["--config.model.num_classes=4"], "the training data (synthetic, split train) has labels up to 4 (category id 5) "
                                        "but the model has 4 classes: set config.model.num_classes to at least 5"),
+    (["--config.xla_flags=--xla_cpu_foo=1 xla_cpu_bar"], "config.xla_flags must be whitespace-separated "
+                                                        "'--name=value' XLA flags, got 'xla_cpu_bar'"),
     (["--config.panoptic.enabled=True"], "config.data.source must be a panoptic source ('synthetic_panoptic', "
                                          "'coco_panoptic' or 'tfds_panoptic') with config.panoptic.enabled, got "
                                          "'synthetic'"),

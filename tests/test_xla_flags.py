@@ -11,6 +11,7 @@ import pytest
 from detr_jax.ops.xla_flags import (
     DEFAULT_XLA_FLAGS,
     NO_MALLOC_OPTIONS_ENV,
+    add_xla_flags,
     default_xla_flags_string,
     set_default_malloc_options,
     set_default_xla_flags,
@@ -29,6 +30,18 @@ def test_defaults_are_appended_and_a_flag_the_user_set_wins():
     env = {"XLA_FLAGS": "--xla_cpu_copy_insertion_use_region_analysis=false"}
     set_default_xla_flags(env)
     assert env["XLA_FLAGS"] == "--xla_cpu_copy_insertion_use_region_analysis=false --xla_gpu_enable_triton_gemm=false"
+
+
+def test_config_xla_flags_are_added_and_the_users_win():
+    """config.xla_flags (experiments/train.py) adds to XLA_FLAGS what it does not name already; a malformed flag is
+    one ValueError naming the field (XLA would abort the process on it)."""
+    env = {"XLA_FLAGS": "--xla_cpu_a=user"}
+    assert add_xla_flags("--xla_cpu_a=config --xla_cpu_b=x,-y", env) == "--xla_cpu_a=user --xla_cpu_b=x,-y"
+    assert env["XLA_FLAGS"] == "--xla_cpu_a=user --xla_cpu_b=x,-y"
+    assert add_xla_flags("", {}) == ""
+    with pytest.raises(ValueError, match="config.xla_flags must be whitespace-separated '--name=value' XLA flags, "
+                                         "got '--xla_cpu_c'"):
+        add_xla_flags("--xla_cpu_b=1 --xla_cpu_c", {})
 
 
 def test_the_entry_points_set_them_before_jax_starts_and_jax_accepts_them():

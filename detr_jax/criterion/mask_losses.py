@@ -9,6 +9,8 @@ As official, the mask losses are computed for the main decoder layer only (aux l
 import jax
 import jax.numpy as jnp
 
+from detr_jax.criterion.set_losses import matched_predictions
+
 
 def _focal_per_mask(logits, targets, alpha, gamma):
     """Official focal loss of each mask, mean over its pixels. logits, targets [..., P] -> [...]."""
@@ -130,7 +132,7 @@ def mask_losses(pred_masks, target_masks, target_valid, indices, num_boxes, *, p
     # Gather the matched query's low-resolution mask per target slot before upsampling: the official
     # code upsamples only matched masks too, and [B, M, h, w] is far smaller than [B, N, H, W].
     # Unmatched slots read query 0 and are dropped below.
-    src = jnp.take_along_axis(pred_masks, jnp.maximum(indices, 0)[:, :, None, None], axis=1)  # [B, M, h, w]
+    src = matched_predictions(pred_masks, indices)  # [B, M, h, w]
     batch_size, num_slots = matched.shape
     # float32 for the upsampling and the pixel sums, whatever the model's compute dtype.
     if points is None:

@@ -13,6 +13,13 @@ BBOX_LOSS_TYPES = ("l1", "smooth_l1")  # config.loss.bbox_loss_type
 CLASS_TARGETS = ("hard", "iou")  # config.loss.class_target (`class_quality`)
 
 
+def matched_predictions(pred, indices):
+    """Each target slot's matched query's row of `pred` [B, N, ...] -> [B, M, ...] (`indices` int32 [B, M], -1
+    where unmatched: those slots get query 0's row, which callers mask out)."""
+    index = jnp.maximum(indices, 0).reshape(indices.shape + (1,) * (pred.ndim - 2))
+    return jnp.take_along_axis(pred, index, axis=1)
+
+
 def class_quality(pred_boxes, indices, targets, *, alpha):
     """IoU-aware class targets (config.loss.class_target "iou"): each matched pair's target probability of its
     class, IoU(query's box, its object's box) ** alpha, a constant of the loss (no gradient reaches the boxes
@@ -31,7 +38,7 @@ def class_quality(pred_boxes, indices, targets, *, alpha):
     Returns:
       [B, M] in [0, 1] (what unmatched and padded slots hold is never used).
     """
-    src = jnp.take_along_axis(pred_boxes, jnp.maximum(indices, 0)[..., None], axis=1)  # [B, M, 4]
+    src = matched_predictions(pred_boxes, indices)  # [B, M, 4]
     iou = box_ops.elementwise_box_iou(box_ops.box_cxcywh_to_xyxy(src), box_ops.box_cxcywh_to_xyxy(targets["boxes"]))
     return jax.lax.stop_gradient(jnp.clip(iou, 0.0, 1.0) ** alpha)
 
@@ -72,8 +79,7 @@ def _label_losses(pred_logits, indices, targets, *, num_classes, eos_coef, share
 
     # Top-1 accuracy of matched queries; official `accuracy` gives 0 with no targets,
     # hence class_error 100.
-    matched_logits = jnp.take_along_axis(
-        pred_logits, jnp.maximum(indices, 0)[..., None], axis=1)  # [B, M, C+1]
+    matched_logits = matched_predictions(pred_logits, indices)  # [B, M, C+1]
     correct = (matched_logits.argmax(-1) == targets["labels"]) & matched
     num_matched = matched.sum() if shares is None else shares["num_matched"]
     accuracy = jnp.where(num_matched > 0, 100.0 * correct.sum() / jnp.maximum(num_matched, 1), 0.0)
@@ -101,7 +107,7 @@ def _box_losses(pred_boxes, indices, targets, *, num_boxes, bbox_loss_type):
       (loss_bbox, loss_giou) scalars.
     """
     matched = targets["mask"] & (indices >= 0)  # [B, M]
-    src_boxes = jnp.take_along_axis(pred_boxes, jnp.maximum(indices, 0)[..., None], axis=1)
+    src_boxes = matched_predictions(pred_boxes, indices)  # [B, M, 4]
     tgt_boxes = targets["boxes"]  # [B, M, 4]
 
     return paired_box_losses(src_boxes, tgt_boxes, matched, num_boxes, bbox_loss_type)

@@ -12,6 +12,7 @@ import importlib.util
 import logging
 import os
 import platform
+import re
 from typing import Mapping, MutableMapping, Optional
 
 logger = logging.getLogger(__name__)
@@ -28,11 +29,27 @@ DEFAULT_XLA_FLAGS = (
 )
 
 
-def default_xla_flags_string(current: str = "") -> str:
-    """`current` with each of DEFAULT_XLA_FLAGS appended as --name=value unless `current` already names it."""
+# One XLA flag as config.xla_flags takes it: --name=value.
+FLAG_PATTERN = re.compile(r"--([A-Za-z0-9_]+)=(\S+)")
+
+
+def default_xla_flags_string(current: str = "", extra=DEFAULT_XLA_FLAGS) -> str:
+    """`current` with each (name, value) of `extra` appended as --name=value unless `current` already names it."""
     flags = [current.strip()] if current.strip() else []
-    flags += [f"--{name}={value}" for name, value in DEFAULT_XLA_FLAGS if name not in current]
+    flags += [f"--{name}={value}" for name, value in extra if name not in current]
     return " ".join(flags)
+
+
+def add_xla_flags(flags: str, environ: MutableMapping[str, str] = os.environ) -> str:
+    """Add `flags` ("--name=value ...", config.xla_flags) to environ["XLA_FLAGS"], except those it names already
+    (the user's, or detr_jax's defaults); returns the new value; a ValueError names a malformed flag. Only before jax
+    starts its backend: XLA reads its flags once, when the first computation or device query starts it."""
+    bad = [f for f in flags.split() if not FLAG_PATTERN.fullmatch(f)]
+    if bad:
+        raise ValueError(f"config.xla_flags must be whitespace-separated '--name=value' XLA flags, got {bad[0]!r}")
+    pairs = [FLAG_PATTERN.fullmatch(f).groups() for f in flags.split()]
+    environ["XLA_FLAGS"] = default_xla_flags_string(environ.get("XLA_FLAGS", ""), pairs)
+    return environ["XLA_FLAGS"]
 
 
 def set_default_xla_flags(environ: MutableMapping[str, str] = os.environ) -> str:

@@ -188,8 +188,10 @@ class _Run:
         atomic_write(os.path.join(self.workdir, "class_names.json"), json.dumps(names, indent=1))
         n_params = sum(x.size for x in jax.tree_util.tree_leaves(self.state["params"]))
         logger.info("DETR with %.2fM parameters; %d devices on %d processes; %d steps (%d per epoch), "
-                    "global batch %d; compilation cache %s", n_params / 1e6, jax.device_count(), jax.process_count(),
-                    self.total_steps, self.steps_per_epoch, self.config.batch_size, self.cache_dir or "off")
+                    "global batch %d; compilation cache %s%s", n_params / 1e6, jax.device_count(), jax.process_count(),
+                    self.total_steps, self.steps_per_epoch, self.config.batch_size, self.cache_dir or "off",
+                    f"; XLA_FLAGS {os.environ.get('XLA_FLAGS', '')} (with config.xla_flags)"
+                    if self.config.xla_flags else "")
 
     # ---- the loop ------------------------------------------------------------------------------------------
     def train(self) -> Dict[str, float]:
@@ -273,9 +275,10 @@ class _Run:
         if self.evaluator is not None and config.eval_every and step % config.eval_every == 0 \
                 and step != self.total_steps:
             eval_metrics = self._evaluate()
-            self.metric_logger.write(step, eval_metrics, ("eval (EMA weights; eval_raw_: the trained ones) " if "ema" in
-                                                          self.state else "eval ")
-                                     + " ".join(f"{k} {v:.4f}" for k, v in eval_metrics.items()))
+            # With an EMA its weights give the main metrics, the trained parameters eval_raw_*.
+            label = "eval (EMA weights; eval_raw_: the trained ones)" if "ema" in self.state else "eval"
+            self.metric_logger.write(step, eval_metrics,
+                                     " ".join([label] + [f"{k} {v:.4f}" for k, v in eval_metrics.items()]))
             self._window["t"] = time.time()
 
     def _finish(self) -> Dict[str, float]:

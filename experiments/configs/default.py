@@ -10,9 +10,9 @@ with a fixed one-to-many assignment on the encoder tokens (`encoder_aux_loss`) a
 (`backbone_aux_stages`, strides 8 and 16, where small shapes are still several cells wide), and 3 query groups
 (Group DETR, `num_query_groups`). Classification weighs 2 instead of 1 in the loss and the matching cost, and
 the no-object class 0.2 instead of 0.1. The model that is evaluated and exported is a plain DETR (its batch norms
-frozen at their running statistics). On an idle 2-core CPU it reaches AP50 0.59-0.67 on the validation split in
-12-13 minutes end to end; the README has the measured AP-vs-minutes curve, docs/default_run.md what each of these
-choices bought.
+frozen at their running statistics). On an idle 2-core CPU it reaches AP50 0.55-0.67 on the validation split in
+12-13 minutes end to end (13.1 on the slowest machine measured, with the Eigen convolutions below); the README has
+the measured AP-vs-minutes curve, docs/default_run.md what each of these choices bought.
 """
 
 from detr_jax.config import base_config
@@ -21,7 +21,7 @@ from detr_jax.config import base_config
 def get_config():
     config = base_config()
     config.update(seed=0, batch_size=8, eval_batch_size=16,
-                  num_steps=2500,  # 11.8-12.9 minutes end to end on an idle 2-core CPU (README)
+                  num_steps=2500,  # 11.8-13.1 minutes end to end on an idle 2-core CPU (README)
                   num_epochs=0, log_every=50, checkpoint_every=500, eval_every=500)
     config.model.update(num_classes=5, num_queries=20, hidden_dim=128, num_encoder_layers=3, num_decoder_layers=3,
                         dim_feedforward=512, dropout=0.0, backbone_depth=18, train_stem=True, backbone_norm="batch")
@@ -46,4 +46,8 @@ def get_config():
     # the official 0.1 (0.51 vs 0.47) - docs/default_run.md, attempts O-R.
     config.loss.update(eos_coef=0.2, cost_class=2.0, ce_loss_coef=2.0)
     config.optimizer.update(lr=4e-4, lr_backbone=1e-3, schedule="cosine", warmup_steps=200)
+    # XLA:CPU convolutions by Eigen instead of YNNPACK: 1.2x faster for this small model's 128-pixel images (the same
+    # losses to float32 rounding; benchmarks/bench_default_step.py), 1.09x slower for DETR-R50 at 512 pixels, where
+    # YNNPACK stays (BENCHMARKS.md, CPU optimisation sweep). Ignored on GPU and TPU.
+    config.xla_flags = "--xla_cpu_experimental_ynn_fusion_type=-individual_convolution"
     return config
